@@ -1,0 +1,5 @@
+import sys
+
+from rsrefseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset readers, the synthetic generator, Parquet shards and the Ray Data pipeline."""

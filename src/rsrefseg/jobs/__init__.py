@@ -1,0 +1,1 @@
+"""One module per job: prepare, train, evaluate, predict, tune, submit."""

@@ -1,0 +1,49 @@
+"""`rsrefseg demo` (what `make demo` runs): synthetic data -> prepare -> train -> evaluate.
+
+The tiny preset, two Ray workers, DeepSpeed ZeRO-2 on CPU; the same jobs a GPU cluster runs.
+With `--control`, the same model is also trained with phrases shuffled across images (a
+text-blind control): the gap between the two test gIoUs shows the model uses the phrase.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rsrefseg.platform import tracking
+from rsrefseg.platform.config import Config
+
+DEFAULT_SIZE = 400
+
+
+def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: bool = False) -> dict:
+    from rsrefseg.datasets.synthetic import generate
+    from rsrefseg.jobs.evaluate import format_row, run_evaluate
+    from rsrefseg.jobs.prepare import run_prepare
+    from rsrefseg.jobs.train import run_train
+
+    out_dir = Path(out)
+    raw, prepared = out_dir / "raw", out_dir / "prepared"
+    size = size or DEFAULT_SIZE
+    generate(raw, size=size, seed=cfg.train.seed)
+    print(f"[rsrefseg] 1/3 synthetic dataset: {size} triplets in {raw}", flush=True)
+    run_prepare("synthetic", str(raw), str(prepared))
+    cfg = cfg.replace({"data.path": str(prepared)})
+
+    runs = {"RSRefSeg-tiny": cfg.replace({"tracking.run_name": cfg.tracking.run_name or "demo"})}
+    if control:
+        runs["text-blind control"] = cfg.replace(
+            {"data.shuffle_phrases": True, "tracking.run_name": "demo-text-blind-control"}
+        )
+    results = {}
+    for label, run_cfg in runs.items():
+        print(f"[rsrefseg] 2/3 training {label}", flush=True)
+        outcome = run_train(run_cfg)
+        print(f"[rsrefseg] 3/3 evaluating {label} on the test split", flush=True)
+        results[label] = run_evaluate(str(outcome.best_checkpoint), split="test",
+                                      overrides=[f"data.path={prepared}"])["metrics"]
+
+    print("\nTest split of the synthetic set (percent):")
+    for label, metrics in results.items():
+        print(format_row(metrics, label=label))
+    print(f"\nCompare runs in the MLflow UI: rsrefseg ui   (store: {tracking.resolve_tracking_uri(cfg.tracking)})")
+    return results

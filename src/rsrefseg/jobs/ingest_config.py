@@ -1,0 +1,31 @@
+"""How Ray Train hands the Ray Data streams to workers.
+
+Ray Train's default `DataConfig` splits every dataset with `streaming_split(equal=True)`, which
+may drop up to `world_size - 1` rows to even the shards out. That is right for training (every
+worker must take the same number of optimizer steps, or the gradient all-reduce hangs), but
+wrong for validation: metrics must see every sample exactly once. Validation needs no per-batch
+collective (only the final metric all-reduce), so uneven shards are safe there.
+"""
+
+from __future__ import annotations
+
+from ray.train import DataConfig
+
+
+class ExactEvalDataConfig(DataConfig):
+    def __init__(self, *, split_equal: list[str]):
+        super().__init__(datasets_to_split="all")
+        self._split_equal = set(split_equal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        locality = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            splits = ds.streaming_split(world_size, equal=name in self._split_equal, locality_hints=locality)
+            for i, split in enumerate(splits):
+                output[i][name] = split
+        return output

@@ -1,0 +1,255 @@
+"""`rsrefseg train`: the driver side of a distributed training run.
+
+Validates everything it can before taking Ray resources, builds the Ray Data streams, creates the
+MLflow run, and runs a Ray Train `TorchTrainer` whose workers execute `train_loop.train_func`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsrefseg.platform import tracking
+from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.ray_session import init_ray
+
+RUN_INFO = "rsrefseg_run.json"  # beside Ray Train's run folder: the MLflow run id and config
+BEST_DIR = "best"  # the best trainable-weights checkpoint, copied out of Ray's folder
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_dir: Path
+    mlflow_run_id: str | None
+    best_checkpoint: Path  # a model checkpoint folder (weights.safetensors + config.yaml)
+    best_metrics: dict
+    history: list[dict]
+
+
+def storage_root(cfg: Config) -> Path:
+    path = Path(cfg.train.storage_path)
+    return path if path.is_absolute() else tracking.project_root() / path
+
+
+def preflight(cfg: Config) -> dict:
+    """Checks that need no Ray: the prepared dataset and the model files. Returns the manifest."""
+    from rsrefseg.datasets.prepare import load_manifest
+    from rsrefseg.models.presets import check_model_files
+
+    check_model_files(cfg.model)
+    manifest = load_manifest(cfg.data.path)
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split not in manifest["counts"]:
+            raise ConfigError(
+                f"{key}: split {split!r} is not in the prepared dataset {cfg.data.path} "
+                f"(it has {', '.join(sorted(manifest['counts']))})"
+            )
+    rows = _rows(manifest, cfg.data.train_split, cfg.data.limit)
+    if steps_per_epoch(cfg, rows) < 1:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {rows} training samples of "
+            f"{cfg.data.path} split over {cfg.train.num_workers} workers; lower it"
+        )
+    return manifest
+
+
+def _rows(manifest: dict, split: str, limit: int) -> int:
+    n = int(manifest["counts"][split])
+    return min(n, limit) if limit else n
+
+
+def steps_per_epoch(cfg: Config, train_rows: int) -> int:
+    # streaming_split(equal=True) gives each worker train_rows // workers rows; partial batches
+    # are dropped so every worker takes the same number of optimizer steps.
+    per_worker = train_rows // cfg.train.num_workers
+    return per_worker // (cfg.train.batch_size // cfg.train.num_workers)
+
+
+def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
+    """Ray Data streams for the named splits ({"train": "train", "val": "val"})."""
+    from rsrefseg.datasets.pipeline import preprocess, read_split
+    from rsrefseg.models.presets import input_sizes
+    from rsrefseg.models.tokenizer import load_tokenizer
+
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    tokenizer = load_tokenizer(cfg.model)
+    out = {}
+    for name, split in splits.items():
+        ds = read_split(cfg.data.path, split, limit=cfg.data.limit)
+        is_train = name == "train"
+        out[name] = preprocess(
+            ds,
+            sizes,
+            tokenizer,
+            augment=cfg.data.augment and is_train,
+            shuffle_phrases=cfg.data.shuffle_phrases and is_train,
+            seed=cfg.train.seed,
+        )
+    return out
+
+
+def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest: dict, callbacks=None):
+    """The `TorchTrainer` of one run (also what each Tune trial runs)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rsrefseg.jobs.ingest_config import ExactEvalDataConfig
+    from rsrefseg.jobs.train_loop import train_func
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    loop_config = {
+        "config": cfg.to_dict(),
+        "mlflow_run_id": mlflow_run_id,
+        "steps_per_epoch": steps_per_epoch(cfg, _rows(manifest, cfg.data.train_split, cfg.data.limit)),
+    }
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_root(cfg)),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            # The best by val gIoU is kept; Ray Train always keeps the latest too (for resume).
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val/gIoU", checkpoint_score_order="max"
+            ),
+            callbacks=callbacks,
+        ),
+        datasets=build_datasets(cfg, splits={"train": cfg.data.train_split, "val": cfg.data.val_split}),
+        dataset_config=ExactEvalDataConfig(split_equal=["train"]),
+    )
+
+
+def run_train(
+    cfg: Config,
+    *,
+    config_file: str | None = None,
+    resume: str | None = None,
+    parent_run_id: str | None = None,
+) -> TrainOutcome:
+    """Train one model; `resume=NAME` continues the run folder NAME (same config, same MLflow run)."""
+    cfg = _absolute_paths(cfg)
+    root = storage_root(cfg)
+    if resume:
+        cfg, name, run_id = _load_run_info(root, resume)
+    else:
+        name = f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run_id = None
+    manifest = preflight(cfg)
+
+    init_ray(cfg.cluster)
+    if run_id is None and cfg.tracking.enabled:
+        run_id = tracking.start_run(
+            cfg,
+            run_name=name,
+            config_file=config_file,
+            parent_run_id=parent_run_id,
+            tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), "rsrefseg.job": "train"},
+        )
+    _write_run_info(root / name, cfg, run_id)
+    print(f"[rsrefseg] run {name}: {root / name}", flush=True)
+    if run_id:
+        print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
+
+    trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
+        raise
+    return finish_run(cfg, result, name=name, run_dir=root / name, mlflow_run_id=run_id)
+
+
+def finish_run(cfg: Config, result, *, name: str, run_dir: Path, mlflow_run_id: str | None) -> TrainOutcome:
+    """Copy the best trainable weights out of Ray's folder and record them in MLflow."""
+    from rsrefseg.jobs.train_loop import MODEL_DIR, STATE_FILE
+
+    if result.error:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/gIoU", float("-inf")))
+    with result.checkpoint.as_directory() as latest:
+        history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
+    best = run_dir / BEST_DIR
+    with best_ckpt.as_directory() as src:
+        _replace_dir(Path(src, MODEL_DIR), best)
+    if mlflow_run_id:
+        c = tracking.client(cfg.tracking)
+        c.log_artifacts(mlflow_run_id, str(best), artifact_path="checkpoints/best")
+        c.log_text(mlflow_run_id, history_csv(history), "metrics/epochs.csv")
+        tracking.log_metrics(
+            c, mlflow_run_id,
+            {"best/epoch": best_metrics["epoch"], **{f"best/{k[4:]}": v for k, v in best_metrics.items()
+                                                  if k.startswith("val/")}},
+            step=int(best_metrics["epoch"]),
+        )
+        c.set_terminated(mlflow_run_id, status="FINISHED")
+    return TrainOutcome(
+        name=name, run_dir=run_dir, mlflow_run_id=mlflow_run_id, best_checkpoint=best,
+        best_metrics=dict(best_metrics), history=history,
+    )
+
+
+def history_csv(history: list[dict]) -> str:
+    keys = ["epoch"] + sorted({k for row in history for k in row if k != "epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for row in history:
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` atomically: copy beside, then rename over."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Paths made absolute on this machine (Ray workers run elsewhere), tracking resolved."""
+    cfg = tracking.resolved(cfg)
+    updates = {"train.storage_path": str(storage_root(cfg))}
+    data_path = Path(cfg.data.path)
+    if "://" not in cfg.data.path and not data_path.is_absolute():
+        updates["data.path"] = str(tracking.project_root() / data_path)
+    return cfg.replace(updates)
+
+
+def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps({"mlflow_run_id": run_id, "config": cfg.to_dict()}, indent=2))
+    os.replace(tmp, run_dir / RUN_INFO)
+
+
+def _load_run_info(root: Path, name: str) -> tuple[Config, str, str | None]:
+    path = Path(name)
+    run_dir = path if path.is_absolute() and path.is_dir() else root / name
+    info = run_dir / RUN_INFO
+    if not info.is_file():
+        known = sorted(p.parent.name for p in root.glob(f"*/{RUN_INFO}")) if root.is_dir() else []
+        raise ConfigError(
+            f"--resume {name}: no run folder {run_dir} (expected {info}); "
+            f"runs under {root}: {', '.join(known) or 'none'}"
+        )
+    data = json.loads(info.read_text())
+    return Config.from_dict(data["config"], source=str(info)), run_dir.name, data.get("mlflow_run_id")

@@ -1,0 +1,242 @@
+"""The per-worker training function that Ray Train runs: `train_func(config)`.
+
+Each worker builds the model, hands its trainable parameters to DeepSpeed ZeRO-2, consumes its
+shard of the Ray Data stream, validates every epoch (metrics reduced across workers), and
+reports a checkpoint (DeepSpeed engine state for resume + trainable weights for inference).
+Rank 0 alone talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rsrefseg.platform.config import Config, TrainConfig
+
+# Names inside one reported checkpoint directory.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+MODEL_DIR = "model"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class LoopState:
+    """What a resumed worker needs besides the DeepSpeed engine state."""
+
+    epoch: int = 0  # last finished epoch (1-based; 0 = none)
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)  # per-epoch val metrics
+
+
+def resolve_precision(train: TrainConfig) -> str:
+    if train.precision != "auto":
+        return train.precision
+    if train.use_gpu and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dict:
+    """ZeRO stage 2 over the trainable parameters; the optimizer is ours (torch AdamW)."""
+    return {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": bool(train.use_gpu),
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+        },
+        # torch.optim.AdamW is a client optimizer; ZeRO partitions its state all the same.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up to the base lr, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("sam_image", "siglip_image", "input_ids", "attention_mask")}
+
+
+def train_func(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker. `loop_config` carries the resolved config as a dict
+    plus run context (MLflow run id, dataset sizes) so nothing is read from globals."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from rsrefseg.datasets.pipeline import iter_batches
+    from rsrefseg.models.metrics import SegMetrics
+    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.jobs.progress import Progress
+    from rsrefseg.jobs.val_report import EpochLogger
+
+    cfg = Config.from_dict(loop_config["config"])
+    train = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    precision = resolve_precision(train)
+
+    torch.manual_seed(train.seed + rank)
+    model = build_model(cfg.model, label_size=cfg.data.label_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    total_steps = steps_per_epoch * train.epochs
+    warmup_steps = int(round(train.warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(train, world, precision),
+        dist_init_required=False,  # Ray Train already set up the process group
+    )
+    # On CPU DeepSpeed keeps the module where it is; on GPU it moved it to the local device.
+    device = engine.device if train.use_gpu else device
+
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(
+                os.path.join(ckpt_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False
+            )
+            state = LoopState(**json.loads(Path(ckpt_dir, STATE_FILE).read_text()))
+        if rank == 0:
+            print(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})", flush=True)
+
+    logger = EpochLogger(cfg, loop_config.get("mlflow_run_id"), enabled=rank == 0)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    micro_batch = train.batch_size // world
+    progress = Progress(total_epochs=train.epochs, steps_per_epoch=steps_per_epoch, enabled=rank == 0)
+
+    for epoch in range(state.epoch + 1, train.epochs + 1):
+        engine.train()
+        progress.start_epoch(epoch)
+        window_loss = torch.zeros((), device=device)
+        window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
+        for batch in iter_batches(train_shard, micro_batch, shuffle_seed=train.seed + epoch, drop_last=True):
+            batch = _to_device(batch, device)
+            logits = engine(**_model_inputs(batch))
+            loss = engine.module.loss(logits.float(), batch["mask"])
+            engine.backward(loss)
+            engine.step()
+            state.global_step += 1
+            # Accumulate on device; `.item()` (a host sync) only at logging intervals.
+            window_loss += loss.detach()
+            window_steps += 1
+            window_samples += batch["mask"].shape[0] * world
+            if state.global_step % train.log_every_n_steps == 0:
+                elapsed = time.perf_counter() - window_t0
+                stats = {
+                    "train/loss": float(window_loss.item()) / window_steps,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+                }
+                logger.log_step(stats, state.global_step)
+                progress.step(state.global_step, stats)
+                window_loss.zero_()
+                window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
+        if window_steps:  # the tail of the epoch
+            elapsed = time.perf_counter() - window_t0
+            stats = {
+                "train/loss": float(window_loss.item()) / window_steps,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+            }
+            logger.log_step(stats, state.global_step)
+            progress.step(state.global_step, stats)
+
+        metrics, examples = validate(engine, val_shard, micro_batch, device, SegMetrics,
+                                     keep=train.figure_samples if rank == 0 else 0)
+        metrics = {f"val/{k}": v for k, v in metrics.items()}
+        metrics["epoch"] = epoch
+        state.epoch = epoch
+        state.history.append(metrics)
+        progress.end_epoch(epoch, metrics)
+
+        with tempfile.TemporaryDirectory(prefix="rsrefseg-ckpt-") as tmp:
+            # Every rank writes its own ZeRO partition of the optimizer state; Ray merges the
+            # ranks' directories into one checkpoint. Frozen backbones are not saved.
+            engine.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                   exclude_frozen_parameters=True)
+            if rank == 0:
+                from rsrefseg.models.checkpoint import save_checkpoint
+
+                save_checkpoint(engine.module, cfg, os.path.join(tmp, MODEL_DIR))
+                Path(tmp, STATE_FILE).write_text(json.dumps(state.__dict__))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        # Logged after the checkpoint is committed, and skipped if already logged, so a resumed
+        # run neither loses nor repeats an epoch in MLflow.
+        logger.log_epoch(metrics, epoch, examples)
+
+    logger.close()
+
+
+@torch.no_grad()
+def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0):
+    """Metrics over this worker's share of the split, summed over all workers.
+
+    Returns (metrics dict, up to `keep` examples for the prediction figure)."""
+    engine.eval()
+    from rsrefseg.datasets.pipeline import iter_batches
+
+    acc = metrics_cls()
+    examples: list[dict] = []
+    for batch in iter_batches(shard, batch_size):
+        batch = _to_device(batch, device)
+        logits = engine(**_model_inputs(batch)).float()
+        pred = logits > 0
+        acc.update(pred.cpu(), batch["mask"].cpu())
+        for i in range(min(keep - len(examples), pred.shape[0])):
+            examples.append({
+                "image": batch["sam_image"][i].cpu(),
+                "mask": batch["mask"][i].cpu(),
+                "pred": pred[i].cpu(),
+                "phrase": batch["phrase"][i],
+                "id": batch["id"][i],
+            })
+    state = acc.state().to(device if dist.get_backend() == "nccl" else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(state)
+    total = metrics_cls.from_state(state.cpu())
+    return total.compute(), examples
+
+
+def log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,72 @@
+"""Rank 0's MLflow logging during training: step stats, epoch metrics, prediction figures.
+
+Idempotent by step: a worker group restarted from a checkpoint replays steps and epochs that
+may already be in MLflow; those are skipped, so the run's history has each step exactly once.
+"""
+
+from __future__ import annotations
+
+from rsrefseg.platform import tracking
+from rsrefseg.platform.config import Config
+
+
+class EpochLogger:
+    def __init__(self, cfg: Config, run_id: str | None, *, enabled: bool):
+        self.enabled = bool(enabled and run_id and cfg.tracking.enabled)
+        self.run_id = run_id
+        self.cfg = cfg
+        if not self.enabled:
+            return
+        self.client = tracking.client(cfg.tracking)
+        self._seen_steps = tracking.logged_steps(self.client, run_id, "train/loss")
+        self._seen_epochs = tracking.logged_steps(self.client, run_id, "val/gIoU")
+
+    def log_step(self, stats: dict, step: int) -> None:
+        if not self.enabled or step in self._seen_steps:
+            return
+        tracking.log_metrics(self.client, self.run_id, stats, step)
+        self._seen_steps.add(step)
+
+    def log_epoch(self, metrics: dict, epoch: int, examples: list[dict]) -> None:
+        if not self.enabled or epoch in self._seen_epochs:
+            return
+        tracking.log_metrics(self.client, self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+        self._seen_epochs.add(epoch)
+        if examples:
+            fig = prediction_figure(examples, title=f"validation, epoch {epoch}")
+            self.client.log_figure(self.run_id, fig, f"val_predictions/epoch_{epoch:03d}.png")
+            _close(fig)
+
+    def close(self) -> None:
+        pass
+
+
+def prediction_figure(examples: list[dict], *, title: str = ""):
+    """Rows of (image, ground truth, prediction) with the phrase above each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(examples)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    for row, ex in zip(axes, examples):
+        image = ex["image"].permute(1, 2, 0).numpy()
+        row[0].imshow(image)
+        row[0].set_title(f'"{ex["phrase"]}"', fontsize=8, loc="left")
+        row[1].imshow(ex["mask"].numpy(), cmap="gray", vmin=0, vmax=1)
+        row[1].set_title("ground truth", fontsize=8)
+        row[2].imshow(ex["pred"].numpy(), cmap="gray", vmin=0, vmax=1)
+        row[2].set_title("prediction", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

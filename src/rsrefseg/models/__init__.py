@@ -1,0 +1,1 @@
+"""SigLIP and SAM wrappers, AttnPrompter, LoRA, the composed RSRefSeg model, presets."""

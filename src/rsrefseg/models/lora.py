@@ -1,0 +1,104 @@
+"""LoRA (W* = W + (alpha/r) B A) on the three backbones, with peft's own layers.
+
+Targets are given as one anchored regular expression per backbone (peft `fullmatch`es a string
+`target_modules` against each module's dotted name), with the adapted layer indices spelled out,
+so what gets adapted is readable from the pattern and `patch_embed.proj` can never match:
+
+- SAM image encoder: `blocks.{i}.attn.qkv|attn.proj|mlp.lin1|mlp.lin2`, plus the neck convs
+  `neck.0`, `neck.2` (they sit after the last block, so "half" keeps them);
+- SigLIP vision and text towers: `encoder.layers.{i}.self_attn.q_proj|k_proj|v_proj|out_proj`
+  (anchored at `encoder.`, so the vision pooling head's own `attention.out_proj` is left alone).
+
+Layer choice: "full" = every block, "half" = the later half (blocks depth//2 .. depth-1),
+"zero" = no LoRA on that backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from torch import nn
+
+from rsrefseg.platform.config import LoraConfig
+
+SAM_BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
+SAM_NECK_TARGETS = ("neck.0", "neck.2")
+SIGLIP_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def layer_indices(num_layers: int, choice: str) -> list[int]:
+    """Indices of the layers that get LoRA: all, the later half, or none."""
+    if choice == "full":
+        return list(range(num_layers))
+    if choice == "half":
+        return list(range(num_layers // 2, num_layers))
+    if choice == "zero":
+        return []
+    raise ValueError(f"layer choice must be full, half or zero, got {choice!r}")
+
+
+def _alternatives(items: list) -> str:
+    return "(" + "|".join(str(i).replace(".", r"\.") for i in items) + ")"
+
+
+def sam_target_regex(depth: int, choice: str) -> Optional[str]:
+    """Regex over SAM image-encoder module names, or None for no LoRA."""
+    layers = layer_indices(depth, choice)
+    if not layers:
+        return None
+    blocks = rf"blocks\.{_alternatives(layers)}\.{_alternatives(list(SAM_BLOCK_TARGETS))}"
+    return rf"{blocks}|{_alternatives(list(SAM_NECK_TARGETS))}"
+
+
+def siglip_target_regex(num_layers: int, choice: str) -> Optional[str]:
+    """Regex over a SigLIP tower's module names (vision_model or text_model), or None."""
+    layers = layer_indices(num_layers, choice)
+    if not layers:
+        return None
+    return rf"encoder\.layers\.{_alternatives(layers)}\.self_attn\.{_alternatives(list(SIGLIP_ATTENTION_TARGETS))}"
+
+
+def inject_lora(module: nn.Module, *, target_regex: Optional[str], rank: int, cfg: LoraConfig) -> nn.Module:
+    """Wrap the matching layers of `module` in peft LoRA layers (in place).
+
+    peft also marks every non-LoRA parameter of `module` as frozen.
+    """
+    if target_regex is None:
+        return module
+    peft_cfg = PeftLoraConfig(
+        r=rank,
+        lora_alpha=cfg.alpha_over_rank * rank,
+        lora_dropout=cfg.dropout,
+        target_modules=target_regex,
+        bias="none",
+    )
+    return inject_adapter_in_model(peft_cfg, module)
+
+
+def apply_lora(*, sam_image_encoder: nn.Module, siglip_vision: nn.Module, siglip_text: nn.Module, cfg: LoraConfig) -> None:
+    """Put LoRA on the three backbones as `cfg` says (ranks and layer choice per backbone)."""
+    inject_lora(
+        sam_image_encoder,
+        target_regex=sam_target_regex(len(sam_image_encoder.blocks), cfg.sam_layers),
+        rank=cfg.sam_rank,
+        cfg=cfg,
+    )
+    inject_lora(
+        siglip_vision,
+        target_regex=siglip_target_regex(len(siglip_vision.encoder.layers), cfg.siglip_vision_layers),
+        rank=cfg.siglip_vision_rank,
+        cfg=cfg,
+    )
+    inject_lora(
+        siglip_text,
+        target_regex=siglip_target_regex(len(siglip_text.encoder.layers), cfg.siglip_text_layers),
+        rank=cfg.siglip_text_rank,
+        cfg=cfg,
+    )
+
+
+def lora_parameter_count(module: nn.Module) -> int:
+    """Number of LoRA parameters (lora_A / lora_B) inside `module`."""
+    return sum(p.numel() for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name)

@@ -1,0 +1,196 @@
+"""SigLIP image and text encoders (transformers' `SiglipModel`), as RSRefSeg uses them.
+
+The image side gives the patch-feature map `v` (no pooling); the text side gives `t_global`,
+SigLIP's pooled text embedding (last position through the text head: the embedding SigLIP matches
+against images), and `t_local`, the per-token last hidden states.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import SiglipConfig, SiglipModel
+
+from rsrefseg.models.errors import ModelLoadError
+
+SIGLIP_REPO = "google/siglip-so400m-patch14-384"
+
+
+@dataclass(frozen=True)
+class SiglipSizes:
+    """Every size of a SigLIP model. Vision and text share `hidden_size`, as the prompter needs."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    vision_layers: int
+    text_layers: int
+    vocab_size: int
+    max_text_len: int
+
+    @property
+    def grid(self) -> int:
+        """Side of the patch-feature map (27 for 384 px / patch 14)."""
+        return self.image_size // self.patch_size
+
+
+def siglip_config(sizes: SiglipSizes) -> SiglipConfig:
+    """A `SiglipConfig` with these sizes (the layout of so400m when given its sizes)."""
+    text = dict(
+        vocab_size=sizes.vocab_size,
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.num_heads,
+        max_position_embeddings=sizes.max_text_len,
+        # SigLIP's tokenizer: id 1 (</s>) is both EOS and padding; there is no BOS.
+        pad_token_id=1,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    vision = dict(
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.num_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+    )
+    return SiglipConfig(text_config=text, vision_config=vision)
+
+
+def build_random_siglip(sizes: SiglipSizes) -> SiglipModel:
+    """A randomly initialized SigLIP (draws from the global torch RNG; seed it around the call)."""
+    return SiglipModel(siglip_config(sizes))
+
+
+def check_siglip_sizes(config: SiglipConfig, sizes: SiglipSizes) -> list[str]:
+    """Differences between a SigLIP config and the expected sizes, as readable strings."""
+    v, t = config.vision_config, config.text_config
+    pairs = [
+        ("vision_config.image_size", v.image_size, sizes.image_size),
+        ("vision_config.patch_size", v.patch_size, sizes.patch_size),
+        ("vision_config.hidden_size", v.hidden_size, sizes.hidden_size),
+        ("vision_config.num_hidden_layers", v.num_hidden_layers, sizes.vision_layers),
+        ("text_config.hidden_size", t.hidden_size, sizes.hidden_size),
+        ("text_config.projection_size", t.projection_size, sizes.hidden_size),
+        ("text_config.num_hidden_layers", t.num_hidden_layers, sizes.text_layers),
+        ("text_config.max_position_embeddings", t.max_position_embeddings, sizes.max_text_len),
+        ("text_config.vocab_size", t.vocab_size, sizes.vocab_size),
+    ]
+    return [f"{name}={got} (expected {want})" for name, got, want in pairs if got != want]
+
+
+def _siglip_hint(config_key: str, repo: str) -> str:
+    return (
+        f"set {config_key} to a local directory holding {repo}, downloaded beforehand with "
+        f"`huggingface-cli download {repo} --local-dir <dir>` (https://huggingface.co/{repo})"
+    )
+
+
+def require_siglip_dir(
+    path: Optional[str | os.PathLike], *, config_key: str = "model.siglip_path", repo: str = SIGLIP_REPO
+) -> Path:
+    """The model directory, or `ModelLoadError` if it is unset or holds no config.json."""
+    hint = _siglip_hint(config_key, repo)
+    if path is None or str(path) == "":
+        raise ModelLoadError(f"{config_key} is not set; {hint}")
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{config_key}: directory not found: {path}; {hint}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{config_key}: {path / 'config.json'} not found; {hint}")
+    return path
+
+
+def load_siglip(
+    path: Optional[str | os.PathLike],
+    sizes: SiglipSizes,
+    *,
+    config_key: str = "model.siglip_path",
+    repo: str = SIGLIP_REPO,
+) -> SiglipModel:
+    """Load SigLIP from a local Hugging Face model directory; never touches the network.
+
+    Raises `ModelLoadError` naming `config_key` and how to get `repo` when the path is unset or
+    missing, the weights do not load, or the model is not the expected size.
+    """
+    path = require_siglip_dir(path, config_key=config_key, repo=repo)
+    hint = _siglip_hint(config_key, repo)
+    try:
+        model, info = SiglipModel.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
+    except Exception as exc:  # missing/corrupt weight files, wrong model type, shape errors ...
+        raise ModelLoadError(f"{config_key}: cannot load SigLIP from {path} ({exc}); {hint}") from exc
+    # from_pretrained only warns on missing or unexpected keys and random-inits what is missing;
+    # a frozen backbone with random holes would train silently wrong, so refuse it.
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind, ()))
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {', '.join(keys[:3])})")
+    problems.extend(check_siglip_sizes(model.config, sizes))
+    if problems:
+        raise ModelLoadError(
+            f"{config_key}: the SigLIP weights in {path} do not match the expected {repo} layout "
+            f"({'; '.join(problems)}); {hint}"
+        )
+    return model
+
+
+class SiglipEncoder(nn.Module):
+    """SigLIP vision + text towers of one `SiglipModel`."""
+
+    def __init__(self, *, model: SiglipModel) -> None:
+        super().__init__()
+        self.model = model
+        vision = model.config.vision_config
+        self.image_size = vision.image_size
+        self.grid = (vision.image_size // vision.patch_size, vision.image_size // vision.patch_size)
+        self.hidden_size = vision.hidden_size
+        if model.config.text_config.projection_size != self.hidden_size:
+            raise ValueError(
+                "AttnPrompter compares image patches with text embeddings, so SigLIP's text "
+                f"projection ({model.config.text_config.projection_size}) must equal the vision "
+                f"hidden size ({self.hidden_size})"
+            )
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """SigLIP's learned log temperature [1]; the matching logit is exp(scale)*cos + bias."""
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter:
+        """SigLIP's learned matching bias [1]."""
+        return self.model.logit_bias
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [B,3,s,s] -> float [B,3,s,s] in [-1, 1] (SigLIP: mean = std = 0.5)."""
+        x = image.float() / 127.5 - 1.0
+        return x.to(self.model.logit_scale.dtype)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: normalized float [B,3,s,s] -> v: [B, h1*w1, d1] (post-layernormed patches).
+
+        The grid is `self.grid` = (h1, w1), row-major.
+        """
+        return self.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: int64 [B, L] -> (t_global [B, d1], t_local [B, L, d1]).
+
+        No attention mask goes into the text tower: SigLIP was trained on max_length padding with
+        padding attended, and its pooled token is the last position (a pad/EOS token). The prompter
+        applies the mask to its own mean over tokens instead.
+        """
+        out = self.model.text_model(input_ids=input_ids)
+        return out.pooler_output, out.last_hidden_state

@@ -1,0 +1,1 @@
+"""Config schema, Ray session helpers, MLflow tracking, checkpoints."""

@@ -1,0 +1,395 @@
+"""The one typed, validated configuration schema.
+
+Every job takes a `Config`. It is built from a YAML recipe plus dotted command-line overrides
+(`train.epochs=1 model.lora.sam_rank=8`); an unknown key, a wrong type or an impossible value
+raises `ConfigError` naming the dotted key, before any Ray resource is taken. `Config.to_dict()`
+gives a plain dict that `Config.from_dict()` reads back unchanged, so the resolved config can be
+written next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESETS = ("tiny", "rsrefseg-b", "rsrefseg-l")
+LAYER_CHOICES = ("full", "half", "zero")
+DOWNSAMPLE_RATES = (2, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or impossible. The message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class LoraConfig:
+    """LoRA placement and ranks, one rank per component (paper default r=16 everywhere)."""
+
+    sam_rank: int = 16
+    siglip_vision_rank: int = 16
+    siglip_text_rank: int = 16
+    sam_layers: Literal["full", "half", "zero"] = "full"
+    siglip_vision_layers: Literal["full", "half", "zero"] = "full"
+    siglip_text_layers: Literal["full", "half", "zero"] = "full"
+    alpha_over_rank: float = 1.0
+    dropout: float = 0.0
+
+    def validate(self, key: str) -> None:
+        for name in ("sam_rank", "siglip_vision_rank", "siglip_text_rank"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1 (use *_layers=zero to turn LoRA off)")
+        _check(self.alpha_over_rank > 0, f"{key}.alpha_over_rank", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class PrompterConfig:
+    """AttnPrompter: downsampling rate 2^k of the sparse branch, and the dense-prompt switch."""
+
+    downsample_rate: int = 4
+    dense_prompt: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(
+            self.downsample_rate in DOWNSAMPLE_RATES,
+            f"{key}.downsample_rate",
+            f"must be one of {DOWNSAMPLE_RATES}, got {self.downsample_rate}",
+        )
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "rsrefseg-b", "rsrefseg-l"] = "tiny"
+    # Local Hugging Face directory of SigLIP (e.g. google/siglip-so400m-patch14-384), real presets.
+    siglip_path: Optional[str] = None
+    # Official segment-anything checkpoint (sam_vit_b_01ec64.pth / sam_vit_l_0b3195.pth), real presets.
+    sam_checkpoint: Optional[str] = None
+    # Seed of the random initialisation of the `tiny` backbones: a tiny checkpoint holds only the
+    # trainable weights, so the frozen random backbone must be rebuilt bit for bit from this seed.
+    init_seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompter: PrompterConfig = field(default_factory=PrompterConfig)
+    # Positive-class weight of the binary cross-entropy (1.0 = plain BCE, as in the paper).
+    bce_pos_weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        self.lora.validate(f"{key}.lora")
+        self.prompter.validate(f"{key}.prompter")
+        _check(self.bce_pos_weight > 0, f"{key}.bce_pos_weight", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    # A prepared dataset: the folder `rsrefseg prepare` wrote (manifest.json + Parquet shards).
+    path: str = "data/demo/prepared"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # Label resolution (masks are compared at this size); 0 = the preset's default.
+    label_size: int = 0
+    # Light augmentation (horizontal/vertical flips); off by default, as in the paper.
+    augment: bool = False
+    # Control experiment: shuffle phrases across images, so the model cannot use the text.
+    shuffle_phrases: bool = False
+    # Cap on samples per split (0 = all); handy for smoke runs on a real dataset.
+    limit: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.path), f"{key}.path", "must name a prepared dataset folder")
+        _check(self.label_size >= 0, f"{key}.label_size", "must be >= 0")
+        _check(self.limit >= 0, f"{key}.limit", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    # Global batch size, split evenly over the workers (paper: 32).
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    num_workers: int = 2
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    # auto = bf16 on GPUs that have it (fp16 with loss scaling otherwise), fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    zero_stage: int = 2
+    seed: int = 0
+    log_every_n_steps: int = 10
+    max_failures: int = 0
+    # Where Ray Train keeps run folders and checkpoints; relative paths are under the project.
+    storage_path: str = "runs"
+    # Validation figures: how many samples to draw in the per-epoch prediction figure.
+    figure_samples: int = 4
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.num_workers >= 1, f"{key}.num_workers", "must be >= 1")
+        _check(
+            self.batch_size % self.num_workers == 0,
+            f"{key}.batch_size",
+            f"{self.batch_size} does not split evenly over train.num_workers={self.num_workers}",
+        )
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
+        _check(self.gpus_per_worker > 0, f"{key}.gpus_per_worker", "must be > 0")
+        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _check(self.zero_stage in (0, 1, 2), f"{key}.zero_stage", "must be 0, 1 or 2")
+        _check(self.log_every_n_steps >= 1, f"{key}.log_every_n_steps", "must be >= 1")
+        _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = retry forever)")
+        _check(self.figure_samples >= 0, f"{key}.figure_samples", "must be >= 0")
+        if not self.use_gpu:
+            _check(
+                self.precision in ("auto", "fp32"),
+                f"{key}.precision",
+                f"{self.precision} needs a GPU (train.use_gpu=true); CPU training runs in fp32",
+            )
+
+
+@dataclass
+class TuneConfig:
+    # Trials running at once (0 = as many as the cluster fits).
+    max_concurrent_trials: int = 1
+    # Resources of one trial's workers; fractions are allowed (several trials per GPU).
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    num_workers: int = 0  # 0 = train.num_workers
+    # Early stopping for wide grids: none, or ASHA on val gIoU.
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = 1
+    reduction_factor: int = 3
+    metric: str = "val/gIoU"
+    max_failures: int = 0
+    # Experiment folder name under train.storage_path; empty = derived from the sweep file name.
+    name: str = ""
+
+    def validate(self, key: str) -> None:
+        _check(self.max_concurrent_trials >= 0, f"{key}.max_concurrent_trials", "must be >= 0")
+        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker >= 0, f"{key}.gpus_per_worker", "must be >= 0")
+        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _check(self.grace_period >= 1, f"{key}.grace_period", "must be >= 1")
+        _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be >= 2")
+        _check(bool(self.metric), f"{key}.metric", "must name a metric such as val/gIoU")
+
+
+@dataclass
+class TrackingConfig:
+    # Empty = the project-local SQLite store, sqlite:///<project>/mlflow.db.
+    uri: str = ""
+    experiment: str = "rsrefseg"
+    # Artifact root for new experiments; empty = <project>/mlartifacts.
+    artifact_location: str = ""
+    run_name: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    # Ray address: empty = start (or join) a local Ray; "auto" or ray://host:10001 for a cluster.
+    address: str = ""
+    # Resources of the local Ray when one is started here (0 = Ray's own detection).
+    num_cpus: int = 0
+    num_gpus: int = 0
+    namespace: str = "rsrefseg"
+
+    def validate(self, key: str) -> None:
+        _check(self.num_cpus >= 0, f"{key}.num_cpus", "must be >= 0")
+        _check(self.num_gpus >= 0, f"{key}.num_gpus", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> "Config":
+        cfg = _build(cls, data or {}, prefix="", source=source)
+        return cfg.validate()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted names to values: the MLflow params of a run (the same names for every run)."""
+        return flatten(self.to_dict())
+
+    def dump(self, path: str | os.PathLike) -> Path:
+        """Write the resolved config as YAML (write, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+        return path
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """A copy with dotted overrides applied (and validated)."""
+        data = self.to_dict()
+        apply_overrides(data, overrides)
+        return Config.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        source = str(path)
+    apply_overrides(data, overrides or [])
+    return Config.from_dict(data, source=source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    apply_overrides(out, flat)
+    return out
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} ({source})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key ({source}); known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, key=f"{prefix}{name}", source=source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, *, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=key + ".", source=source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key=key, source=source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; users write learning rates that way.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not user input

@@ -1,0 +1,42 @@
+"""Starting or joining Ray, the same way for every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from rsrefseg.platform.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> None:
+    """Join the Ray named by `cluster.address`, or start a local one when it is empty.
+
+    A driver that already called `ray.init` (tests, a Ray job on a cluster) is left as it is:
+    inside a submitted job `ray.init()` attaches to the job's cluster, which is what we want.
+    """
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"namespace": cluster.namespace, "log_to_driver": True}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        log.info("joining Ray at %s", address)
+        ray.init(address=address, **kwargs)
+        return
+    # A local Ray. Logical CPUs may exceed the cores: train workers and Ray Data's CPU tasks
+    # must be schedulable side by side, or ingest starves behind the training workers.
+    if cluster.num_cpus:
+        kwargs["num_cpus"] = cluster.num_cpus
+    if cluster.num_gpus:
+        kwargs["num_gpus"] = cluster.num_gpus
+    ray.init(include_dashboard=False, **kwargs)
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,162 @@
+"""MLflow tracking: one place that knows the store, the run layout and what every run records.
+
+The driver creates the run and logs params/tags; rank 0 of the training workers logs metrics
+and artifacts into that run by id through an `MlflowClient` (no global "active run" state, so
+the same code works in a Ray worker, a Tune trial and the driver).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+from rsrefseg.platform.config import Config, TrackingConfig
+
+# The packages whose versions every run records.
+TRACKED_PACKAGES = (
+    "rsrefseg", "torch", "torchvision", "ray", "deepspeed", "transformers", "peft",
+    "segment-anything", "mlflow", "numpy", "pyarrow",
+)
+
+
+def project_root() -> Path:
+    """Where project-local state (the MLflow store, run folders) lives: the working directory."""
+    return Path(os.environ.get("RSREFSEG_HOME", os.getcwd())).resolve()
+
+
+def resolve_tracking_uri(tracking: TrackingConfig) -> str:
+    """The configured URI, or the project-local SQLite store as an absolute URI.
+
+    Absolute, because Ray workers run in other working directories.
+    """
+    if tracking.uri:
+        uri = tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str((project_root() / uri[len("sqlite:///"):]).resolve())
+        return uri
+    return "sqlite:///" + str(project_root() / "mlflow.db")
+
+
+def resolve_artifact_location(tracking: TrackingConfig) -> str | None:
+    """Artifact root for new experiments; only set for the local store (a server has its own)."""
+    if tracking.artifact_location:
+        loc = tracking.artifact_location
+        if "://" not in loc:
+            loc = Path(loc).resolve().as_uri()
+        return loc
+    if resolve_tracking_uri(tracking).startswith("sqlite:"):
+        return (project_root() / "mlartifacts").as_uri()
+    return None
+
+
+def resolved(cfg: Config) -> Config:
+    """The config with tracking paths made absolute, ready to ship to workers."""
+    return cfg.replace(
+        {
+            "tracking.uri": resolve_tracking_uri(cfg.tracking),
+            "tracking.artifact_location": resolve_artifact_location(cfg.tracking) or "",
+        }
+    )
+
+
+def client(tracking: TrackingConfig):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(tracking: TrackingConfig, name: str | None = None) -> str:
+    c = client(tracking)
+    name = name or tracking.experiment
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=resolve_artifact_location(tracking))
+
+
+def start_run(
+    cfg: Config,
+    *,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    config_file: str | None = None,
+) -> str:
+    """Create a run with the config as flat params and the provenance tags; return its id."""
+    c = client(cfg.tracking)
+    all_tags = {"mlflow.runName": run_name, "rsrefseg.git_commit": git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(cfg.tracking), run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(c, run_id, cfg.flat())
+    log_params(c, run_id, {f"version.{k}": v for k, v in package_versions().items()})
+    if config_file and Path(config_file).is_file():
+        c.log_artifact(run_id, config_file, artifact_path="config")
+    c.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
+    return run_id
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+    if batch:
+        c.log_batch(run_id, metrics=batch)
+
+
+def logged_steps(c, run_id: str, key: str) -> set[int]:
+    """Steps already recorded for a metric: lets a resumed run skip what it logged before."""
+    return {m.step for m in c.get_metric_history(run_id, _metric_key(key))}
+
+
+def _metric_key(key: str) -> str:
+    # MLflow metric names allow [A-Za-z0-9_-./ ]; the paper's "Pr@0.5" becomes "Pr_0.5".
+    return key.replace("@", "_")
+
+
+def _param_value(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def package_versions(packages: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the code being run, with '+dirty' for uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
