@@ -92,11 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args) or 0
     except ConfigError as exc:
-        print(f"rsrefseg {args.command}: config error: {exc}", file=sys.stderr)
+        print(f"rsrefseg {args.command}{_where()}: config error: {exc}", file=sys.stderr)
         return 2
     except _user_errors() as exc:
-        print(f"rsrefseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rsrefseg {args.command}{_where()}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _where() -> str:
+    """In a submitted job, paths are the cluster's: say which machine lacked them."""
+    import os
+    import socket
+
+    from rsrefseg.jobs.submit import SUBMITTED_ENV
+
+    if os.environ.get(SUBMITTED_ENV):
+        return f" (Ray job driver on cluster host {socket.gethostname()}; paths resolve there)"
+    return ""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

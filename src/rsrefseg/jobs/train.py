@@ -137,23 +137,31 @@ def run_train(
     *,
     config_file: str | None = None,
     resume: str | None = None,
+    name: str | None = None,
     parent_run_id: str | None = None,
+    callbacks: list | None = None,
 ) -> TrainOutcome:
-    """Train one model; `resume=NAME` continues the run folder NAME (same config, same MLflow run)."""
+    """Train one model.
+
+    `resume=NAME` continues the run folder NAME with its saved config and MLflow run. `name`
+    fixes the run folder name (Tune trials do): a folder that already exists is continued the
+    same way, which is how an interrupted sweep resumes an unfinished trial.
+    """
     cfg = _absolute_paths(cfg)
     root = storage_root(cfg)
+    run_id = None
     if resume:
         cfg, name, run_id = _load_run_info(root, resume)
-    else:
-        name = f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        run_id = None
+    elif name and (root / name / RUN_INFO).is_file():
+        _, name, run_id = _load_run_info(root, name)
+    name = name or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     manifest = preflight(cfg)
 
     init_ray(cfg.cluster)
     if run_id is None and cfg.tracking.enabled:
         run_id = tracking.start_run(
             cfg,
-            run_name=name,
+            run_name=name.replace("/", "-"),
             config_file=config_file,
             parent_run_id=parent_run_id,
             tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), "rsrefseg.job": "train"},
@@ -163,7 +171,7 @@ def run_train(
     if run_id:
         print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
 
-    trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest)
+    trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
     try:
         result = trainer.fit()
     except Exception:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -140,6 +139,9 @@ def train_func(loop_config: dict) -> None:
             print(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})", flush=True)
 
     logger = EpochLogger(cfg, loop_config.get("mlflow_run_id"), enabled=rank == 0)
+    trainable_n, total_n = model.parameter_counts()
+    logger.log_run_info(trainable=trainable_n, total=total_n, nodes=_worker_nodes(world),
+                        precision=precision, zero_stage=engine.zero_optimization_stage())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     micro_batch = train.batch_size // world
@@ -208,6 +210,16 @@ def train_func(loop_config: dict) -> None:
     logger.close()
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank (recorded, so a run shows where its workers ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 @torch.no_grad()
 def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0):
     """Metrics over this worker's share of the split, summed over all workers.
@@ -231,12 +243,8 @@ def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int =
                 "phrase": batch["phrase"][i],
                 "id": batch["id"][i],
             })
-    state = acc.state().to(device if dist.get_backend() == "nccl" else "cpu")
     if dist.is_initialized():
-        dist.all_reduce(state)
-    total = metrics_cls.from_state(state.cpu())
-    return total.compute(), examples
-
-
-def log_to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+        # One all-reduce of the metric sums: every sample counted once over all workers.
+        acc.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(acc.state)
+    return acc.compute(), examples

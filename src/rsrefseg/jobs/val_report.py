@@ -21,6 +21,17 @@ class EpochLogger:
         self._seen_steps = tracking.logged_steps(self.client, run_id, "train/loss")
         self._seen_epochs = tracking.logged_steps(self.client, run_id, "val/gIoU")
 
+    def log_run_info(self, *, trainable: int, total: int, nodes: list[str], precision: str, zero_stage: int) -> None:
+        if not self.enabled:
+            return
+        tracking.log_params(self.client, self.run_id, {
+            "model.trainable_params": trainable,
+            "model.total_params": total,
+            "train.resolved_precision": precision,
+            "train.deepspeed_zero_stage": zero_stage,
+        })
+        self.client.set_tag(self.run_id, "rsrefseg.worker_nodes", ",".join(nodes))
+
     def log_step(self, stats: dict, step: int) -> None:
         if not self.enabled or step in self._seen_steps:
             return

@@ -1,0 +1,207 @@
+"""Sweep files and the ablation table (pure logic; `tune.py` runs it on Ray Tune).
+
+A sweep file names axes, each a config key and its settings, and a mode:
+
+    mode: one_at_a_time      # the paper's ablation: vary one axis from the default at a time
+    axes:
+      - name: SAM LoRA rank
+        key: model.lora.sam_rank
+        values: [8, 16, 32]
+        default: 16           # one_at_a_time: the setting the other rows hold fixed
+      - name: dense prompt
+        key: model.prompter.dense_prompt
+        values: [false, true]
+        labels: [without, with]
+        default: true
+
+`mode: grid` runs the full cross product instead. Any config key can be an axis. In
+one_at_a_time mode the shared default setting is one trial, not one per axis.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsrefseg.platform.config import Config, ConfigError
+
+METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    key: str
+    values: tuple
+    labels: tuple
+    default: Any = None
+
+    def label(self, value: Any) -> str:
+        return self.labels[self.values.index(value)]
+
+
+@dataclass
+class Sweep:
+    mode: str
+    axes: list[Axis]
+    source: str = "sweep"
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def trials(self) -> list[dict[str, Any]]:
+        """The distinct settings to run, each a dict of dotted overrides (fixed keys included)."""
+        if self.mode == "grid":
+            combos = itertools.product(*[a.values for a in self.axes])
+            settings = [dict(zip([a.key for a in self.axes], combo)) for combo in combos]
+        else:
+            default = {a.key: a.default for a in self.axes}
+            settings = []
+            for axis in self.axes:
+                for value in axis.values:
+                    setting = {**default, axis.key: value}
+                    if setting not in settings:
+                        settings.append(setting)
+        return [{**self.fixed, **s} for s in settings]
+
+    def trial_label(self, setting: dict[str, Any]) -> str:
+        return ", ".join(f"{a.name}={a.label(setting[a.key])}" for a in self.axes)
+
+
+def load_sweep(path: str | Path, base: Config) -> Sweep:
+    """Read and check a sweep file; every trial's config is validated against `base` here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--sweep {path}: no such file (see configs/sweeps/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    unknown = set(data) - {"mode", "axes", "fixed"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: mode, axes, fixed)")
+    mode = data.get("mode", "one_at_a_time")
+    if mode not in ("one_at_a_time", "grid"):
+        raise ConfigError(f"{path}: mode must be one_at_a_time or grid, got {mode!r}")
+    raw_axes = data.get("axes") or []
+    if not raw_axes:
+        raise ConfigError(f"{path}: axes: at least one axis is needed")
+    flat_base = base.flat()
+    axes = []
+    for i, raw in enumerate(raw_axes):
+        where = f"{path}: axes[{i}]"
+        if not isinstance(raw, dict) or "key" not in raw or not raw.get("values"):
+            raise ConfigError(f"{where}: needs key and a non-empty values list")
+        key = raw["key"]
+        if key not in flat_base:
+            raise ConfigError(f"{where}: {key}: not a config key")
+        values = tuple(raw["values"])
+        labels = tuple(str(v) for v in raw.get("labels", values))
+        if len(labels) != len(values):
+            raise ConfigError(f"{where}: labels and values differ in length")
+        default = raw.get("default", flat_base[key])
+        if mode == "one_at_a_time" and default not in values:
+            raise ConfigError(f"{where}: default {default!r} is not one of the values {list(values)}")
+        axes.append(Axis(name=str(raw.get("name", key)), key=key, values=values, labels=labels, default=default))
+    fixed = data.get("fixed") or {}
+    sweep = Sweep(mode=mode, axes=axes, source=str(path), fixed=dict(fixed))
+    for setting in sweep.trials():
+        try:
+            base.replace(setting)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: trial {sweep.trial_label(setting)}: {exc}") from exc
+    return sweep
+
+
+# --------------------------------------------------------------------------------------------
+# The ablation table
+
+
+@dataclass
+class TrialResult:
+    setting: dict[str, Any]
+    status: str  # finished | failed | stopped | pending
+    metrics: dict[str, float] = field(default_factory=dict)  # best epoch's val metrics
+    best_epoch: int | None = None
+    error: str = ""
+
+
+def table_rows(sweep: Sweep, results: list[TrialResult]) -> list[dict[str, Any]]:
+    """Rows in the paper's layout: one per (axis, setting); in grid mode one per trial."""
+    by_setting = {_key(r.setting): r for r in results}
+    rows = []
+    if sweep.mode == "grid":
+        for r in results:
+            rows.append(_row("grid", sweep.trial_label(r.setting), r))
+        return rows
+    default = {a.key: a.default for a in sweep.axes}
+    for axis in sweep.axes:
+        for value in axis.values:
+            setting = {**sweep.fixed, **default, axis.key: value}
+            r = by_setting.get(_key(setting), TrialResult(setting=setting, status="pending"))
+            rows.append(_row(axis.name, axis.label(value), r))
+    return rows
+
+
+def _row(axis: str, setting: str, r: TrialResult) -> dict[str, Any]:
+    row: dict[str, Any] = {"axis": axis, "setting": setting}
+    for col in METRIC_COLUMNS:
+        row[col] = r.metrics.get(col) if r.status == "finished" else None
+    row["best epoch"] = r.best_epoch if r.status == "finished" else None
+    row["status"] = r.status
+    return row
+
+
+def _key(setting: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in setting.items()))
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0]) if rows else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def ablation_figure(rows: list[dict[str, Any]]):
+    """One panel per axis: gIoU per setting (failed settings drawn as an empty, labelled slot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_names = list(dict.fromkeys(r["axis"] for r in rows))
+    fig, panels = plt.subplots(1, len(axes_names), figsize=(3.2 * len(axes_names), 3), squeeze=False)
+    for panel, name in zip(panels[0], axes_names):
+        sub = [r for r in rows if r["axis"] == name]
+        labels = [r["setting"] if r["status"] == "finished" else f"{r['setting']}\n({r['status']})" for r in sub]
+        values = [r["gIoU"] or 0.0 for r in sub]
+        panel.bar(range(len(sub)), values, color="tab:blue")
+        panel.set_xticks(range(len(sub)), labels, fontsize=7, rotation=30 if len(sub) > 4 else 0)
+        panel.set_title(name, fontsize=9)
+        panel.set_ylabel("val gIoU (%)", fontsize=8)
+    fig.tight_layout()
+    return fig

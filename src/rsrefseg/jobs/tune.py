@@ -1,0 +1,200 @@
+"""`rsrefseg tune`: a Ray Tune sweep whose trials are real distributed training runs.
+
+Each trial runs the train job's `TorchTrainer` (DeepSpeed ZeRO-2 workers) from inside a Tune
+function trainable, the Ray Train V2 way: `TuneReportCallback` forwards every epoch's metrics
+to Tune (for ASHA). MLflow: one parent run per sweep, one nested child run per trial with the
+same flat params as a train run; the parent holds the ablation table (Markdown, CSV, figure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.platform import tracking
+from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.ray_session import init_ray
+
+SWEEP_INFO = "rsrefseg_sweep.json"
+DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
+
+
+def trial_config(base: Config, setting: dict) -> Config:
+    """A trial's config: the base, the trial's overrides, and the tune section's resources."""
+    t = base.tune
+    resources = {
+        "train.num_workers": t.num_workers or base.train.num_workers,
+        "train.cpus_per_worker": t.cpus_per_worker,
+        "train.use_gpu": t.gpus_per_worker > 0,
+        "train.max_failures": t.max_failures,
+    }
+    if t.gpus_per_worker > 0:
+        resources["train.gpus_per_worker"] = t.gpus_per_worker
+    return base.replace({**resources, **setting})
+
+
+def sweep_trial(config: dict) -> None:
+    """The Tune trainable: one trial = one distributed training run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rsrefseg.jobs.train import run_train
+
+    base = Config.from_dict(config["base"])
+    setting = config["train_loop_config"]["overrides"]
+    cfg = trial_config(base, setting)
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = f"{config['sweep_name']}/trials/{trial_id}"
+    try:
+        run_train(cfg, name=name, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+    except Exception as exc:
+        _record_failed_trial(cfg, name, config["parent_run_id"], exc)
+        raise
+
+
+def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception) -> None:
+    """A trial that failed before its MLflow run existed still shows up, as FAILED, in the UI."""
+    from rsrefseg.jobs.train import RUN_INFO, storage_root
+
+    if not parent_run_id or not cfg.tracking.enabled:
+        return
+    run_dir = storage_root(tracking.resolved(cfg)) / name
+    if (run_dir / RUN_INFO).is_file():
+        return  # run_train created the run and already marked it FAILED
+    run_id = tracking.start_run(cfg, run_name=name.replace("/", "-"), parent_run_id=parent_run_id,
+                                tags={"rsrefseg.job": "train", "rsrefseg.error": str(exc)[:4000]})
+    tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
+
+
+def run_tune(
+    cfg: Config,
+    *,
+    sweep_file: str | None = None,
+    resume: str | None = None,
+    config_file: str | None = None,
+) -> list[dict]:
+    """Run (or resume) a sweep; return the ablation table rows."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from rsrefseg.jobs.train import _absolute_paths, preflight, storage_root
+
+    cfg = _absolute_paths(cfg)
+    root = storage_root(cfg)
+    if resume:
+        sweep_dir = Path(resume) if Path(resume).is_absolute() else root / resume
+        info_path = sweep_dir / SWEEP_INFO
+        if not info_path.is_file():
+            raise ConfigError(f"--resume {resume}: {info_path} not found; is it a sweep folder under {root}?")
+        info = json.loads(info_path.read_text())
+        cfg = Config.from_dict(info["base"], source=str(info_path))
+        sweep = sweeps.load_sweep(info["sweep_file_copy"], cfg)
+        name, parent_run_id = sweep_dir.name, info["parent_run_id"]
+    else:
+        sweep_file = sweep_file or DEFAULT_SWEEP
+        sweep = sweeps.load_sweep(sweep_file, cfg)
+        name = cfg.tune.name or f"sweep-{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = root / name
+        parent_run_id = None
+    preflight(cfg)  # the shared dataset and model files, before any Ray resource
+
+    init_ray(cfg.cluster)
+    if not resume:
+        if cfg.tracking.enabled:
+            parent_run_id = tracking.start_run(cfg, run_name=name, config_file=config_file,
+                                               tags={"rsrefseg.job": "tune", "rsrefseg.sweep": sweep.source})
+            tracking.client(cfg.tracking).log_artifact(parent_run_id, sweep.source, artifact_path="config")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        copy = sweep_dir / "sweep.yaml"
+        copy.write_text(Path(sweep.source).read_text())
+        _write_json(sweep_dir / SWEEP_INFO, {"base": cfg.to_dict(), "parent_run_id": parent_run_id,
+                                             "sweep_file": sweep.source, "sweep_file_copy": str(copy)})
+    settings = sweep.trials()
+    print(f"[rsrefseg] sweep {name}: {len(settings)} trials ({sweep.mode}) -> {sweep_dir}", flush=True)
+
+    trainable = ray.tune.with_resources(sweep_trial, {"CPU": 0})
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+    else:
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+                                      reduction_factor=cfg.tune.reduction_factor)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={
+                "base": cfg.to_dict(),
+                "sweep_name": name,
+                "parent_run_id": parent_run_id,
+                "train_loop_config": {"overrides": ray.tune.grid_search(settings)},
+            },
+            tune_config=ray.tune.TuneConfig(
+                metric=cfg.tune.metric, mode="max", scheduler=scheduler,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=str(root),
+                # A failing trial is reported, and the sweep goes on with the others.
+                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+    grid = tuner.fit()
+    results = collect_results(grid, cfg.tune.metric)
+    rows = sweeps.table_rows(sweep, results)
+    _publish_table(cfg, parent_run_id, sweep_dir, rows)
+    return rows
+
+
+def collect_results(grid, metric: str) -> list[sweeps.TrialResult]:
+    """Each trial's best epoch (by `metric`) from the epochs it reported to Tune."""
+    out = []
+    for result in grid:
+        setting = result.config["train_loop_config"]["overrides"]
+        frame = result.metrics_dataframe
+        if result.error is not None:
+            out.append(sweeps.TrialResult(setting=setting, status="failed", error=str(result.error)[:500]))
+            continue
+        if frame is None or metric not in frame or frame[metric].isna().all():
+            out.append(sweeps.TrialResult(setting=setting, status="pending"))
+            continue
+        best = frame.loc[frame[metric].idxmax()]
+        metrics = {c: float(best[f"val/{c}"]) for c in sweeps.METRIC_COLUMNS if f"val/{c}" in best}
+        out.append(sweeps.TrialResult(setting=setting, status="finished", metrics=metrics,
+                                      best_epoch=int(best["epoch"])))
+    return out
+
+
+def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows: list[dict]) -> None:
+    markdown, csv_text = sweeps.to_markdown(rows), sweeps.to_csv(rows)
+    _write_text(sweep_dir / "ablation.md", markdown + "\n")
+    _write_text(sweep_dir / "ablation.csv", csv_text)
+    fig = sweeps.ablation_figure(rows)
+    fig.savefig(sweep_dir / "ablation.png", dpi=120)
+    if parent_run_id and cfg.tracking.enabled:
+        c = tracking.client(cfg.tracking)
+        c.log_text(parent_run_id, markdown + "\n", "ablation/ablation.md")
+        c.log_text(parent_run_id, csv_text, "ablation/ablation.csv")
+        c.log_figure(parent_run_id, fig, "ablation/ablation.png")
+        failed = sum(r["status"] == "failed" for r in rows)
+        c.set_tag(parent_run_id, "rsrefseg.failed_rows", str(failed))
+        c.set_terminated(parent_run_id, status="FINISHED")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print("\nAblation table (val split, percent; best epoch per trial):")
+    print(markdown)
+    print(f"\n[rsrefseg] table: {sweep_dir / 'ablation.md'} (also in the sweep's MLflow parent run)")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2))

@@ -1,0 +1,48 @@
+"""Session-wide fixtures: one local Ray for the whole run, one tiny prepared synthetic dataset.
+
+Ray starts once (starting it costs seconds; every job test shares it). Logical CPUs exceed the
+two cores on purpose: two train workers plus Ray Data's CPU tasks must fit side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, namespace="rsrefseg-tests", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from rsrefseg.datasets.synthetic import generate
+
+    return Path(generate(tmp_path_factory.mktemp("synthetic") / "raw", size=60, seed=0))
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(synthetic_root, tmp_path_factory) -> Path:
+    from rsrefseg.datasets.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "demo"
+    prepare_dataset("synthetic", synthetic_root, out)
+    return out
+
+
+@pytest.fixture
+def project_home(tmp_path, monkeypatch) -> Path:
+    """A project folder of its own: MLflow store, run folders (RSREFSEG_HOME is the project root)."""
+    monkeypatch.setenv("RSREFSEG_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

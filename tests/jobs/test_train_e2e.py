@@ -1,0 +1,152 @@
+"""The train, evaluate and predict jobs end to end, through the real CLI, on a 2-worker CPU run.
+
+One training run (module-scoped) feeds most assertions: it is the expensive part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsrefseg.cli import main
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+def train_args(prepared: Path, home: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--config", str(Path(__file__).resolve().parents[2] / "configs/demo.yaml"),
+        f"data.path={prepared}", f"train.epochs={EPOCHS}", "train.batch_size=4",
+        "train.log_every_n_steps=2", "train.figure_samples=2",
+        f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=e2e",
+        f"train.storage_path={home / 'runs'}", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, prepared_dataset, tmp_path_factory):
+    home = tmp_path_factory.mktemp("train-home")
+    assert main(train_args(prepared_dataset, home, "tracking.run_name=e2e")) == 0
+    (run_dir,) = [p for p in (home / "runs").iterdir() if p.name.startswith("e2e-")]
+    return home, run_dir
+
+
+def mlflow_run(home: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'train'")
+    return client, run
+
+
+def test_training_uses_deepspeed_zero2_on_two_workers(trained):
+    _, run_dir = trained
+    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    assert ckpts, "no checkpoint reported to Ray Train"
+    ds_dir = ckpts[-1] / "deepspeed" / "state"
+    # ZeRO partitions the optimizer state: one shard per data-parallel rank.
+    shards = sorted(p.name for p in ds_dir.glob("*optim_states.pt"))
+    assert len(shards) == 2 and all("zero_pp_rank_" in s for s in shards), shards
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    assert state["epoch"] == EPOCHS
+    assert (run_dir / "best" / "weights.safetensors").is_file()
+    assert (run_dir / "best" / "config.yaml").is_file()
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(trained):
+    home, _ = trained
+    client, run = mlflow_run(home)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key in ("model.preset", "model.lora.sam_rank", "model.prompter.downsample_rate", "train.epochs",
+                "data.path", "model.trainable_params", "model.total_params", "version.torch", "version.ray"):
+        assert key in params, key
+    assert params["train.epochs"] == str(EPOCHS)
+    assert int(params["model.trainable_params"]) < int(params["model.total_params"])
+    tags = run.data.tags
+    assert tags["rsrefseg.git_commit"]
+    assert len(tags["rsrefseg.dataset_hash"]) == 64
+    epochs = client.get_metric_history(run.info.run_id, "val/gIoU")
+    assert sorted(m.step for m in epochs) == list(range(1, EPOCHS + 1))
+    for key in ("val/cIoU", "val/Pr_0.5", "val/Pr_0.9", "train/lr", "train/samples_per_s", "best/gIoU"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
+    assert "checkpoints/best/weights.safetensors" in names
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/epochs.csv"}
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "val_predictions")}
+    assert f"val_predictions/epoch_{EPOCHS:03d}.png" in figures
+    assert "config/resolved.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+
+
+def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
+    home, run_dir = trained
+    out = home / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--split", "test", "--out", str(out),
+                 f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=e2e"]) == 0
+    printed = capsys.readouterr().out
+    assert "Pr@0.5" in printed and "gIoU" in printed
+    result = json.loads(out.read_text())
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    assert result["metrics"]["count"] == manifest["counts"]["test"]
+    assert 0.0 <= result["metrics"]["gIoU"] <= 100.0
+
+
+def test_predict_writes_mask_at_image_size(trained, synthetic_root, tmp_path):
+    _, run_dir = trained
+    image = tmp_path / "scene.png"
+    # A non-square image of another size: resized in, mask resized back out.
+    rgb = np.asarray(Image.open(next((synthetic_root / "images").glob("*.tif"))).convert("RGB"))
+    Image.fromarray(rgb[:300, :400]).save(image)
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    assert main(["predict", "--checkpoint", str(run_dir / "best"), "--image", str(image),
+                 "--text", "vehicle in the parking area", "--out", str(out), "--overlay", str(overlay)]) == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (300, 400)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert Image.open(overlay).size == (400, 300)
+
+
+def test_corrupt_and_wrong_model_checkpoints_fail_clearly(trained, tmp_path, capsys):
+    import shutil
+
+    _, run_dir = trained
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir / "best", corrupt)
+    data = (corrupt / "weights.safetensors").read_bytes()
+    (corrupt / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["evaluate", "--checkpoint", str(corrupt)]) == 2
+    assert "weights.safetensors" in capsys.readouterr().err
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(run_dir / "best", wrong)
+    cfg_text = (wrong / "config.yaml").read_text()
+    (wrong / "config.yaml").write_text(cfg_text.replace("downsample_rate: 2", "downsample_rate: 8")
+                                       .replace("sam_rank: 8", "sam_rank: 4"))
+    assert main(["evaluate", "--checkpoint", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "weights.safetensors" in err or "checkpoint" in err.lower()
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_bad_config_fails_before_ray(tmp_path, capsys):
+    import ray
+
+    was = ray.is_initialized()
+    assert main(["train", "--config", "configs/demo.yaml", "model.lora.sam_rank=0",
+                 f"train.storage_path={tmp_path}"]) == 2
+    assert "model.lora.sam_rank" in capsys.readouterr().err
+    assert main(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path / 'nope'}",
+                 f"train.storage_path={tmp_path}"]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+    assert ray.is_initialized() == was
