@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="also write the image with the mask overlaid")
 
     p = sub.add_parser("tune", help="Ray Tune sweep (e.g. the paper's ablation table)")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p.add_argument("--sweep", help="sweep file, e.g. configs/sweeps/ablation.yaml")
     p.add_argument("--resume", metavar="SWEEP", help="continue an interrupted sweep folder")
 

@@ -1,1 +1,17 @@
-"""SigLIP and SAM wrappers, AttnPrompter, LoRA, the composed RSRefSeg model, presets."""
+"""SigLIP and SAM wrappers, AttnPrompter, LoRA, the composed RSRefSeg model, presets.
+
+One module per component (imported explicitly; this package imports nothing eagerly, so the data
+pipeline can import `sizes` or `tokenizer` without loading the model stack):
+
+    siglip      SiglipEncoder, SiglipSizes, load_siglip          SigLIP image/text features
+    sam         BatchedSam, SamSizes, build_sam, load_sam_checkpoint
+    prompter    AttnPrompter                                     SigLIP features -> SAM prompts
+    lora        apply_lora                                       peft LoRA on the three backbones
+    presets     TINY, RSREFSEG_B, RSREFSEG_L, input_sizes        sizes and weight loading
+    tokenizer   load_tokenizer, tokenize                         phrase tokenizers
+    rsrefseg    RSRefSeg, build_model                            the composed model
+    loss        mask_bce_loss
+    metrics     SegMetrics, per_sample_iou                       gIoU, cIoU, Pr@X
+    checkpoint  save_checkpoint, load_checkpoint                 safetensors + config.yaml
+    errors      ModelLoadError
+"""

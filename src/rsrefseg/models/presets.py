@@ -16,7 +16,10 @@ from rsrefseg.models.siglip import SiglipSizes, build_random_siglip, load_siglip
 from rsrefseg.models.sizes import InputSizes
 from rsrefseg.platform.config import ModelConfig
 
-__all__ = ["ModelLoadError", "Preset", "TINY", "RSREFSEG_B", "RSREFSEG_L", "get_preset", "input_sizes", "build_backbones"]
+__all__ = [
+    "ModelLoadError", "Preset", "TINY", "RSREFSEG_B", "RSREFSEG_L",
+    "get_preset", "input_sizes", "check_model_files", "build_backbones",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,19 @@ def input_sizes(model_cfg: ModelConfig, label_size_override: int = 0) -> InputSi
     )
 
 
+def check_model_files(model_cfg: ModelConfig) -> None:
+    """Fail fast (before any Ray resource or large model) when a real preset's weight files are
+    unset or missing: raises `ModelLoadError` naming the config key and what to download.
+    The `tiny` preset needs no files."""
+    preset = get_preset(model_cfg.preset)
+    if not preset.pretrained:
+        return
+    require_sam_checkpoint(
+        model_cfg.sam_checkpoint, config_key="model.sam_checkpoint", expected_file=preset.sam_checkpoint_file
+    )
+    require_siglip_dir(model_cfg.siglip_path, config_key="model.siglip_path")
+
+
 def build_backbones(model_cfg: ModelConfig) -> tuple[SiglipModel, BatchedSam]:
     """SigLIP and SAM of the preset: random for `tiny` (seed the torch RNG around the call),
     loaded from `model.siglip_path` / `model.sam_checkpoint` for the real presets."""
@@ -94,10 +110,7 @@ def build_backbones(model_cfg: ModelConfig) -> tuple[SiglipModel, BatchedSam]:
     if not preset.pretrained:
         return build_random_siglip(preset.siglip), build_sam(preset.sam)
     # Check both paths before building anything large, so a typo fails in milliseconds.
-    require_sam_checkpoint(
-        model_cfg.sam_checkpoint, config_key="model.sam_checkpoint", expected_file=preset.sam_checkpoint_file
-    )
-    require_siglip_dir(model_cfg.siglip_path, config_key="model.siglip_path")
+    check_model_files(model_cfg)
     sam = build_sam(preset.sam)
     load_sam_checkpoint(
         sam, model_cfg.sam_checkpoint, config_key="model.sam_checkpoint", expected_file=preset.sam_checkpoint_file

@@ -13,6 +13,7 @@ here the same math runs batched on the decoder's own submodules.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -93,7 +94,7 @@ class BatchedSam(Sam):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
 
         src = image_embeddings + dense
-        pos_src = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        pos_src = self.dense_positional_encoding().expand(b, -1, -1, -1)
         _, c, h, w = src.shape
         hs, src = decoder.transformer(src, pos_src, tokens)
         # Token 0 is the IoU token; token 1 the first mask token, the one multimask_output=False keeps.
@@ -104,6 +105,22 @@ class BatchedSam(Sam):
         _, c8, uh, uw = upscaled.shape
         masks = torch.bmm(hyper_in.unsqueeze(1), upscaled.reshape(b, c8, uh * uw))
         return masks.reshape(b, 1, uh, uw)
+
+    def dense_positional_encoding(self) -> torch.Tensor:
+        """SAM's positional encoding of the image-embedding grid: [1, C, h, w].
+
+        Equals `prompt_encoder.get_dense_pe()`, but also works when the model was cast to
+        bf16/fp16 (as DeepSpeed does): segment-anything builds the grid in float32 and would
+        matmul it with the half-precision buffer, so evaluate it on a float32 copy and cast back.
+        """
+        pe_layer = self.prompt_encoder.pe_layer
+        matrix = pe_layer.positional_encoding_gaussian_matrix
+        if matrix.dtype == torch.float32:
+            return self.prompt_encoder.get_dense_pe()
+        pe = torch.func.functional_call(
+            pe_layer, {"positional_encoding_gaussian_matrix": matrix.float()}, (self.prompt_encoder.image_embedding_size,)
+        )
+        return pe.unsqueeze(0).to(matrix.dtype)
 
     def unused_decoder_parameters(self) -> list[nn.Parameter]:
         """Decoder parameters that `decode_masks` never touches: the IoU head and the hypernetwork
@@ -194,8 +211,14 @@ def load_sam_checkpoint(
     try:
         # weights_only: an official checkpoint is a plain dict of tensors; never unpickle code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, pickled objects, ...
-        raise ModelLoadError(f"{config_key}: cannot read {path} as a SAM state dict ({exc}); {hint}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{config_key}: {path} holds pickled Python objects, not just tensors; refusing to "
+            f"unpickle it (weights_only). {hint}"
+        ) from exc
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{config_key}: cannot read {path} as a SAM state dict ({first_line}); {hint}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{config_key}: {path} is not a state dict of tensors; {hint}")
 

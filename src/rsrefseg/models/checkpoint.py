@@ -1,0 +1,91 @@
+"""Model checkpoints: a folder with `weights.safetensors` (trainable weights only) and
+`config.yaml` (the resolved Config). The frozen backbones are rebuilt from the config (pretrained
+files, or `model.init_seed` for `tiny`), which keeps checkpoints small. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rsrefseg.models.rsrefseg import RSRefSeg, build_model
+from rsrefseg.platform.config import Config, ConfigError
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
+
+
+def save_checkpoint(model: RSRefSeg, config: Config, directory: str | os.PathLike) -> Path:
+    """Write the checkpoint folder atomically: fill a temporary sibling folder, then rename it.
+
+    An existing checkpoint at `directory` is replaced; readers never see a half-written one.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        # safetensors refuses shared or non-contiguous storage; trainable tensors are plain, but
+        # clone on CPU anyway so GPU/ZeRO-owned memory is never aliased.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": config.model.preset})
+        config.dump(tmp / CONFIG_FILE)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_config_file(directory: str | os.PathLike) -> Config:
+    """The Config saved in a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {Path(directory)} a checkpoint folder?)")
+    try:
+        data = yaml.safe_load(path.read_text())
+        return Config.from_dict(data, source=str(path))
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid config ({exc})") from exc
+
+
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RSRefSeg, Config]:
+    """Rebuild the model from the checkpoint's config and load its trainable weights.
+
+    Raises `CheckpointError` naming the file when it is missing, corrupt, or holds weights of a
+    different model shape.
+    """
+    directory = Path(directory)
+    config = load_config_file(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found (is {directory} a checkpoint folder?)")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    model = build_model(config.model, config.data.label_size)
+    try:
+        model.load_trainable_state_dict(state)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{weights}: does not match the model described by {directory / CONFIG_FILE} "
+            f"(preset {config.model.preset}): {exc}"
+        ) from exc
+    return model.to(map_location), config

@@ -1,0 +1,111 @@
+"""Referring-segmentation metrics: per-sample IoU, gIoU (= mIoU), cIoU (= oIoU), Pr@0.5..0.9.
+
+Conventions (DESIGN.md, "Metrics"):
+- per-sample IoU = |P∩G| / |P∪G| on binary masks at the label resolution;
+- gIoU = mean of per-sample IoU; cIoU = ΣI / ΣU over all samples;
+- Pr@X = share of samples with IoU > X (strictly greater);
+- a sample whose prediction and ground truth are both empty has IoU = `empty_iou` (default 1.0:
+  "nothing there, nothing predicted" is a correct answer); cIoU over samples that are all empty
+  (ΣU = 0) is `empty_iou` too. No metric is ever NaN.
+
+`SegMetrics` keeps a single float64 tensor of sums, so workers combine with one
+`torch.distributed.all_reduce(metrics.state)`. Every entry holds an integer value (counts, pixel
+sums, and per-sample IoU in fixed point, units of 2^-30): float64 adds integers below 2^53
+exactly, so the result does not depend on the order of updates, merges or reductions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# Fixed-point unit of the IoU sum: 2^-30 (~1e-9) resolution per sample; exact up to 2^23 samples.
+IOU_SCALE = float(2**30)
+METRIC_KEYS = tuple(f"Pr@{x}" for x in PR_THRESHOLDS) + ("cIoU", "gIoU")
+
+# Layout of SegMetrics.state.
+_COUNT, _IOU_SUM, _INTER, _UNION = 0, 1, 2, 3
+_PR = 4  # _PR + i counts samples with IoU > PR_THRESHOLDS[i]
+STATE_SIZE = _PR + len(PR_THRESHOLDS)
+
+
+def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, gt: [B, H, W] (nonzero = foreground) -> intersection, union: int64 [B] pixel counts."""
+    if pred.shape != gt.shape or pred.dim() != 3:
+        raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must both be [B, H, W]")
+    p = pred.bool()
+    g = gt > 0 if gt.dtype != torch.bool else gt
+    inter = (p & g).flatten(1).sum(1)
+    union = (p | g).flatten(1).sum(1)
+    return inter, union
+
+
+def per_sample_iou(pred: torch.Tensor, gt: torch.Tensor, *, empty_iou: float = 1.0) -> torch.Tensor:
+    """pred, gt: [B, H, W] -> IoU float64 [B]; both-empty samples get `empty_iou`."""
+    inter, union = intersection_union(pred, gt)
+    return _iou(inter, union, empty_iou)
+
+
+def _iou(inter: torch.Tensor, union: torch.Tensor, empty_iou: float) -> torch.Tensor:
+    iou = inter.double() / union.clamp(min=1).double()
+    return torch.where(union == 0, torch.full_like(iou, empty_iou), iou)
+
+
+class SegMetrics:
+    """Accumulates referring-segmentation metrics over batches (and workers)."""
+
+    def __init__(self, *, empty_iou: float = 1.0, device: torch.device | str = "cpu") -> None:
+        if not 0.0 <= empty_iou <= 1.0:
+            raise ValueError(f"empty_iou must be in [0, 1], got {empty_iou}")
+        self.empty_iou = empty_iou
+        # [count, Σ IoU (fixed point), Σ I, Σ U, #IoU>0.5, ..., #IoU>0.9]
+        self.state = torch.zeros(STATE_SIZE, dtype=torch.float64, device=device)
+
+    def to(self, device: torch.device | str) -> "SegMetrics":
+        self.state = self.state.to(device)
+        return self
+
+    def reset(self) -> None:
+        self.state.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """pred: bool [B, H, W] (threshold logits at 0 first); gt: [B, H, W], nonzero = foreground."""
+        inter, union = intersection_union(pred, gt)
+        iou = _iou(inter, union, self.empty_iou)
+        thresholds = torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=iou.device)
+        batch = torch.cat(
+            [
+                torch.tensor([float(iou.numel())], dtype=torch.float64, device=iou.device),
+                torch.round(iou * IOU_SCALE).sum().reshape(1),
+                inter.sum().double().reshape(1),
+                union.sum().double().reshape(1),
+                (iou.unsqueeze(1) > thresholds).sum(0).double(),
+            ]
+        )
+        self.state += batch.to(self.state.device)
+
+    def merge(self, other: "SegMetrics") -> "SegMetrics":
+        """Add another accumulator's sums into this one (same empty-IoU policy required)."""
+        if other.empty_iou != self.empty_iou:
+            raise ValueError(f"cannot merge metrics with empty_iou {other.empty_iou} into {self.empty_iou}")
+        self.state += other.state.to(self.state.device)
+        return self
+
+    def compute(self) -> dict[str, float]:
+        """Metrics in percent (0-100, the paper's units) plus "count" (number of samples).
+
+        With no samples every metric is 0.0 and count is 0.
+        """
+        s = self.state.detach().cpu().tolist()
+        count = int(s[_COUNT])
+        out: dict[str, float] = {}
+        for i, x in enumerate(PR_THRESHOLDS):
+            out[f"Pr@{x}"] = 100.0 * s[_PR + i] / count if count else 0.0
+        if s[_UNION] > 0:
+            out["cIoU"] = 100.0 * s[_INTER] / s[_UNION]
+        else:
+            out["cIoU"] = 100.0 * self.empty_iou if count else 0.0
+        out["gIoU"] = 100.0 * s[_IOU_SUM] / IOU_SCALE / count if count else 0.0
+        out["count"] = count
+        return out

@@ -1,0 +1,158 @@
+"""RSRefSeg: SigLIP -> AttnPrompter -> SAM, composed by injection, and its builder."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsrefseg.models.lora import apply_lora
+from rsrefseg.models.loss import mask_bce_loss
+from rsrefseg.models.presets import build_backbones, get_preset, input_sizes
+from rsrefseg.models.prompter import AttnPrompter
+from rsrefseg.models.sam import BatchedSam
+from rsrefseg.models.siglip import SiglipEncoder
+from rsrefseg.models.sizes import InputSizes
+from rsrefseg.platform.config import ModelConfig
+
+
+class RSRefSeg(nn.Module):
+    """Referring segmentation: an image and a phrase in, mask logits out."""
+
+    def __init__(
+        self,
+        *,
+        siglip: SiglipEncoder,
+        sam: BatchedSam,
+        prompter: AttnPrompter,
+        sizes: InputSizes,
+        bce_pos_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.siglip = siglip
+        self.sam = sam
+        self.prompter = prompter
+        self.sizes = sizes
+        self.bce_pos_weight = bce_pos_weight
+
+    def forward(
+        self,
+        sam_image: torch.Tensor,
+        siglip_image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        sam_image:      uint8 [B, 3, S, S]  RGB at SAM's input size
+        siglip_image:   uint8 [B, 3, s, s]  RGB at SigLIP's input size
+        input_ids:      int64 [B, L]        phrase tokens, padded to max_length
+        attention_mask: int64 [B, L]        1 = real token
+        returns:        float [B, label, label] mask logits (threshold at 0)
+        """
+        v = self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h1*w1, d1]
+        t_global, t_local = self.siglip.encode_text(input_ids)  # [B, d1], [B, L, d1]
+        sparse, dense = self.prompter(
+            v=v,
+            grid=self.siglip.grid,
+            t_global=t_global,
+            t_local=t_local,
+            text_mask=attention_mask,
+            logit_scale=self.siglip.logit_scale,
+            logit_bias=self.siglip.logit_bias,
+            prompt_encoder=self.sam.prompt_encoder,
+        )
+        image_embeddings = self.sam.image_encoder(self.sam.normalize(sam_image))  # [B, d2, h, w]
+        low_res = self.sam.decode_masks(image_embeddings, sparse, dense)  # [B, 1, 4h, 4w]
+        label = self.sizes.label
+        logits = F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)
+        return logits[:, 0]
+
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """logits: float [B, H, W]; mask: uint8/bool [B, H, W] (> 0 = foreground) -> scalar BCE."""
+        return mask_bce_loss(logits, mask, pos_weight=self.bce_pos_weight)
+
+    # -- trainable weights ----------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters, plus the buffers of modules that own trainable parameters (the
+        prompter's BatchNorm running statistics): everything a checkpoint must hold, since the
+        frozen rest is rebuilt from the preset (pretrained files or `init_seed`)."""
+        keys = self._trainable_keys()
+        return {k: v.detach() for k, v in self.state_dict().items() if k in keys}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what `trainable_state_dict` gave; keys and shapes must match exactly."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{k}: got {tuple(state[k].shape)}, model has {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and tuple(state[k].shape) != tuple(v.shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        if problems:
+            raise ValueError("trainable weights do not fit this model: " + "; ".join(problems))
+        # strict=False: `state` holds only the trainable subset, checked exactly above.
+        self.load_state_dict(dict(state), strict=False)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) number of parameters."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def _trainable_keys(self) -> set[str]:
+        keys = {name for name, p in self.named_parameters() if p.requires_grad}
+        for module_name, module in self.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                prefix = f"{module_name}." if module_name else ""
+                keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
+        return keys
+
+
+def build_model(model_cfg: ModelConfig, label_size: int = 0) -> RSRefSeg:
+    """Build RSRefSeg for a config: backbones (loaded or random), LoRA, prompter, freezing.
+
+    Every random draw (tiny backbones, LoRA and prompter init) comes from a private RNG stream
+    seeded with `model_cfg.init_seed`, so two builds are identical and the global torch RNG is
+    left untouched (tiny checkpoints hold only trainable weights and rely on this).
+    `label_size` overrides the preset's mask resolution (0 = preset default).
+    """
+    preset = get_preset(model_cfg.preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_cfg.init_seed)
+        siglip_model, sam = build_backbones(model_cfg)
+        siglip_model.requires_grad_(False)
+        sam.requires_grad_(False)
+        apply_lora(
+            sam_image_encoder=sam.image_encoder,
+            siglip_vision=siglip_model.vision_model,
+            siglip_text=siglip_model.text_model,
+            cfg=model_cfg.lora,
+        )
+        # The mask decoder trains, except what single-mask decoding never uses.
+        sam.mask_decoder.requires_grad_(True)
+        for p in sam.unused_decoder_parameters():
+            p.requires_grad_(False)
+        prompter = AttnPrompter(
+            in_dim=preset.siglip.hidden_size,
+            prompt_dim=preset.sam.prompt_embed_dim,
+            downsample_rate=model_cfg.prompter.downsample_rate,
+            dense_prompt=model_cfg.prompter.dense_prompt,
+        )
+    return RSRefSeg(
+        siglip=SiglipEncoder(model=siglip_model),
+        sam=sam,
+        prompter=prompter,
+        sizes=input_sizes(model_cfg, label_size),
+        bce_pos_weight=model_cfg.bce_pos_weight,
+    )

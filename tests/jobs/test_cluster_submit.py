@@ -1,0 +1,139 @@
+"""A real two-node Ray cluster on this machine, an MLflow server on loopback, and jobs submitted
+through `rsrefseg submit` (the Ray Jobs API). Everything is torn down at the end.
+
+The cluster lives in its own Ray temp dir, so teardown stops exactly its processes and leaves
+the test session's own local Ray alone (`ray stop` would kill every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rsrefseg.cli import main
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def kill_tree_using(marker: str) -> None:
+    """Kill every process whose command line mentions `marker` (this cluster's temp dir)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if marker in args and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("raycluster")
+    # Ray's socket paths must stay short: a temp dir of its own under /tmp.
+    ray_tmp = Path(f"/tmp/rsr-{os.getpid()}")
+    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    common = ["--disable-usage-stats", f"--temp-dir={ray_tmp}"]
+    procs = []
+    try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=3", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1", *common],
+            check=True, env=env, capture_output=True,
+        )
+        subprocess.run(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
+             "--node-ip-address=127.0.0.1", *common],
+            check=True, env=env, capture_output=True,
+        )
+        store = tmp / "mlflow"
+        store.mkdir()
+        procs.append(subprocess.Popen(
+            [str(BIN / "rsrefseg"), "mlflow-server", "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art")],
+            stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health")
+        wait_http(f"http://127.0.0.1:{dash}/api/version")
+        yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp}
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        kill_tree_using(str(ray_tmp))
+        subprocess.run(["rm", "-rf", str(ray_tmp)])
+
+
+def test_demo_training_job_runs_on_both_nodes_and_logs_to_server(cluster, prepared_dataset, capsys):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    storage = cluster["tmp"] / "runs"
+    rc = main([
+        "submit", "--address", cluster["address"], "--",
+        "train", "--config", "configs/demo.yaml",
+        f"data.path={prepared_dataset}", "train.epochs=1", "train.batch_size=4",
+        # 2 CPUs a worker on 3-CPU nodes: the two workers cannot share a node.
+        "train.cpus_per_worker=2", f"train.storage_path={storage}",
+        f"tracking.uri={cluster['mlflow']}", "tracking.experiment=cluster", "tracking.run_name=cluster",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "SUCCEEDED" in out
+    jobs = JobSubmissionClient(cluster["address"]).list_jobs()
+    assert any(j.status.value == "SUCCEEDED" for j in jobs)
+
+    client = MlflowClient(tracking_uri=cluster["mlflow"])
+    exp = client.get_experiment_by_name("cluster")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "val/gIoU")
+    nodes = run.data.tags["rsrefseg.worker_nodes"].split(",")
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    assert "checkpoints/best" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+def test_bad_config_job_fails_fast_with_the_error_in_its_logs(cluster, capsys):
+    started = time.time()
+    rc = main(["submit", "--address", cluster["address"], "--",
+               "train", "--config", "configs/demo.yaml", "model.prompter.downsample_rate=3"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "model.prompter.downsample_rate" in out and "FAILED" in out
+    assert time.time() - started < 120
+
+
+def test_missing_data_path_names_the_cluster_host(cluster, capsys):
+    rc = main(["submit", "--address", cluster["address"], "--",
+               "train", "--config", "configs/demo.yaml", "data.path=/nonexistent/prepared"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "/nonexistent/prepared" in out and "cluster host" in out

@@ -1,0 +1,80 @@
+"""Sweep files and the ablation table, without Ray."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.platform.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = load_config(REPO / "configs/rsrefseg-b-rrsisd.yaml")
+
+
+def test_ablation_runs_the_shared_default_once():
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/ablation.yaml", BASE)
+    trials = sw.trials()
+    assert len(trials) == 8
+    assert len({tuple(sorted(t.items())) for t in trials}) == 8
+    default = {"model.lora.sam_rank": 16, "model.lora.siglip_text_layers": "full",
+               "model.prompter.downsample_rate": 4, "model.prompter.dense_prompt": True}
+    assert trials.count(default) == 1
+    # Every trial differs from the default in at most one axis.
+    for t in trials:
+        assert sum(t[k] != v for k, v in default.items()) <= 1
+
+
+def test_grid_is_the_cross_product():
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/grid.yaml", BASE)
+    assert len(sw.trials()) == 3 * 3 * 3 * 2
+
+
+def test_any_config_key_can_be_swept(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump({"mode": "grid", "axes": [{"key": "train.lr", "values": [1e-4, 3e-4]}],
+                                    "fixed": {"train.epochs": 2}}))
+    sw = sweeps.load_sweep(path, BASE)
+    assert sw.trials() == [{"train.epochs": 2, "train.lr": 1e-4}, {"train.epochs": 2, "train.lr": 3e-4}]
+
+
+@pytest.mark.parametrize(
+    "axes, match",
+    [
+        ([{"key": "model.lora.sam_rnk", "values": [8]}], "not a config key"),
+        ([{"key": "model.prompter.downsample_rate", "values": [2, 3, 4]}], "downsample_rate"),
+        ([{"key": "model.lora.sam_rank", "values": [8, 32]}], "default 16 is not one of"),
+        ([{"key": "model.lora.sam_rank", "values": [8, 16], "labels": ["a"]}], "labels"),
+        ([], "at least one axis"),
+    ],
+)
+def test_bad_sweeps_fail_with_a_clear_message(tmp_path, axes, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"mode": "one_at_a_time", "axes": axes}))
+    with pytest.raises(ConfigError, match=match):
+        sweeps.load_sweep(path, BASE)
+
+
+def test_table_has_every_row_and_marks_failures():
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/ablation.yaml", BASE)
+    results = []
+    for i, setting in enumerate(sw.trials()):
+        if setting["model.lora.sam_rank"] == 8:
+            results.append(sweeps.TrialResult(setting=setting, status="failed", error="boom"))
+        else:
+            metrics = {c: float(i) for c in sweeps.METRIC_COLUMNS}
+            results.append(sweeps.TrialResult(setting=setting, status="finished", metrics=metrics, best_epoch=1))
+    rows = sweeps.table_rows(sw, results)
+    assert [(r["axis"], r["setting"]) for r in rows][:3] == [
+        ("SAM LoRA rank", "8"), ("SAM LoRA rank", "16"), ("SAM LoRA rank", "32")]
+    assert len(rows) == 3 + 3 + 3 + 2
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [(r["axis"], r["setting"]) for r in failed] == [("SAM LoRA rank", "8")]
+    assert failed[0]["gIoU"] is None
+    # The default setting fills one row on every axis, from the same trial.
+    default_rows = [r for r in rows if (r["axis"], r["setting"]) in {
+        ("SAM LoRA rank", "16"), ("text encoder tuned", "full"), ("prompter downsampling", "4"), ("dense prompt", "with")}]
+    assert len({r["gIoU"] for r in default_rows}) == 1
+    md = sweeps.to_markdown(rows)
+    assert "failed" in md and "| SAM LoRA rank | 8 |" in md
+    assert sweeps.to_csv(rows).splitlines()[0].startswith("axis,setting,Pr@0.5")

@@ -1,0 +1,126 @@
+"""Ray Tune sweeps end to end: the paper's ablation on the synthetic set at `tiny`, a failing
+trial, and an interrupted sweep resumed. Every trial is a real 2-worker DeepSpeed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rsrefseg.cli import main
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tune_args(prepared: Path, home: Path, sweep: Path, *extra: str) -> list[str]:
+    return [
+        "tune", "--config", str(REPO / "configs/demo.yaml"), "--sweep", str(sweep),
+        f"data.path={prepared}", "train.epochs=1", "train.batch_size=4", "data.limit=16",
+        "train.figure_samples=0", "tune.cpus_per_worker=1", "tune.max_concurrent_trials=1",
+        f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=tune",
+        f"train.storage_path={home / 'runs'}", *extra,
+    ]
+
+
+def runs_of(home: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("rsrefseg.job") == "tune"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_ablation_sweep_fills_table_ii(ray_session, prepared_dataset, tmp_path, capsys):
+    assert main(tune_args(prepared_dataset, tmp_path, REPO / "configs/sweeps/ablation.yaml",
+                          "tune.name=ablation")) == 0
+    out = capsys.readouterr().out
+    client, parents, children = runs_of(tmp_path)
+    (parent,) = parents
+    assert len(children) == 8
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    keys = ("model.lora.sam_rank", "model.lora.siglip_text_layers", "model.prompter.downsample_rate",
+            "model.prompter.dense_prompt")
+    settings = {tuple(c.data.params[k] for k in keys) for c in children}
+    assert len(settings) == 8
+    assert ("16", "full", "4", "True") in settings and ("8", "full", "4", "True") in settings
+    assert ("16", "zero", "4", "True") in settings and ("16", "full", "4", "False") in settings
+    # Every child run has the same flat param names as a train run.
+    assert all(set(c.data.params) == set(children[0].data.params) for c in children)
+
+    table = (tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()
+    assert len(table) == 1 + 11  # header + every row of Table II
+    assert all(line.endswith(",finished") for line in table[1:])
+    assert "| SAM LoRA rank | 32 |" in out and "| dense prompt | without |" in out
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
+    assert artifacts == {"ablation/ablation.md", "ablation/ablation.csv", "ablation/ablation.png"}
+
+
+def test_failing_trial_does_not_stop_the_sweep(ray_session, prepared_dataset, tmp_path):
+    sweep = tmp_path / "paths.yaml"
+    sweep.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"name": "dataset", "key": "data.path", "values": [str(prepared_dataset), str(tmp_path / "missing")],
+         "labels": ["synthetic", "missing"]}]}))
+    assert main(tune_args(prepared_dataset, tmp_path, sweep, "tune.name=failing")) == 0
+    rows = (tmp_path / "runs" / "failing" / "ablation.csv").read_text().splitlines()[1:]
+    status = {line.split(",")[1]: line.split(",")[-1] for line in rows}
+    assert status == {"synthetic": "finished", "missing": "failed"}
+    _, _, children = runs_of(tmp_path)
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+
+
+def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_path):
+    sweep = tmp_path / "ranks.yaml"
+    sweep.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8, 16]}]}))
+    args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=resumable", "train.epochs=2")
+    env = {**os.environ, "RSREFSEG_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rsrefseg", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if (tmp_path / "mlflow.db").exists():
+                _, _, children = runs_of(tmp_path)
+                if any(c.info.status == "FINISHED" for c in children):
+                    break
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, _, before = runs_of(tmp_path)
+    finished_before = {c.info.run_id: c.info.end_time for c in before if c.info.status == "FINISHED"}
+    assert 1 <= len(finished_before) < 3
+
+    resume = subprocess.run(
+        [sys.executable, "-m", "rsrefseg", "tune", "--config", str(REPO / "configs/demo.yaml"),
+         "--resume", str(tmp_path / "runs" / "resumable")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    client, _, after = runs_of(tmp_path)
+    assert len(after) == 3, [c.info.run_name for c in after]
+    assert all(c.info.status == "FINISHED" for c in after)
+    for run_id, end_time in finished_before.items():
+        # Trials that had finished were not run again.
+        assert client.get_run(run_id).info.end_time == end_time
+    for c in after:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/gIoU")]
+        assert sorted(steps) == [1, 2], (c.info.run_name, steps)
+    rows = (tmp_path / "runs" / "resumable" / "ablation.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(r.endswith(",finished") for r in rows)

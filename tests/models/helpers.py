@@ -1,0 +1,46 @@
+"""Helpers of the model tests: tiny configs and seeded input batches, built on the fly."""
+
+from __future__ import annotations
+
+import torch
+
+from rsrefseg.models.presets import TINY
+from rsrefseg.models.tokenizer import build_tiny_tokenizer, tokenize
+from rsrefseg.platform.config import Config, ModelConfig
+
+PHRASES = [
+    "vehicle in the parking lot",
+    "light-duty vehicle along the road",
+    "trees near the building on the left",
+    "the lane marking",
+]
+
+
+def tiny_config(overrides: list[str] | None = None) -> Config:
+    """A validated Config for the tiny preset with dotted overrides (model.lora.sam_rank=8 ...)."""
+    return Config().replace(["model.preset=tiny", *(overrides or [])])
+
+
+def tiny_model_config(overrides: list[str] | None = None) -> ModelConfig:
+    return tiny_config(overrides).model
+
+
+def make_batch(batch_size: int = 2, *, seed: int = 0, label: int = TINY.label_size) -> dict[str, torch.Tensor]:
+    """A seeded tiny-preset batch: uint8 images, tokenized phrases, uint8 0/1 masks."""
+    g = torch.Generator().manual_seed(seed)
+    s = TINY.sam.img_size
+    c = TINY.siglip.image_size
+    tok = build_tiny_tokenizer(max_length=TINY.siglip.max_text_len, vocab_size=TINY.siglip.vocab_size)
+    phrases = [PHRASES[i % len(PHRASES)] for i in range(batch_size)]
+    enc = tokenize(tok, phrases, max_length=TINY.siglip.max_text_len)
+    return {
+        "sam_image": torch.randint(0, 256, (batch_size, 3, s, s), generator=g, dtype=torch.uint8),
+        "siglip_image": torch.randint(0, 256, (batch_size, 3, c, c), generator=g, dtype=torch.uint8),
+        "input_ids": torch.from_numpy(enc["input_ids"]),
+        "attention_mask": torch.from_numpy(enc["attention_mask"]),
+        "mask": (torch.rand(batch_size, label, label, generator=g) > 0.7).to(torch.uint8),
+    }
+
+
+def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(batch["sam_image"], batch["siglip_image"], batch["input_ids"], batch["attention_mask"])
