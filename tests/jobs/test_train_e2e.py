@@ -48,7 +48,7 @@ def mlflow_run(home: Path):
 
 def test_training_uses_deepspeed_zero2_on_two_workers(trained):
     _, run_dir = trained
-    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert ckpts, "no checkpoint reported to Ray Train"
     ds_dir = ckpts[-1] / "deepspeed" / "state"
     # ZeRO partitions the optimizer state: one shard per data-parallel rank.

@@ -1,0 +1,179 @@
+"""Reader of a FiftyOne export of RefSegRS (e.g. the Hugging Face `Voxel51/RefSegRS` copy), without
+importing fiftyone.
+
+FiftyOne's `FiftyOneDataset` format is a folder:
+
+    <root>/metadata.json     dataset info (name, sample_fields, ...); not needed here
+    <root>/samples.json      {"samples": [ {sample}, ... ]}
+    <root>/data/...          the media; sample["filepath"] is relative to <root> (or absolute)
+    <root>/fields/<field>/...  masks of Segmentation labels, referenced by "mask_path"
+
+A sample looks like
+
+    {"_id": {"$oid": "..."}, "filepath": "data/12.tif", "tags": ["train"],
+     "metadata": {"_cls": "ImageMetadata", ...},
+     "phrase": "vehicle in the parking area",
+     "segmentation": {"_cls": "Segmentation", "mask_path": "fields/segmentation/12.tif"}}
+
+Field names vary between exports, so: the split is a tag (train/val/test; "validation" counts as
+val) or a `split` field; the phrase is the first present of PHRASE_FIELDS (a string, or a
+Classification whose `label` is the phrase) unless `phrase_field` is given; the mask is the
+Segmentation label (`mask_path`, or an inline `mask`) of `mask_field`, or the only Segmentation
+field of the sample. The id is the media file's stem ("12"); a stem seen again gets "#2", "#3", ...
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zlib
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .imagefiles import as_binary_mask, load_mask, load_rgb
+from .triplet import DatasetError, Issue, IssueHandler, Triplet, report
+
+SAMPLES_FILE = "samples.json"
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+PHRASE_FIELDS = ("phrase", "referring_expression", "expression", "sentence", "text", "caption", "prompt")
+MASK_FIELDS = ("segmentation", "ground_truth", "mask", "gt_mask")
+
+
+def read_fiftyone(
+    root: str | Path,
+    *,
+    on_issue: IssueHandler = None,
+    phrase_field: Optional[str] = None,
+    mask_field: Optional[str] = None,
+) -> Iterator[Triplet]:
+    """Yield one lazy `Triplet` per sample of samples.json, in file order."""
+    root = Path(root)
+    samples_path = root / SAMPLES_FILE
+    if not root.is_dir():
+        raise DatasetError(f"FiftyOne dataset folder not found: {root}")
+    if not samples_path.is_file():
+        raise DatasetError(f"not a FiftyOne dataset export: {samples_path} is missing (export with fo.types.FiftyOneDataset)")
+    samples = _load_samples(samples_path)
+
+    seen: dict[str, int] = {}
+    for index, sample in enumerate(samples):
+        where = f"{samples_path}[samples][{index}]"
+        if not isinstance(sample, dict) or not isinstance(sample.get("filepath"), str):
+            report(on_issue, Issue("sample has no filepath", where=where))
+            continue
+        image_path = _resolve(root, sample["filepath"])
+        stem = Path(sample["filepath"]).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        sample_id = stem if seen[stem] == 1 else f"{stem}#{seen[stem]}"
+
+        split = _split(sample)
+        if split is None:
+            report(on_issue, Issue("no split: expected a train/val/test tag or a `split` field", id=sample_id, where=where))
+            continue
+        try:
+            phrase = _phrase(sample, phrase_field)
+            label_name, label = _segmentation(sample, mask_field)
+        except DatasetError as exc:
+            report(on_issue, Issue(str(exc), id=sample_id, split=split, where=where))
+            continue
+        if not phrase:
+            report(on_issue, Issue("sample has no phrase", id=sample_id, split=split, where=where))
+            continue
+
+        context = f"id {sample_id!r}, {where}"
+        if label.get("mask_path"):
+            mask_path = _resolve(root, label["mask_path"])
+            mask_loader = partial(load_mask, mask_path, context=context)
+        elif label.get("mask") is not None:
+            mask_path = f"{where}.{label_name}.mask"
+            mask_loader = partial(_inline_mask, label["mask"], source=f"{label_name} ({context})")
+        else:
+            report(on_issue, Issue(f"Segmentation field {label_name!r} has neither mask_path nor mask", id=sample_id, split=split, where=where))
+            continue
+        yield Triplet(
+            id=sample_id,
+            phrase=phrase,
+            split=split,
+            image_loader=partial(load_rgb, image_path, context=context),
+            mask_loader=mask_loader,
+            where=where,
+            image_path=str(image_path),
+            mask_path=str(mask_path),
+        )
+
+
+def _load_samples(path: Path) -> list:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    samples = data.get("samples") if isinstance(data, dict) else data
+    if not isinstance(samples, list):
+        raise DatasetError(f"{path}: expected {{\"samples\": [...]}}")
+    return samples
+
+
+def _resolve(root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def _split(sample: dict) -> Optional[str]:
+    value = sample.get("split")
+    if isinstance(value, str) and value.lower() in SPLIT_ALIASES:
+        return SPLIT_ALIASES[value.lower()]
+    tags = [SPLIT_ALIASES[t.lower()] for t in sample.get("tags") or [] if isinstance(t, str) and t.lower() in SPLIT_ALIASES]
+    return tags[0] if len(set(tags)) == 1 else None
+
+
+def _phrase(sample: dict, field: Optional[str]) -> str:
+    names = (field,) if field else PHRASE_FIELDS
+    for name in names:
+        value = sample.get(name)
+        if isinstance(value, dict):  # a Classification label: the phrase is its label
+            value = value.get("label")
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            value = value[0]
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def _segmentation(sample: dict, field: Optional[str]) -> tuple[str, dict]:
+    if field:
+        label = sample.get(field)
+        if not (isinstance(label, dict) and label.get("_cls") == "Segmentation"):
+            raise DatasetError(f"field {field!r} is not a Segmentation label")
+        return field, label
+    found = {k: v for k, v in sample.items() if isinstance(v, dict) and v.get("_cls") == "Segmentation"}
+    if not found:
+        raise DatasetError("sample has no Segmentation field")
+    if len(found) == 1:
+        return next(iter(found.items()))
+    for name in MASK_FIELDS:
+        if name in found:
+            return name, found[name]
+    raise DatasetError(f"several Segmentation fields ({', '.join(sorted(found))}); choose one with mask_field=")
+
+
+def _inline_mask(value: Any, *, source: str) -> np.ndarray:
+    """A mask stored in samples.json: FiftyOne writes np.save bytes, zlib-compressed, as
+    extended JSON {"$binary": {"base64": ...}}."""
+    try:
+        raw = value.get("$binary", value) if isinstance(value, dict) else value
+        raw = raw.get("base64") if isinstance(raw, dict) else raw
+        data = base64.b64decode(raw)
+        try:
+            data = zlib.decompress(data)
+        except zlib.error:
+            pass  # older exports store plain np.save bytes
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise DatasetError(f"inline mask of {source} cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    return as_binary_mask(np.asarray(array), source=source)

@@ -1,0 +1,82 @@
+"""One referring-segmentation sample, the problems a reader can report, and the dataset error type.
+
+A reader yields `Triplet`s whose pixels are *not* loaded yet: each carries two zero-argument loaders,
+so validating or converting a 20k-sample dataset streams through it with one sample in memory at a
+time. Loaders raise `DatasetError` whose message names the file and the sample id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is missing, malformed or inconsistent.
+
+    The message always says where: the file (and line, for text files) and the sample id.
+    """
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found while reading a dataset; `prepare_dataset` lists them in the manifest.
+
+    where: the file (and line) that declares the sample, e.g. "output_phrase_val.txt:12".
+    """
+
+    reason: str
+    id: Optional[str] = None
+    split: Optional[str] = None
+    where: Optional[str] = None
+    kind: str = "sample"  # "sample": one sample is bad (skippable); "split": a whole split is empty
+
+    def __str__(self) -> str:
+        parts = [self.where] if self.where else []
+        if self.id is not None:
+            parts.append(f"id {self.id!r}" + (f" ({self.split})" if self.split else ""))
+        return ": ".join(parts + [self.reason])
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "split": self.split, "where": self.where, "reason": self.reason}
+
+
+# Readers take `on_issue`: None means "raise at the first problem" (handy interactively);
+# prepare_dataset passes a collector so that it can report every problem at once.
+IssueHandler = Optional[Callable[[Issue], None]]
+
+
+def report(on_issue: IssueHandler, issue: Issue) -> None:
+    if on_issue is None:
+        raise DatasetError(str(issue))
+    on_issue(issue)
+
+
+@dataclass(frozen=True, eq=False)
+class Triplet:
+    """(id, phrase, split) plus lazy loaders of the image and the mask.
+
+    load_image() -> uint8 array [H, W, 3] (RGB)
+    load_mask()  -> bool array [H, W] (True = the phrase's target)
+    where: the file (and line) that declared this sample, for error messages.
+    """
+
+    id: str
+    phrase: str
+    split: str
+    image_loader: Callable[[], np.ndarray]
+    mask_loader: Callable[[], np.ndarray]
+    where: str = ""
+    image_path: str = ""
+    mask_path: str = ""
+
+    def load_image(self) -> np.ndarray:
+        return self.image_loader()
+
+    def load_mask(self) -> np.ndarray:
+        return self.mask_loader()
+
+    def issue(self, reason: str) -> Issue:
+        return Issue(reason=reason, id=self.id, split=self.split, where=self.where or None)

@@ -1,0 +1,182 @@
+"""The Ray Data pipeline: read_split -> preprocess -> iter_batches, on one shared local Ray."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split, shuffled_phrases, split_size, tokenize
+from rsrefseg.datasets.prepare import prepare_dataset
+from rsrefseg.datasets.triplet import DatasetError
+from rsrefseg.models.sizes import InputSizes
+
+from .conftest import make_refsegrs
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+# Square 32x32 fixtures and label == SAM size == 32: resizing is the identity, so pixels can be
+# compared exactly with the source files.
+IDENTITY = InputSizes(sam_image=32, siglip_image=16, label=32, max_text_len=8)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    expected = make_refsegrs(root / "src", counts=(("train", 7), ("val", 4), ("test", 2)), size=(32, 32), repeat_mask=False)
+    prepare_dataset("refsegrs", root / "src", root / "out", rows_per_shard=2)
+    return root / "out", expected
+
+
+def collect(ds, batch_size=4, **kwargs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for batch in iter_batches(ds, batch_size, **kwargs):
+        for name, values in batch.items():
+            out.setdefault(name, []).extend(list(values))
+    return out
+
+
+def test_batches_follow_the_contract(prepared_synthetic, tokenizer):
+    sizes = InputSizes(sam_image=64, siglip_image=48, label=512, max_text_len=8)
+    ds = preprocess(read_split(prepared_synthetic, "val"), sizes, tokenizer)
+    batch = next(iter_batches(ds, 3))
+    assert set(batch) == {"sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase"}
+    assert batch["sam_image"].dtype == torch.uint8 and batch["sam_image"].shape == (3, 3, 64, 64)
+    assert batch["siglip_image"].dtype == torch.uint8 and batch["siglip_image"].shape == (3, 3, 48, 48)
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (3, 8)
+    assert batch["attention_mask"].dtype == torch.int64 and batch["attention_mask"].shape == (3, 8)
+    assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape == (3, 512, 512)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1}
+    assert all(isinstance(x, str) for x in batch["id"] + batch["phrase"])
+
+
+def test_ids_phrases_pixels_and_tokens_survive_the_pipeline(small, tokenizer):
+    path, expected = small
+    got = collect(preprocess(read_split(path, "train"), IDENTITY, tokenizer))
+    train = {k: e for k, e in expected.items() if e.split == "train"}
+    assert sorted(got["id"]) == sorted(train)  # every sample, once
+    for i, sample_id in enumerate(got["id"]):
+        exp = train[sample_id]
+        assert got["phrase"][i] == exp.phrase
+        np.testing.assert_array_equal(got["mask"][i].numpy(), exp.mask.astype(np.uint8))
+        np.testing.assert_array_equal(got["sam_image"][i].numpy(), exp.image.transpose(2, 0, 1))
+        ids = tokenizer([exp.phrase], padding="max_length", truncation=True, max_length=8, return_tensors="np")["input_ids"][0]
+        np.testing.assert_array_equal(got["input_ids"][i].numpy(), ids)
+        assert got["attention_mask"][i].sum().item() == min(len(exp.phrase.split()), 8)
+
+
+def test_limit_takes_the_same_first_samples_every_time(small):
+    path, _ = small
+    for seed in (None, 5):
+        ids = [row["id"] for row in read_split(path, "train", limit=3, shuffle_seed=seed).take_all()]
+        assert sorted(ids, key=int) == ["0", "1", "2"]
+    assert split_size(path, "train", limit=3) == 3 and split_size(path, "train") == 7
+
+
+def test_missing_and_unprepared_splits_are_clear_errors(small, tmp_path):
+    path, _ = small
+    with pytest.raises(DatasetError, match=r"split 'testA' is not in the prepared dataset .*it has: train, val, test"):
+        read_split(path, "testA")
+    with pytest.raises(DatasetError, match=r"manifest\.json is missing.*rsrefseg prepare"):
+        read_split(tmp_path, "train")
+
+
+def test_shuffle_phrases_permutes_across_the_whole_split(small, tokenizer):
+    path, expected = small
+    run = lambda seed: collect(preprocess(read_split(path, "train"), IDENTITY, tokenizer, shuffle_phrases=True, seed=seed, batch_size=2))
+    first, again, other = run(0), run(0), run(1)
+    given = dict(zip(first["id"], first["phrase"]))
+    truth = {k: e.phrase for k, e in expected.items() if e.split == "train"}
+    assert given == dict(zip(again["id"], again["phrase"]))  # deterministic in the seed
+    assert given != dict(zip(other["id"], other["phrase"]))
+    assert sorted(given.values()) == sorted(truth.values())  # the same phrases, moved
+    assert all(given[k] != truth[k] for k in truth)  # no sample keeps its own (phrases are distinct)
+    # computed over the split, not per batch of 2
+    ids = sorted(truth, key=int)
+    assert given == shuffled_phrases(ids, [truth[i] for i in ids], seed=0)
+    # the image and mask still belong to the id
+    for i, sample_id in enumerate(first["id"]):
+        np.testing.assert_array_equal(first["mask"][i].numpy(), expected[sample_id].mask.astype(np.uint8))
+
+
+def test_shuffle_phrases_within_a_limited_split(small, tokenizer):
+    path, expected = small
+    got = collect(preprocess(read_split(path, "train", limit=4), IDENTITY, tokenizer, shuffle_phrases=True, seed=3))
+    assert sorted(got["id"], key=int) == ["0", "1", "2", "3"]
+    assert sorted(got["phrase"]) == sorted(expected[i].phrase for i in ("0", "1", "2", "3"))
+    assert all(p != expected[i].phrase for i, p in zip(got["id"], got["phrase"]))
+
+
+def test_augmentation_flips_image_and_mask_together(small, tokenizer):
+    path, expected = small
+    got = collect(preprocess(read_split(path, "train"), IDENTITY, tokenizer, augment=True))
+    flips = {"none": lambda a: a, "h": lambda a: a[..., ::-1], "v": lambda a: a[..., ::-1, :], "hv": lambda a: a[..., ::-1, ::-1]}
+    used = set()
+    for i, sample_id in enumerate(got["id"]):
+        image = expected[sample_id].image.transpose(2, 0, 1)
+        mask = expected[sample_id].mask.astype(np.uint8)
+        match = [name for name, f in flips.items() if np.array_equal(got["sam_image"][i].numpy(), f(image))]
+        assert len(match) == 1, sample_id
+        np.testing.assert_array_equal(got["mask"][i].numpy(), flips[match[0]](mask))
+        used.add(match[0])
+    assert used != {"none"}  # 7 samples: all unflipped has probability 4^-7
+
+
+def test_streaming_split_feeds_two_consumers_every_sample_once_per_epoch(prepared_synthetic, tokenizer):
+    sizes = InputSizes(sam_image=32, siglip_image=16, label=64, max_text_len=8)
+    ds = preprocess(read_split(prepared_synthetic, "train", shuffle_seed=0), sizes, tokenizer)
+    shards = ds.streaming_split(2, equal=True)
+    for epoch in range(2):
+        seen: list[list[str]] = [[], []]
+        errors = []
+
+        def consume(rank: int) -> None:
+            try:
+                for batch in iter_batches(shards[rank], 4, shuffle_seed=epoch):
+                    seen[rank].extend(batch["id"])
+            except Exception as exc:  # surfaced below; a thread would swallow it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        everything = seen[0] + seen[1]
+        assert len(everything) == len(set(everything)) == 24, epoch  # 24 train samples, no repeats
+        assert len(seen[0]) == len(seen[1]) == 12
+
+
+def test_iter_batches_shuffles_a_data_iterator(small, tokenizer):
+    path, _ = small
+    ds = preprocess(read_split(path, "train"), IDENTITY, tokenizer)
+    iterator = ds.iterator()  # the type ray.train.get_dataset_shard returns
+    order = lambda seed: [i for b in iter_batches(iterator, 2, shuffle_seed=seed) for i in b["id"]]
+    plain = [i for b in iter_batches(iterator, 2) for i in b["id"]]
+    shuffled = [order(seed) for seed in (1, 2, 3)]
+    assert all(sorted(s) == sorted(plain) for s in shuffled)
+    assert any(s != plain for s in shuffled)
+    dropped = [len(b["id"]) for b in iter_batches(ds, 3, drop_last=True)]
+    assert dropped == [3, 3]
+
+
+def test_iter_batches_moves_tensors_to_the_requested_device(small, tokenizer):
+    path, _ = small
+    ds = preprocess(read_split(path, "val"), IDENTITY, tokenizer)
+    batch = next(iter_batches(ds, 2, device="cpu"))
+    assert batch["sam_image"].device.type == "cpu" and isinstance(batch["id"], list)
+    batch = next(iter_batches(ds, 2, device="auto"))  # outside Ray Train: CPU
+    assert batch["mask"].device.type == "cpu"
+
+
+def test_tokenize_without_an_attention_mask_falls_back_to_ones():
+    class IdsOnly:
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            return {"input_ids": np.full((len(texts), max_length), 7)}
+
+    ids, mask = tokenize(IdsOnly(), ["a", "b"], 5)
+    assert ids.dtype == np.int64 and ids.shape == (2, 5)
+    np.testing.assert_array_equal(mask, np.ones((2, 5)))

@@ -1,0 +1,243 @@
+"""prepare_dataset: validation, Parquet shards, manifest, determinism, atomic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from rsrefseg.datasets.imagefiles import decode_png
+from rsrefseg.datasets.prepare import load_manifest, prepare_dataset
+from rsrefseg.datasets.triplet import DatasetError
+
+from .conftest import make_fiftyone, make_refsegrs, make_rrsisd
+
+MAKERS = {"refsegrs": make_refsegrs, "rrsisd": make_rrsisd, "fiftyone": make_fiftyone}
+
+
+def read_rows(out: Path) -> dict[str, dict]:
+    rows = {}
+    for shard_list in load_manifest(out)["shards"].values():
+        for shard in shard_list:
+            for row in pq.read_table(out / shard["path"]).to_pylist():
+                assert row["id"] not in rows
+                rows[row["id"]] = row
+    return rows
+
+
+@pytest.mark.parametrize("fmt", sorted(MAKERS))
+def test_prepare_round_trips_ids_phrases_and_pixels(tmp_path, fmt):
+    expected = MAKERS[fmt](tmp_path / "src")
+    manifest = prepare_dataset(fmt, tmp_path / "src", tmp_path / "out", rows_per_shard=2)
+    counts = {s: sum(e.split == s for e in expected.values()) for s in ("train", "val", "test")}
+    assert manifest["counts"] == counts
+    assert manifest["skipped"] == [] and manifest["warnings"] == []
+    rows = read_rows(tmp_path / "out")
+    assert sorted(rows) == sorted(expected)
+    for sample_id, row in rows.items():
+        exp = expected[sample_id]
+        assert (row["split"], row["phrase"]) == (exp.split, exp.phrase)
+        assert (row["height"], row["width"]) == exp.mask.shape
+        np.testing.assert_array_equal(decode_png(row["image"]), exp.image)
+        np.testing.assert_array_equal(decode_png(row["mask"]), exp.mask)
+
+
+def test_shards_are_bounded_sorted_by_id_and_indexed(tmp_path):
+    make_refsegrs(tmp_path / "src", counts=(("train", 12), ("val", 1), ("test", 1)))
+    manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out", rows_per_shard=5)
+    shards = manifest["shards"]["train"]
+    assert [s["path"] for s in shards] == [f"train/part-0000{i}.parquet" for i in range(3)]
+    assert [s["rows"] for s in shards] == [5, 5, 2]
+    table = pq.read_table([tmp_path / "out" / s["path"] for s in shards][0])
+    assert table.schema.names == ["id", "phrase", "split", "image", "mask", "height", "width", "index"]
+    ids = [r["id"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
+    assert ids == [str(i) for i in range(12)]  # natural order: "2" before "10"
+    indices = [r["index"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
+    assert indices == list(range(12))
+
+
+def test_same_input_gives_the_same_hash_and_different_input_a_different_one(tmp_path):
+    make_refsegrs(tmp_path / "src")
+    first = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "a")
+    second = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "b", workers=1, rows_per_shard=3)
+    assert first["content_hash"] == second["content_hash"]
+    # byte-identical shards with the same settings
+    third = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "a")
+    assert third["content_hash"] == first["content_hash"]
+    # one mask pixel changes the hash
+    mask = tifffile.imread(tmp_path / "src" / "masks" / "3.tif")
+    mask[0, 0] = 255 - mask[0, 0]
+    tifffile.imwrite(tmp_path / "src" / "masks" / "3.tif", mask)
+    assert prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "c")["content_hash"] != first["content_hash"]
+
+
+def test_rerun_writes_identical_shards(tmp_path):
+    make_refsegrs(tmp_path / "src")
+    prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "a")
+    prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "b")
+    for shard in (tmp_path / "a").rglob("*.parquet"):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.relative_to(tmp_path / "a")).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: each gives a clear error naming what is wrong, and skip_invalid records it.
+
+
+def _rewrite_line(root: Path, split: str, lineno: int, data: bytes) -> None:
+    path = root / f"output_phrase_{split}.txt"
+    lines = path.read_bytes().splitlines()
+    lines[lineno - 1] = data
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _append_line(root: Path, split: str, data: bytes) -> None:
+    with (root / f"output_phrase_{split}.txt").open("ab") as f:
+        f.write(data + b"\n")
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _mask_values(root: Path) -> None:
+    mask = tifffile.imread(root / "masks" / "3.tif")
+    mask[0, :3] = [0, 1, 2]
+    tifffile.imwrite(root / "masks" / "3.tif", mask)
+
+
+BAD_INPUTS = {
+    # name: (break the source, substrings of the error, skipped id (None: a split-level warning))
+    "missing image": (lambda r: (r / "images" / "3.tif").unlink(), ["image file missing", "3.tif", "id '3'", "output_phrase_train.txt:4"], "3"),
+    "missing mask": (lambda r: (r / "masks" / "8.tif").unlink(), ["mask file missing", "masks/8.tif", "id '8'"], "8"),
+    "truncated image": (lambda r: _truncate(r / "images" / "4.tif"), ["unreadable or truncated", "images/4.tif", "id '4'"], "4"),
+    "garbage mask": (lambda r: (r / "masks" / "2.tif").write_bytes(b"not a tiff at all"), ["unreadable or truncated", "masks/2.tif", "id '2'"], "2"),
+    "size mismatch": (
+        lambda r: tifffile.imwrite(r / "masks" / "6.tif", np.zeros((10, 10), np.uint8)),
+        ["id '6'", "is 32x24 but mask", "is 10x10"],
+        "6",
+    ),
+    "non-binary mask": (_mask_values, ["masks/3.tif", "id '3'", "values must be background/foreground", "found 0, 1, 2"], "3"),
+    "line without phrase": (lambda r: _rewrite_line(r, "val", 1, b"5"), ["output_phrase_val.txt:1", "id '5'", "no phrase"], "5"),
+    "duplicate id": (lambda r: _append_line(r, "train", b"2 another phrase"), ["output_phrase_train.txt:6", "id '2'", "duplicate id", "first declared at", "output_phrase_train.txt:3"], "2"),
+    "id in two splits": (lambda r: _append_line(r, "test", b"1 a leaked phrase"), ["id '1'", "also in split(s) test", "output_phrase_test.txt:4"], "1"),
+    "non-UTF-8 line": (lambda r: _rewrite_line(r, "test", 2, b"8 caf\xe9 vehicle"), ["output_phrase_test.txt:2", "not valid UTF-8", "id '8'"], "8"),
+    "empty split": (lambda r: (r / "output_phrase_val.txt").write_bytes(b"\n"), ["split 'val' is empty", "output_phrase_val.txt"], None),
+    "image not 8-bit": (lambda r: tifffile.imwrite(r / "images" / "7.tif", np.zeros((24, 32, 3), np.uint16)), ["images/7.tif", "id '7'", "expected 8-bit"], "7"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_a_clear_error_and_writes_nothing(tmp_path, case):
+    breaker, needles, _ = BAD_INPUTS[case]
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_refsegrs(src, repeat_mask=False)
+    breaker(src)
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("refsegrs", src, out)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in:\n{message}"
+    assert "nothing was written" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no staging left behind
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_skip_invalid_leaves_the_sample_out_and_records_why(tmp_path, case):
+    breaker, needles, skipped_id = BAD_INPUTS[case]
+    src, out = tmp_path / "src", tmp_path / "out"
+    expected = make_refsegrs(src, repeat_mask=False)
+    breaker(src)
+    manifest = prepare_dataset("refsegrs", src, out, skip_invalid=True)
+    assert load_manifest(out) == manifest
+    rows = read_rows(out)
+    if skipped_id is None:
+        assert any(needles[0] in w for w in manifest["warnings"])
+        assert manifest["counts"]["val"] == 0
+        return
+    records = [s for s in manifest["skipped"] if s["id"] == skipped_id]
+    assert records, manifest["skipped"]
+    text = "\n".join(f"{r['where']}: id '{r['id']}' ({r['split']}): {r['reason']}" for r in records)
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in:\n{text}"
+    # the bad occurrence is gone; for a duplicate, the first occurrence stays
+    if case == "duplicate id":
+        assert rows["2"]["phrase"] == expected["2"].phrase
+    else:
+        assert skipped_id not in rows
+    assert sum(manifest["counts"].values()) == len(rows)
+
+
+def test_errors_list_every_problem_at_once(tmp_path):
+    make_refsegrs(tmp_path / "src", repeat_mask=False)
+    (tmp_path / "src" / "images" / "1.tif").unlink()
+    (tmp_path / "src" / "masks" / "9.tif").unlink()
+    with pytest.raises(DatasetError, match=r"(?s)2 problem\(s\).*id '1'.*id '9'"):
+        prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------
+# The output folder
+
+
+def test_output_replaces_a_previous_prepared_dataset_but_nothing_else(tmp_path):
+    make_refsegrs(tmp_path / "src")
+    out = tmp_path / "out"
+    prepare_dataset("refsegrs", tmp_path / "src", out)
+    (out / "train" / "stale.parquet").write_bytes(b"old")
+    prepare_dataset("refsegrs", tmp_path / "src", out)  # replaced as a whole
+    assert not (out / "train" / "stale.parquet").exists()
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(DatasetError, match=r"refusing to write to .*notes.*not a prepared dataset \(no manifest.json\)"):
+        prepare_dataset("refsegrs", tmp_path / "src", other)
+    assert (other / "thesis.tex").read_text() == "precious"
+
+
+def test_a_failure_while_writing_leaves_the_previous_dataset_intact(tmp_path, monkeypatch):
+    make_refsegrs(tmp_path / "src")
+    out = tmp_path / "out"
+    before = prepare_dataset("refsegrs", tmp_path / "src", out)
+
+    import rsrefseg.datasets.prepare as prepare_module
+
+    calls = {"n": 0}
+    real = prepare_module.encode_png
+
+    def failing(array):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError("disk full")
+        return real(array)
+
+    monkeypatch.setattr(prepare_module, "encode_png", failing)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset("refsegrs", tmp_path / "src", out)
+    assert load_manifest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # staging removed
+
+
+def test_load_manifest_of_a_folder_that_is_not_prepared(tmp_path):
+    with pytest.raises(DatasetError, match=r"not a prepared dataset: .*manifest\.json is missing.*rsrefseg prepare"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_records_format_source_and_schema(tmp_path):
+    make_refsegrs(tmp_path / "src")
+    manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["schema_version"] == 1 and manifest["format"] == "refsegrs"
+    assert manifest["source"] == str((tmp_path / "src").resolve())
+    assert len(manifest["content_hash"]) == 64
+
+
+def test_unknown_format_lists_the_known_ones(tmp_path):
+    with pytest.raises(DatasetError, match="refsegrs, synthetic, rrsisd, fiftyone"):
+        prepare_dataset("coco", tmp_path, tmp_path / "out")
