@@ -12,6 +12,7 @@ import logging
 import sys
 
 from rsrefseg.platform.config import ConfigError
+from rsrefseg.jobs.train import TrainingFailed
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"rsrefseg {args.command}{_where()}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"rsrefseg {args.command}{_where()}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _where() -> str:

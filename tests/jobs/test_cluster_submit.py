@@ -44,15 +44,27 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
 
 
 def kill_tree_using(marker: str) -> None:
-    """Kill every process whose command line mentions `marker` (this cluster's temp dir)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    """Kill every process whose command line mentions `marker` (this cluster's temp dir), and
+    their descendants: raylets start agents and workers that retitle themselves `ray::...`."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    roots = []
     for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
+        pid, ppid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(), "")
+        children.setdefault(int(ppid), []).append(int(pid))
         if marker in args and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            roots.append(int(pid))
+    doomed, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in doomed:
+            doomed.add(pid)
+            todo.extend(children.get(pid, []))
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +74,27 @@ def cluster(tmp_path_factory):
     ray_tmp = Path(f"/tmp/rsr-{os.getpid()}")
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60's `ray start --head` turns on token auth, but a joining node only looks for the
+    # token when told to; a loopback test cluster runs without it (the README shows token setup).
+    env["RAY_AUTH_MODE"] = "disabled"
+    # Job entrypoints run `python` from the node's PATH, as on a real node with an activated env.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     common = ["--disable-usage-stats", f"--temp-dir={ray_tmp}"]
+
+    def node_ports() -> list[str]:
+        # Two nodes on one machine: each node's agents need ports of their own (the defaults clash).
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     procs = []
     try:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=3", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1", *common],
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1", *node_ports(), *common],
             check=True, env=env, capture_output=True,
         )
         subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
-             "--node-ip-address=127.0.0.1", *common],
+             "--node-ip-address=127.0.0.1", *node_ports(), *common],
             check=True, env=env, capture_output=True,
         )
         store = tmp / "mlflow"

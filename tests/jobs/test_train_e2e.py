@@ -150,3 +150,81 @@ def test_bad_config_fails_before_ray(tmp_path, capsys):
                  f"train.storage_path={tmp_path}"]) == 2
     assert "manifest.json" in capsys.readouterr().err
     assert ray.is_initialized() == was
+
+
+def _train_worker_pids() -> list[int]:
+    """Pids of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def _run_and_kill_a_worker_after_first_checkpoint(args: list[str], storage: Path):
+    """Run `main(args)` in a thread; SIGKILL one train worker once the first checkpoint exists.
+
+    Returns (exit code, whether a worker was killed)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(args)))
+    thread.start()
+    killed = False
+    deadline = time.time() + 600
+    while thread.is_alive() and not killed and time.time() < deadline:
+        if any(p.is_dir() for p in storage.glob("*/checkpoint_*")):
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed = True
+        time.sleep(0.1)
+    thread.join(timeout=900)
+    return result.get("rc"), killed
+
+
+def _val_steps(home: Path, run_id: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, "val/gIoU"))
+
+
+def test_killed_worker_restarts_from_checkpoint_without_repeating_epochs(ray_session, prepared_dataset, tmp_path):
+    # 5 epochs leave time to kill a worker after the first checkpoint, before the run ends.
+    args = train_args(prepared_dataset, tmp_path, "train.epochs=5", "train.max_failures=1",
+                      "tracking.run_name=restart")
+    rc, killed = _run_and_kill_a_worker_after_first_checkpoint(args, tmp_path / "runs")
+    assert killed, "training ended before a worker could be killed"
+    assert rc == 0
+    (run_dir,) = (tmp_path / "runs").glob("restart-*")
+    info = json.loads((run_dir / "rsrefseg_run.json").read_text())
+    # Every epoch validated and logged exactly once, although the group restarted mid-run.
+    assert _val_steps(tmp_path, info["mlflow_run_id"]) == [1, 2, 3, 4, 5]
+    (latest,) = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1:]
+    assert [row["epoch"] for row in json.loads((latest / "state.json").read_text())["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_failed_run_continues_with_resume(ray_session, prepared_dataset, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    args = train_args(prepared_dataset, tmp_path, "train.epochs=5", "train.max_failures=0",
+                      "tracking.run_name=resume")
+    rc, killed = _run_and_kill_a_worker_after_first_checkpoint(args, tmp_path / "runs")
+    assert killed, "training ended before a worker could be killed"
+    assert rc != 0
+    (run_dir,) = (tmp_path / "runs").glob("resume-*")
+    run_id = json.loads((run_dir / "rsrefseg_run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"
+    done_before = _val_steps(tmp_path, run_id)
+    assert done_before and done_before == list(range(1, len(done_before) + 1))
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    # The same MLflow run goes on: every epoch once, and the run is now finished.
+    assert _val_steps(tmp_path, run_id) == [1, 2, 3, 4, 5]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert (run_dir / "best" / "weights.safetensors").is_file()

@@ -24,7 +24,14 @@ class ExactEvalDataConfig(DataConfig):
             if ds.name is None:
                 ds.set_name(name)
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            # Ray Train replaces the dataset's execution options with its ingest defaults; keep the
+            # object-store cap that `read_split` put on this dataset, or reads run ahead unbounded.
+            limits = ds.context.execution_options.resource_limits
+            options = self._resolve_execution_options(name)
+            options.resource_limits = options.resource_limits.copy(
+                object_store_memory=limits.object_store_memory
+            )
+            ds.context.execution_options = options
             splits = ds.streaming_split(world_size, equal=name in self._split_equal, locality_hints=locality)
             for i, split in enumerate(splits):
                 output[i][name] = split

@@ -19,6 +19,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import rsrefseg
@@ -76,12 +77,28 @@ def run_submit(job: list[str], *, address: str | None = None, wait: bool = True)
     """Submit; print the job id; stream its logs; exit with 0 only if the job SUCCEEDED."""
     command = entrypoint(job)
     client = _client(address)
-    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env())
+    job_id = _submit_when_agent_ready(client, command)
     print(f"[rsrefseg] submitted {job_id}: {command}", flush=True)
     print(f"[rsrefseg] follow: rsrefseg jobs logs {job_id}   stop: rsrefseg jobs stop {job_id}", flush=True)
     if not wait:
         return 0
     return follow(client, job_id)
+
+
+def _submit_when_agent_ready(client, command: str, patience_s: float = 120.0) -> str:
+    """Submit, retrying while the head's job agent is still starting.
+
+    A freshly started head answers HTTP before its job agent registers and then refuses with
+    "No available agent to submit job"; that is transient, every other error is not.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=runtime_env())
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def follow(client, job_id: str) -> int:

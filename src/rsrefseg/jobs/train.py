@@ -23,6 +23,10 @@ RUN_INFO = "rsrefseg_run.json"  # beside Ray Train's run folder: the MLflow run 
 BEST_DIR = "best"  # the best trainable-weights checkpoint, copied out of Ray's folder
 
 
+class TrainingFailed(RuntimeError):
+    """The run failed after exhausting `train.max_failures`; its checkpoints are kept."""
+
+
 @dataclass
 class TrainOutcome:
     name: str
@@ -82,8 +86,10 @@ def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     out = {}
     for name, split in splits.items():
-        ds = read_split(cfg.data.path, split, limit=cfg.data.limit)
         is_train = name == "train"
+        # Training reads its shards in a new order every epoch; evaluation reads them in order.
+        ds = read_split(cfg.data.path, split, limit=cfg.data.limit,
+                        shuffle_seed=cfg.train.seed if is_train else None)
         out[name] = preprocess(
             ds,
             sizes,
@@ -152,6 +158,7 @@ def run_train(
     run_id = None
     if resume:
         cfg, name, run_id = _load_run_info(root, resume)
+        root = storage_root(cfg)  # the saved config's storage (absolute), not the default one
     elif name and (root / name / RUN_INFO).is_file():
         _, name, run_id = _load_run_info(root, name)
     name = name or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -171,13 +178,19 @@ def run_train(
     if run_id:
         print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
 
+    if resume and run_id:
+        tracking.client(cfg.tracking).update_run(run_id, status="RUNNING")
+
     trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         if run_id:
             tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
-        raise
+        raise TrainingFailed(
+            f"run {name} failed: {type(exc).__name__}: {exc}\n"
+            f"Its last checkpoint is kept; continue with: rsrefseg train --resume {root / name}"
+        ) from exc
     return finish_run(cfg, result, name=name, run_dir=root / name, mlflow_run_id=run_id)
 
 

@@ -164,23 +164,13 @@ def train_func(loop_config: dict) -> None:
             window_steps += 1
             window_samples += batch["mask"].shape[0] * world
             if state.global_step % train.log_every_n_steps == 0:
-                elapsed = time.perf_counter() - window_t0
-                stats = {
-                    "train/loss": float(window_loss.item()) / window_steps,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/samples_per_s": window_samples / max(elapsed, 1e-9),
-                }
+                stats = _window_stats(window_loss, window_steps, window_samples, window_t0, scheduler)
                 logger.log_step(stats, state.global_step)
                 progress.step(state.global_step, stats)
                 window_loss.zero_()
                 window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
         if window_steps:  # the tail of the epoch
-            elapsed = time.perf_counter() - window_t0
-            stats = {
-                "train/loss": float(window_loss.item()) / window_steps,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/samples_per_s": window_samples / max(elapsed, 1e-9),
-            }
+            stats = _window_stats(window_loss, window_steps, window_samples, window_t0, scheduler)
             logger.log_step(stats, state.global_step)
             progress.step(state.global_step, stats)
 
@@ -208,6 +198,16 @@ def train_func(loop_config: dict) -> None:
         logger.log_epoch(metrics, epoch, examples)
 
     logger.close()
+
+
+def _window_stats(loss_sum, steps: int, samples: int, t0: float, scheduler) -> dict:
+    """Mean loss, learning rate and throughput over the steps since the last log line."""
+    elapsed = time.perf_counter() - t0
+    return {
+        "train/loss": float(loss_sum.item()) / steps,
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/samples_per_s": samples / max(elapsed, 1e-9),
+    }
 
 
 def _worker_nodes(world: int) -> list[str]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
 from rsrefseg.models.loss import mask_bce_loss
 from rsrefseg.models.presets import build_backbones, get_preset, input_sizes
@@ -139,6 +140,8 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0) -> RSRefSeg:
             siglip_text=siglip_model.text_model,
             cfg=model_cfg.lora,
         )
+        if model_cfg.sdpa_attention:
+            use_sdpa_attention(sam.image_encoder)
         # The mask decoder trains, except what single-mask decoding never uses.
         sam.mask_decoder.requires_grad_(True)
         for p in sam.unused_decoder_parameters():

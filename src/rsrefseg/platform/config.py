@@ -82,6 +82,8 @@ class ModelConfig:
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
     # Positive-class weight of the binary cross-entropy (1.0 = plain BCE, as in the paper).
     bce_pos_weight: float = 1.0
+    # SAM's ViT attention through fused scaled_dot_product_attention (same math, less memory).
+    sdpa_attention: bool = True
 
     def validate(self, key: str) -> None:
         self.lora.validate(f"{key}.lora")
