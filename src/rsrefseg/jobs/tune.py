@@ -173,7 +173,9 @@ def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows
     _write_text(sweep_dir / "ablation.md", markdown + "\n")
     _write_text(sweep_dir / "ablation.csv", csv_text)
     fig = sweeps.ablation_figure(rows)
-    fig.savefig(sweep_dir / "ablation.png", dpi=120)
+    tmp_png = sweep_dir / "ablation.png.tmp"
+    fig.savefig(tmp_png, dpi=120, format="png")
+    os.replace(tmp_png, sweep_dir / "ablation.png")
     if parent_run_id and cfg.tracking.enabled:
         c = tracking.client(cfg.tracking)
         c.log_text(parent_run_id, markdown + "\n", "ablation/ablation.md")

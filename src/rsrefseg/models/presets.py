@@ -103,11 +103,12 @@ def check_model_files(model_cfg: ModelConfig) -> None:
     require_siglip_dir(model_cfg.siglip_path, config_key="model.siglip_path")
 
 
-def build_backbones(model_cfg: ModelConfig) -> tuple[SiglipModel, BatchedSam]:
+def build_backbones(model_cfg: ModelConfig, *, random_init: bool = False) -> tuple[SiglipModel, BatchedSam]:
     """SigLIP and SAM of the preset: random for `tiny` (seed the torch RNG around the call),
-    loaded from `model.siglip_path` / `model.sam_checkpoint` for the real presets."""
+    loaded from `model.siglip_path` / `model.sam_checkpoint` for the real presets.
+    `random_init` builds any preset at its real sizes without weights (speed benchmarks)."""
     preset = get_preset(model_cfg.preset)
-    if not preset.pretrained:
+    if not preset.pretrained or random_init:
         return build_random_siglip(preset.siglip), build_sam(preset.sam)
     # Check both paths before building anything large, so a typo fails in milliseconds.
     check_model_files(model_cfg)

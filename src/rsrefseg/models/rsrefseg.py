@@ -120,18 +120,19 @@ class RSRefSeg(nn.Module):
         return keys
 
 
-def build_model(model_cfg: ModelConfig, label_size: int = 0) -> RSRefSeg:
+def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: bool = False) -> RSRefSeg:
     """Build RSRefSeg for a config: backbones (loaded or random), LoRA, prompter, freezing.
 
     Every random draw (tiny backbones, LoRA and prompter init) comes from a private RNG stream
     seeded with `model_cfg.init_seed`, so two builds are identical and the global torch RNG is
     left untouched (tiny checkpoints hold only trainable weights and rely on this).
-    `label_size` overrides the preset's mask resolution (0 = preset default).
+    `label_size` overrides the preset's mask resolution (0 = preset default); `random_init`
+    skips the weight files of the real presets (for speed measurements, never for training).
     """
     preset = get_preset(model_cfg.preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)
-        siglip_model, sam = build_backbones(model_cfg)
+        siglip_model, sam = build_backbones(model_cfg, random_init=random_init)
         siglip_model.requires_grad_(False)
         sam.requires_grad_(False)
         apply_lora(
