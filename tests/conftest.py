@@ -6,7 +6,6 @@ two cores on purpose: two train workers plus Ray Data's CPU tasks must fit side 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import zlib
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .imagefiles import as_binary_mask, load_mask, load_rgb
-from .triplet import DatasetError, Issue, IssueHandler, Triplet, report
+from .triplet import DatasetError, Issue, IssueHandler, Triplet, read_json, report
 
 SAMPLES_FILE = "samples.json"
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -107,12 +106,7 @@ def read_fiftyone(
 
 
 def _load_samples(path: Path) -> list:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    data = read_json(path)
     samples = data.get("samples") if isinstance(data, dict) else data
     if not isinstance(samples, list):
         raise DatasetError(f"{path}: expected {{\"samples\": [...]}}")

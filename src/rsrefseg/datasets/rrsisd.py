@@ -13,7 +13,6 @@ One triplet per (ref, sentence), id f"{ref_id}_{sentence_index}".
 
 from __future__ import annotations
 
-import json
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .imagefiles import as_binary_mask, as_rgb, read_array
-from .triplet import DatasetError, Issue, IssueHandler, Triplet, report
+from .triplet import DatasetError, Issue, IssueHandler, Triplet, read_json, report
 
 REFS_FILE = "refs(unc).p"
 INSTANCES_FILE = "instances.json"
@@ -166,12 +165,7 @@ def _load_refs(path: Path) -> list:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a COCO-style object with images and annotations")
     return data

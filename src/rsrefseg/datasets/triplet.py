@@ -7,7 +7,9 @@ time. Loaders raise `DatasetError` whose message names the file and the sample i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -80,3 +82,13 @@ class Triplet:
 
     def issue(self, reason: str) -> Issue:
         return Issue(reason=reason, id=self.id, split=self.split, where=self.where or None)
+
+
+def read_json(path: Path):
+    """A JSON file that must be UTF-8; errors name the file (and line) as DatasetError."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rsrefseg.platform import tracking
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import ConfigError
 from rsrefseg.platform.ray_session import init_ray
 
 METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsrefseg.models.errors import state_dict_problems
 from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
 from rsrefseg.models.loss import mask_bce_loss
@@ -85,21 +86,7 @@ class RSRefSeg(nn.Module):
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load what `trainable_state_dict` gave; keys and shapes must match exactly."""
-        expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [
-            f"{k}: got {tuple(state[k].shape)}, model has {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and tuple(state[k].shape) != tuple(v.shape)
-        ]
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        problems = state_dict_problems(self.trainable_state_dict(), dict(state))
         if problems:
             raise ValueError("trainable weights do not fit this model: " + "; ".join(problems))
         # strict=False: `state` holds only the trainable subset, checked exactly above.

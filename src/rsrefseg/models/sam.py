@@ -23,7 +23,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from rsrefseg.models.errors import ModelLoadError
+from rsrefseg.models.errors import ModelLoadError, state_dict_problems
 
 # SAM normalizes 0-255 RGB with ImageNet statistics (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -222,21 +222,7 @@ def load_sam_checkpoint(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{config_key}: {path} is not a state dict of tensors; {hint}")
 
-    expected = sam.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k} (file {tuple(state[k].shape)} vs model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+    problems = state_dict_problems(sam.state_dict(), state)
     if problems:
         raise ModelLoadError(
             f"{config_key}: {path} does not match this SAM layout ({'; '.join(problems)}); "
