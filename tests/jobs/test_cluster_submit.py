@@ -46,24 +46,20 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
 def kill_tree_using(marker: str) -> None:
     """Kill every process whose command line mentions `marker` (this cluster's temp dir), and
     their descendants: raylets start agents and workers that retitle themselves `ray::...`."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    roots = []
-    for line in out.splitlines():
-        pid, ppid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(), "")
-        children.setdefault(int(ppid), []).append(int(pid))
-        if marker in args and int(pid) != os.getpid():
-            roots.append(int(pid))
-    doomed, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in doomed:
-            doomed.add(pid)
-            todo.extend(children.get(pid, []))
-    for pid in doomed:
+    import psutil
+
+    doomed: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or []):
+            doomed[proc.pid] = proc
+            try:
+                doomed.update({c.pid: c for c in proc.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+    for proc in doomed.values():
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.kill()
+        except psutil.NoSuchProcess:
             pass
 
 

@@ -156,7 +156,7 @@ def _train_worker_pids() -> list[int]:
     """Pids of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
     import subprocess
 
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
 
 
