@@ -9,7 +9,7 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
   * `eager-fp32`: the reference point, no optimizations (segment-anything's own attention, fp32,
     a plain `torch.optim.AdamW` loop);
   * `deepspeed`: what a train worker runs: `deepspeed.initialize` with the train job's own ZeRO-2
-    config (bf16 on GPU, fp32 on CPU), SDPA attention, the same AdamW as client optimizer;
+    config (bf16 on GPU, fp32 on CPU), SDPA attention, the train job's fused AdamW;
   * per path: batch, samples/s, ms/step, peak GPU memory, achieved TFLOP/s, MFU, and the
     speed-up over eager-fp32.
 
@@ -33,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import deepspeed_config
+from rsrefseg.jobs.train_loop import build_optimizer, deepspeed_config
 from rsrefseg.models.presets import get_preset
 from rsrefseg.models.rsrefseg import build_model
 from rsrefseg.platform.config import Config
@@ -137,8 +137,8 @@ def deepspeed_path(cfg: Config, device: torch.device, batch: int):
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     model = build_model(cfg.model, random_init=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     train = cfg.replace({"train.batch_size": batch, "train.use_gpu": device.type == "cuda"}).train
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(train, 1, precision),
                                       dist_init_required=False)
 

@@ -68,6 +68,12 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
     }
 
 
+def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; DeepSpeed takes it as a client optimizer and ZeRO
+    partitions its state (the fused kernel runs on each rank's flat partition)."""
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=train.fused_adamw)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LambdaLR factor: linear warm-up to the base lr, then cosine decay to zero."""
 
@@ -115,7 +121,7 @@ def train_func(loop_config: dict) -> None:
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     total_steps = steps_per_epoch * train.epochs
     warmup_steps = int(round(train.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = build_optimizer(trainable, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,

@@ -128,6 +128,8 @@ class TrainConfig:
     # auto = bf16 on GPUs that have it (fp16 with loss scaling otherwise), fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     zero_stage: int = 2
+    # AdamW's fused kernel (one launch for all parameters instead of several per tensor).
+    fused_adamw: bool = True
     seed: int = 0
     log_every_n_steps: int = 10
     max_failures: int = 0
