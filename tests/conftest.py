@@ -16,9 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
+    import ray.data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, namespace="rsrefseg-tests", log_to_driver=True)
+        # With the dashboard, as `rsrefseg train` runs: Ray Train's placement-group cleaner asks
+        # the State API (served by the dashboard) whether the train controller is alive.
+        ray.init(num_cpus=4, namespace="rsrefseg-tests", log_to_driver=True, object_store_memory=2 * 1024**3)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 

@@ -214,22 +214,6 @@ def make_fiftyone(root: Path, *, seed: int = 0, size=(24, 32)) -> dict[str, Expe
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole folder (reused if something else started one)."""
-    import ray
-    import ray.data
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 1024**2)
-        started = True
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def tokenizer():
     """A small word-level Hugging Face fast tokenizer (no downloads)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers

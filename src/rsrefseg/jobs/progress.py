@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import time
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver and the job log.
+
+    Not `print`: inside a Ray Train worker `print` is patched to go through Train's logger and,
+    when stdout is wrapped, also to stdout, so each line would show up twice in the job log.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -36,11 +47,10 @@ class Progress:
         rate = done / max(time.perf_counter() - self._t0, 1e-9) if done else 0.0
         eta = _fmt_eta((total - global_step) / rate) if rate else "?"
         in_epoch = global_step - (self.epoch - 1) * self.steps_per_epoch
-        print(
+        say(
             f"[rsrefseg] epoch {self.epoch}/{self.total_epochs} step {in_epoch}/{self.steps_per_epoch} "
             f"loss {stats['train/loss']:.4f} lr {stats['train/lr']:.2e} "
-            f"{stats['train/samples_per_s']:.1f} samples/s ETA {eta}",
-            flush=True,
+            f"{stats['train/samples_per_s']:.1f} samples/s ETA {eta}"
         )
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
@@ -49,4 +59,4 @@ class Progress:
         shown = " ".join(
             f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("val/") and k != "val/count"
         )
-        print(f"[rsrefseg] epoch {epoch}/{self.total_epochs} validation: {shown}", flush=True)
+        say(f"[rsrefseg] epoch {epoch}/{self.total_epochs} validation: {shown}")

@@ -104,7 +104,7 @@ def train_func(loop_config: dict) -> None:
     from rsrefseg.datasets.pipeline import iter_batches
     from rsrefseg.models.metrics import SegMetrics
     from rsrefseg.models.rsrefseg import build_model
-    from rsrefseg.jobs.progress import Progress
+    from rsrefseg.jobs.progress import Progress, say
     from rsrefseg.jobs.val_report import EpochLogger
 
     cfg = Config.from_dict(loop_config["config"])
@@ -142,7 +142,7 @@ def train_func(loop_config: dict) -> None:
             )
             state = LoopState(**json.loads(Path(ckpt_dir, STATE_FILE).read_text()))
         if rank == 0:
-            print(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})", flush=True)
+            say(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})")
 
     logger = EpochLogger(cfg, loop_config.get("mlflow_run_id"), enabled=rank == 0)
     trainable_n, total_n = model.parameter_counts()

@@ -138,8 +138,9 @@ def run_tune(
             ),
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=str(root),
-                # A failing trial is reported, and the sweep goes on with the others.
-                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+                # A failing trial is retried tune.max_failures times, then reported, and the
+                # sweep goes on with the others.
+                failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
             ),
         )
     grid = tuner.fit()

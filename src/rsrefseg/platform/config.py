@@ -177,6 +177,8 @@ class TuneConfig:
     grace_period: int = 1
     reduction_factor: int = 3
     metric: str = "val/gIoU"
+    # Retries of a failed trial before it is marked failed (workers inside a trial restart on
+    # their own per train.max_failures).
     max_failures: int = 0
     # Experiment folder name under train.storage_path; empty = derived from the sweep file name.
     name: str = ""
@@ -186,6 +188,7 @@ class TuneConfig:
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.gpus_per_worker >= 0, f"{key}.gpus_per_worker", "must be >= 0")
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = retry forever)")
         _check(self.grace_period >= 1, f"{key}.grace_period", "must be >= 1")
         _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be >= 2")
         _check(bool(self.metric), f"{key}.metric", "must name a metric such as val/gIoU")

@@ -34,7 +34,9 @@ def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> None
         kwargs["num_cpus"] = cluster.num_cpus
     if cluster.num_gpus:
         kwargs["num_gpus"] = cluster.num_gpus
-    ray.init(include_dashboard=False, **kwargs)
+    # The dashboard (http://127.0.0.1:8265) also serves the State API, which Ray Train's
+    # placement-group cleaner polls; without it the job log fills with warnings.
+    ray.init(**kwargs)
 
 
 def shutdown_ray() -> None:
