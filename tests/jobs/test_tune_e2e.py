@@ -30,6 +30,18 @@ def tune_args(prepared: Path, home: Path, sweep: Path, *extra: str) -> list[str]
     ]
 
 
+def _init_store(home: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").search_experiments()
+
+
+def _experiment_exists(home: Path) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").get_experiment_by_name("tune") is not None
+
+
 def runs_of(home: Path):
     from mlflow.tracking import MlflowClient
 
@@ -42,8 +54,10 @@ def runs_of(home: Path):
 
 
 def test_ablation_sweep_fills_table_ii(ray_session, prepared_dataset, tmp_path, capsys):
+    # Two trials at a time, half a CPU per worker: trial start-up (worker processes, imports,
+    # DeepSpeed init) overlaps, and Ray Data keeps CPUs for its tasks.
     assert main(tune_args(prepared_dataset, tmp_path, REPO / "configs/sweeps/ablation.yaml",
-                          "tune.name=ablation")) == 0
+                          "tune.name=ablation", "tune.max_concurrent_trials=2", "tune.cpus_per_worker=0.5")) == 0
     out = capsys.readouterr().out
     client, parents, children = runs_of(tmp_path)
     (parent,) = parents
@@ -75,7 +89,7 @@ def test_failing_trial_does_not_stop_the_sweep(ray_session, prepared_dataset, tm
     assert main(tune_args(prepared_dataset, tmp_path, sweep, "tune.name=failing")) == 0
     rows = (tmp_path / "runs" / "failing" / "ablation.csv").read_text().splitlines()[1:]
     status = {line.split(",")[1]: line.split(",")[-1] for line in rows}
-    assert status == {"synthetic": "finished", "missing": "failed"}
+    assert status == {"dataset=synthetic": "finished", "dataset=missing": "failed"}
     _, _, children = runs_of(tmp_path)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
 
@@ -86,6 +100,9 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
         {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8, 16]}]}))
     args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=resumable", "train.epochs=2")
     env = {**os.environ, "RSREFSEG_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # Create the MLflow store before polling it: two processes creating one SQLite schema at
+    # the same moment collide ("duplicate column name").
+    _init_store(tmp_path)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "rsrefseg", *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,7 +110,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
             time.sleep(2)
-            if (tmp_path / "mlflow.db").exists():
+            if _experiment_exists(tmp_path):
                 _, _, children = runs_of(tmp_path)
                 if any(c.info.status == "FINISHED" for c in children):
                     break

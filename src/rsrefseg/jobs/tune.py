@@ -20,6 +20,7 @@ from rsrefseg.platform.ray_session import init_ray
 
 SWEEP_INFO = "rsrefseg_sweep.json"
 DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
+TRIAL_DRIVER_CPU = 0.01  # see run_tune
 
 
 def trial_config(base: Config, setting: dict) -> Config:
@@ -29,7 +30,6 @@ def trial_config(base: Config, setting: dict) -> Config:
         "train.num_workers": t.num_workers or base.train.num_workers,
         "train.cpus_per_worker": t.cpus_per_worker,
         "train.use_gpu": t.gpus_per_worker > 0,
-        "train.max_failures": t.max_failures,
     }
     if t.gpus_per_worker > 0:
         resources["train.gpus_per_worker"] = t.gpus_per_worker
@@ -115,7 +115,11 @@ def run_tune(
     settings = sweep.trials()
     print(f"[rsrefseg] sweep {name}: {len(settings)} trials ({sweep.mode}) -> {sweep_dir}", flush=True)
 
-    trainable = ray.tune.with_resources(sweep_trial, {"CPU": 0})
+    # A trial is only the driver of its TorchTrainer, which reserves the workers' resources itself
+    # (tune.cpus_per_worker / gpus_per_worker); the driver holds a token share of a CPU (Ray
+    # refuses an empty request), so trials in parallel are bounded by tune.max_concurrent_trials
+    # and by what the cluster can give their workers, not by driver slots.
+    trainable = ray.tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPU})
     if resume:
         tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
