@@ -15,6 +15,7 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
 
     python benchmarks/train_step.py                               # tiny, on whatever device is here
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 # GPU: largest batch that fits
+    python benchmarks/train_step.py --preset rsrefseg-b --batch 0 --set model.activation_checkpointing=true
 
 `--batch 0` doubles the batch from 1 until a step runs out of memory (GPU only) and keeps the
 largest that fit. Figures name the device they were measured on.
@@ -82,11 +83,11 @@ def to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def model_config(preset: str, rank: int, sdpa: bool) -> Config:
+def model_config(preset: str, rank: int, sdpa: bool, overrides: list[str] = ()) -> Config:
     # The paper's trainable set with LoRA rank `rank` on every tuned component.
     return Config().replace([
         f"model.preset={preset}", f"model.lora.sam_rank={rank}", f"model.lora.siglip_vision_rank={rank}",
-        f"model.lora.siglip_text_rank={rank}", f"model.sdpa_attention={str(sdpa).lower()}",
+        f"model.lora.siglip_text_rank={rank}", f"model.sdpa_attention={str(sdpa).lower()}", *overrides,
     ])
 
 
@@ -204,6 +205,8 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the DeepSpeed path, e.g. model.activation_checkpointing=true")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +214,7 @@ def main() -> None:
     init_process_group(device)
     peak, peak_dtype = matmul_tflops(device)
     eager_cfg = model_config(args.preset, args.lora_rank, sdpa=False)
-    fast_cfg = model_config(args.preset, args.lora_rank, sdpa=True)
+    fast_cfg = model_config(args.preset, args.lora_rank, sdpa=True, overrides=args.overrides)
 
     def build_eager(b):
         model, step = eager_path(eager_cfg, device)
@@ -239,7 +242,8 @@ def main() -> None:
         eager_batch = largest_batch(build_eager, device)
     rows = [
         measure("eager-fp32", build_eager, device, eager_batch, args, flops, peak),
-        measure(f"deepspeed-zero2-{precision}+sdpa", build_ds, device, batch, args, flops, peak),
+        measure(" ".join([f"deepspeed-zero2-{precision}+sdpa", *args.overrides]), build_ds, device, batch, args,
+                flops, peak),
     ]
     base = rows[0]["samples_per_s"]
 

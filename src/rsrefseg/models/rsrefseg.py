@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsrefseg.models.activation_checkpointing import use_activation_checkpointing
 from rsrefseg.models.errors import state_dict_problems
 from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
@@ -130,6 +131,8 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: boo
         )
         if model_cfg.sdpa_attention:
             use_sdpa_attention(sam.image_encoder)
+        if model_cfg.activation_checkpointing:
+            use_activation_checkpointing(sam.image_encoder, siglip_model)
         # The mask decoder trains, except what single-mask decoding never uses.
         sam.mask_decoder.requires_grad_(True)
         for p in sam.unused_decoder_parameters():

@@ -84,6 +84,9 @@ class ModelConfig:
     bce_pos_weight: float = 1.0
     # SAM's ViT attention through fused scaled_dot_product_attention (same math, less memory).
     sdpa_attention: bool = True
+    # Recompute backbone blocks in backward instead of storing their activations (bigger GPU
+    # batches for about one extra backbone forward; see models/activation_checkpointing.py).
+    activation_checkpointing: bool = False
 
     def validate(self, key: str) -> None:
         self.lora.validate(f"{key}.lora")
