@@ -161,6 +161,7 @@ def run_train(
         root = storage_root(cfg)  # the saved config's storage (absolute), not the default one
     elif name and (root / name / RUN_INFO).is_file():
         _, name, run_id = _load_run_info(root, name)
+    continuing = run_id is not None
     name = name or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     manifest = preflight(cfg)
 
@@ -178,7 +179,7 @@ def run_train(
     if run_id:
         print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
 
-    if resume and run_id:
+    if continuing:  # a FAILED (or killed) run is running again
         tracking.client(cfg.tracking).update_run(run_id, status="RUNNING")
 
     trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
