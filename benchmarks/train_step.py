@@ -16,9 +16,13 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
     python benchmarks/train_step.py                               # tiny, on whatever device is here
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 # GPU: largest batch that fits
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 --set model.activation_checkpointing=true
+    python benchmarks/train_step.py --preset rsrefseg-b --batch 0 \
+        --variant model.activation_checkpointing=true \
+        --variant model.compile_backbones=true,model.channels_last=true
 
 `--batch 0` doubles the batch from 1 until a step runs out of memory (GPU only) and keeps the
-largest that fit. Figures name the device they were measured on.
+largest that fit, for each row separately. Each `--variant` adds one DeepSpeed row, so switches
+are compared side by side in one run. Figures name the device they were measured on.
 """
 
 from __future__ import annotations
@@ -206,45 +210,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the DeepSpeed path, e.g. model.activation_checkpointing=true")
+                        help="config override for every DeepSpeed row, e.g. model.activation_checkpointing=true")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="one more DeepSpeed row with these overrides on top of --set, "
+                             "e.g. model.compile_backbones=true,model.channels_last=true")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch == 0 and device.type != "cuda":
+        raise SystemExit("--batch 0 searches GPU memory; give a batch on CPU")
     torch.manual_seed(0)
     init_process_group(device)
     peak, peak_dtype = matmul_tflops(device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
     eager_cfg = model_config(args.preset, args.lora_rank, sdpa=False)
-    fast_cfg = model_config(args.preset, args.lora_rank, sdpa=True, overrides=args.overrides)
 
     def build_eager(b):
         model, step = eager_path(eager_cfg, device)
         return step, to(make_batch(model, b), device)
 
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    def ds_builder(overrides: list[str]):
+        cfg = model_config(args.preset, args.lora_rank, sdpa=True, overrides=overrides)
 
-    def build_ds(b):
-        engine, step, _ = deepspeed_path(fast_cfg, device, b)
-        return step, to(make_batch(engine.module, b), device)
+        def build(b):
+            engine, step, _ = deepspeed_path(cfg, device, b)
+            return step, to(make_batch(engine.module, b), device)
 
-    batch = args.batch
-    if batch == 0:
-        if device.type != "cuda":
-            raise SystemExit("--batch 0 searches GPU memory; give a batch on CPU")
-        batch = largest_batch(build_ds, device)
-        print(f"largest DeepSpeed batch that fits: {batch}")
+        return build
 
+    # The plain eager model counts the FLOPs: the optimizations change how, not what, is computed.
     model, _ = eager_path(eager_cfg, device)
-    flops = count_flops(model, to(make_batch(model, min(batch, 2)), device))
+    flops = count_flops(model, to(make_batch(model, min(args.batch or 2, 2)), device))
     del model
 
-    eager_batch = batch
-    if args.batch == 0:
-        eager_batch = largest_batch(build_eager, device)
-    rows = [
-        measure("eager-fp32", build_eager, device, eager_batch, args, flops, peak),
-        measure(" ".join([f"deepspeed-zero2-{precision}+sdpa", *args.overrides]), build_ds, device, batch, args,
-                flops, peak),
-    ]
+    def row(name: str, build) -> dict:
+        batch = args.batch or largest_batch(build, device)
+        return measure(name, build, device, batch, args, flops, peak)
+
+    rows = [row("eager-fp32", build_eager)]
+    for extra in [[], *([v for v in variant.split(",") if v] for variant in args.variants)]:
+        overrides = [*args.overrides, *extra]
+        rows.append(row(" ".join([f"deepspeed-zero2-{precision}+sdpa", *overrides]), ds_builder(overrides)))
     base = rows[0]["samples_per_s"]
 
     preset = get_preset(args.preset)

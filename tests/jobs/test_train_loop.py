@@ -1,10 +1,13 @@
-"""Pieces of the train worker's loop that need no Ray: optimizer, schedule, DeepSpeed config."""
+"""Pieces of the train worker's loop that need no Ray: optimizer, schedule, DeepSpeed engine."""
 
 from __future__ import annotations
 
 import math
+import socket
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from rsrefseg.jobs.train_loop import build_optimizer, deepspeed_config, warmup_cosine
 from rsrefseg.models.rsrefseg import build_model
@@ -45,3 +48,49 @@ def test_deepspeed_config_is_zero2_with_the_precision_asked():
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert not deepspeed_config(train, 2, "fp32")["bf16"]["enabled"]
+
+
+@pytest.fixture()
+def one_process_group(monkeypatch):
+    """The single-process gloo group a Ray Train worker would have; DeepSpeed needs one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2) -> dict[str, torch.Tensor]:
+    """The train worker's engine set-up (its optimizer and ZeRO-2 config), a few steps, the weights."""
+    import deepspeed
+
+    cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides])
+    model = build_model(cfg.model)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False,
+                                      config=deepspeed_config(cfg.train, world_size=1, precision="fp32"))
+    for _ in range(steps):
+        engine.backward(model.loss(forward(engine, batch), batch["mask"]))
+        engine.step()
+    return model
+
+
+@pytest.mark.slow
+def test_speed_switches_train_under_deepspeed_like_the_plain_path(one_process_group):
+    # channels-last used to break deepspeed.initialize (its broadcast views parameters as bytes);
+    # compile and checkpointing must also pass through ZeRO-2's gradient hooks.
+    batch = make_batch(2)
+    plain = _deepspeed_steps(["model.channels_last=false", "model.compile_backbones=false"], batch)
+    fast = _deepspeed_steps(["model.channels_last=true", "model.compile_backbones=true",
+                             "model.activation_checkpointing=true"], batch)
+    patch_embed = fast.sam.image_encoder.patch_embed.proj.weight
+    assert patch_embed.is_contiguous(memory_format=torch.channels_last) and not patch_embed.is_contiguous()
+    start = build_model(tiny_config().model).trainable_state_dict()
+    after_plain, after_fast = plain.trainable_state_dict(), fast.trainable_state_dict()
+    assert any(not torch.equal(start[k], after_fast[k]) for k in start)  # the engine did update
+    for k in after_plain:
+        torch.testing.assert_close(after_fast[k], after_plain[k], rtol=1e-3, atol=1e-4, msg=k)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsrefseg.models.activation_checkpointing import use_activation_checkpointing
+from rsrefseg.models.channels_last import as_channels_last, use_channels_last
+from rsrefseg.models.compiled_backbones import compile_backbones
 from rsrefseg.models.errors import state_dict_problems
 from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
@@ -32,6 +34,7 @@ class RSRefSeg(nn.Module):
         prompter: AttnPrompter,
         sizes: InputSizes,
         bce_pos_weight: float = 1.0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.siglip = siglip
@@ -39,6 +42,8 @@ class RSRefSeg(nn.Module):
         self.prompter = prompter
         self.sizes = sizes
         self.bce_pos_weight = bce_pos_weight
+        self.channels_last = channels_last
+        self._weights_channels_last = False
 
     def forward(
         self,
@@ -54,6 +59,11 @@ class RSRefSeg(nn.Module):
         attention_mask: int64 [B, L]        1 = real token
         returns:        float [B, label, label] mask logits (threshold at 0)
         """
+        if self.channels_last:
+            if not self._weights_channels_last:  # first call: after DeepSpeed took the model
+                use_channels_last(self)
+                self._weights_channels_last = True
+            sam_image, siglip_image = as_channels_last(sam_image), as_channels_last(siglip_image)
         v = self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h1*w1, d1]
         t_global, t_local = self.siglip.encode_text(input_ids)  # [B, d1], [B, L, d1]
         sparse, dense = self.prompter(
@@ -133,6 +143,8 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: boo
             use_sdpa_attention(sam.image_encoder)
         if model_cfg.activation_checkpointing:
             use_activation_checkpointing(sam.image_encoder, siglip_model)
+        if model_cfg.compile_backbones:
+            compile_backbones(sam.image_encoder, siglip_model)
         # The mask decoder trains, except what single-mask decoding never uses.
         sam.mask_decoder.requires_grad_(True)
         for p in sam.unused_decoder_parameters():
@@ -149,4 +161,5 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: boo
         prompter=prompter,
         sizes=input_sizes(model_cfg, label_size),
         bce_pos_weight=model_cfg.bce_pos_weight,
+        channels_last=model_cfg.channels_last,
     )

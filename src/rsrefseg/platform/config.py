@@ -87,6 +87,11 @@ class ModelConfig:
     # Recompute backbone blocks in backward instead of storing their activations (bigger GPU
     # batches for about one extra backbone forward; see models/activation_checkpointing.py).
     activation_checkpointing: bool = False
+    # torch.compile the backbone towers (compile time on the first step; see
+    # models/compiled_backbones.py).
+    compile_backbones: bool = False
+    # Convolution weights and input images in channels-last (NHWC) memory format.
+    channels_last: bool = False
 
     def validate(self, key: str) -> None:
         self.lora.validate(f"{key}.lora")
