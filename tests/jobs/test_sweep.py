@@ -78,3 +78,17 @@ def test_table_has_every_row_and_marks_failures():
     md = sweeps.to_markdown(rows)
     assert "failed" in md and "| SAM LoRA rank | 8 |" in md
     assert sweeps.to_csv(rows).splitlines()[0].startswith("axis,setting,Pr@0.5")
+
+
+def test_grid_table_follows_the_sweep_order_not_the_finishing_order(tmp_path):
+    path = tmp_path / "ranks.yaml"
+    path.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8, 16]}]}))
+    sw = sweeps.load_sweep(path, BASE)
+    metrics = {c: 1.0 for c in sweeps.METRIC_COLUMNS}
+    # Finished last-first (as after a resume), and one trial has no result yet.
+    results = [sweeps.TrialResult(setting=s, status="finished", metrics=metrics, best_epoch=1)
+               for s in reversed(sw.trials()[1:])]
+    rows = sweeps.table_rows(sw, results)
+    assert [r["setting"] for r in rows] == ["SAM LoRA rank=4", "SAM LoRA rank=8", "SAM LoRA rank=16"]
+    assert [r["status"] for r in rows] == ["pending", "finished", "finished"]

@@ -228,3 +228,11 @@ def test_failed_run_continues_with_resume(ray_session, prepared_dataset, tmp_pat
     assert _val_steps(tmp_path, run_id) == [1, 2, 3, 4, 5]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert (run_dir / "best" / "weights.safetensors").is_file()
+
+    # Resuming a finished run trains nothing and leaves its MLflow run as it was.
+    end_time = client.get_run(run_id).info.end_time
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "had already finished" in capsys.readouterr().out
+    assert client.get_run(run_id).info.end_time == end_time
+    assert _val_steps(tmp_path, run_id) == [1, 2, 3, 4, 5]

@@ -135,8 +135,10 @@ def table_rows(sweep: Sweep, results: list[TrialResult]) -> list[dict[str, Any]]
     by_setting = {_key(r.setting): r for r in results}
     rows = []
     if sweep.mode == "grid":
-        for r in results:
-            rows.append(_row("grid", sweep.trial_label(r.setting), r))
+        # In the sweep's own order, whatever order Tune finished (or resumed) the trials in.
+        for setting in sweep.trials():
+            r = by_setting.get(_key(setting), TrialResult(setting=setting, status="pending"))
+            rows.append(_row("grid", sweep.trial_label(setting), r))
         return rows
     default = {a.key: a.default for a in sweep.axes}
     for axis in sweep.axes:

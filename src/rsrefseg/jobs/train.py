@@ -35,6 +35,19 @@ class TrainOutcome:
     best_checkpoint: Path  # a model checkpoint folder (weights.safetensors + config.yaml)
     best_metrics: dict
     history: list[dict]
+    # True when the run had already finished and nothing was trained again (a resumed finished
+    # run, or a Tune trial whose training ended just before the sweep was interrupted).
+    already_finished: bool = False
+
+
+@dataclass
+class SavedRun:
+    """What a run folder's RUN_INFO records."""
+
+    cfg: Config
+    name: str  # relative to the config's storage root, e.g. `<sweep>/trials/<trial id>`
+    mlflow_run_id: str | None
+    finished: dict | None  # {"best_metrics", "history"} once finish_run has completed
 
 
 def storage_root(cfg: Config) -> Path:
@@ -155,13 +168,21 @@ def run_train(
     """
     cfg = _absolute_paths(cfg)
     root = storage_root(cfg)
-    run_id = None
+    saved = None
     if resume:
-        cfg, name, run_id = _load_run_info(root, resume)
-        root = storage_root(cfg)  # the saved config's storage (absolute), not the default one
+        saved = _load_run_info(root, resume)
+        cfg = saved.cfg
     elif name and (root / name / RUN_INFO).is_file():
-        _, name, run_id = _load_run_info(root, name)
+        saved = _load_run_info(root, name)
+    run_id = saved.mlflow_run_id if saved else None
     continuing = run_id is not None
+    if saved:
+        name, root = saved.name, storage_root(saved.cfg)  # the saved storage (absolute)
+        if saved.finished:
+            print(f"[rsrefseg] run {name} had already finished: nothing to train ({root / name})", flush=True)
+            return TrainOutcome(name=name, run_dir=root / name, mlflow_run_id=run_id,
+                                best_checkpoint=root / name / BEST_DIR, already_finished=True,
+                                **saved.finished)
     name = name or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     manifest = preflight(cfg)
 
@@ -218,6 +239,8 @@ def finish_run(cfg: Config, result, *, name: str, run_dir: Path, mlflow_run_id: 
             step=int(best_metrics["epoch"]),
         )
         c.set_terminated(mlflow_run_id, status="FINISHED")
+    # Last: a run folder marked finished is never trained again.
+    _write_run_info(run_dir, cfg, mlflow_run_id, finished={"best_metrics": dict(best_metrics), "history": history})
     return TrainOutcome(
         name=name, run_dir=run_dir, mlflow_run_id=mlflow_run_id, best_checkpoint=best,
         best_metrics=dict(best_metrics), history=history,
@@ -256,14 +279,17 @@ def _absolute_paths(cfg: Config) -> Config:
     return cfg.replace(updates)
 
 
-def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None) -> None:
+def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (RUN_INFO + ".tmp")
-    tmp.write_text(json.dumps({"mlflow_run_id": run_id, "config": cfg.to_dict()}, indent=2))
+    info = {"mlflow_run_id": run_id, "config": cfg.to_dict()}
+    if finished is not None:
+        info["finished"] = finished
+    tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, run_dir / RUN_INFO)
 
 
-def _load_run_info(root: Path, name: str) -> tuple[Config, str, str | None]:
+def _load_run_info(root: Path, name: str) -> SavedRun:
     path = Path(name)
     run_dir = path if path.is_absolute() and path.is_dir() else root / name
     info = run_dir / RUN_INFO
@@ -274,4 +300,12 @@ def _load_run_info(root: Path, name: str) -> tuple[Config, str, str | None]:
             f"runs under {root}: {', '.join(known) or 'none'}"
         )
     data = json.loads(info.read_text())
-    return Config.from_dict(data["config"], source=str(info)), run_dir.name, data.get("mlflow_run_id")
+    cfg = Config.from_dict(data["config"], source=str(info))
+    try:
+        # The name relative to the saved storage root, nested parts kept (a Tune trial is
+        # `<sweep>/trials/<id>`): Ray Train finds the run's checkpoints at storage_path/name.
+        name = run_dir.resolve().relative_to(storage_root(cfg).resolve()).as_posix()
+    except ValueError:  # the folder was moved: continue it where it is now
+        cfg = cfg.replace({"train.storage_path": str(run_dir.resolve().parent)})
+        name = run_dir.name
+    return SavedRun(cfg=cfg, name=name, mlflow_run_id=data.get("mlflow_run_id"), finished=data.get("finished"))

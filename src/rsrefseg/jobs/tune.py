@@ -49,10 +49,16 @@ def sweep_trial(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{config['sweep_name']}/trials/{trial_id}"
     try:
-        run_train(cfg, name=name, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+        outcome = run_train(cfg, name=name, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
     except Exception as exc:
         _record_failed_trial(cfg, name, config["parent_run_id"], exc)
         raise
+    if outcome.already_finished:
+        # Its training ended just before the sweep was interrupted, before Tune recorded the
+        # trial as done: Tune restarts it with an empty history, so give it back the recorded
+        # epochs instead of training (and touching its finished MLflow run) again.
+        for epoch_metrics in outcome.history:
+            ray.tune.report(epoch_metrics)
 
 
 def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception) -> None:
