@@ -139,5 +139,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     for c in after:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/gIoU")]
         assert sorted(steps) == [1, 2], (c.info.run_name, steps)
+    # Resumed trials continued in their own folders (from their checkpoints), not in new ones.
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["resumable"]
     rows = (tmp_path / "runs" / "resumable" / "ablation.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(r.endswith(",finished") for r in rows)
