@@ -158,6 +158,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif cmd == "tune":
         from rsrefseg.jobs.tune import run_tune
 
+        if args.resume and (args.config or args.overrides or args.sweep):
+            raise ConfigError("--resume continues a sweep with its own saved config and sweep file; "
+                              "drop --config, --sweep and overrides")
         cfg = load_config(args.config, args.overrides)
         run_tune(cfg, sweep_file=args.sweep, resume=args.resume, config_file=args.config)
     elif cmd == "submit":

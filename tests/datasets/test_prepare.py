@@ -241,3 +241,31 @@ def test_manifest_records_format_source_and_schema(tmp_path):
 def test_unknown_format_lists_the_known_ones(tmp_path):
     with pytest.raises(DatasetError, match="refsegrs, synthetic, rrsisd, fiftyone"):
         prepare_dataset("coco", tmp_path, tmp_path / "out")
+
+
+def test_cli_prepare_fails_clearly_then_skips_with_skip_invalid(tmp_path, capsys):
+    from rsrefseg.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_refsegrs(src, repeat_mask=False)
+    (src / "masks" / "8.tif").unlink()
+    args = ["prepare", "--format", "refsegrs", "--root", str(src), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "mask file missing" in err and "masks/8.tif" in err and "output_phrase_test.txt:2" in err
+    assert "--skip-invalid" in err  # the way out, as a CLI user types it
+    assert not out.exists()
+    assert main([*args, "--skip-invalid"]) == 0
+    assert "skipped 1 invalid triplets" in capsys.readouterr().out
+    assert [s["id"] for s in load_manifest(out)["skipped"]] == ["8"]
+
+
+def test_cli_demo_data_then_prepare(tmp_path, capsys):
+    from rsrefseg.cli import main
+
+    assert main(["demo-data", "--out", str(tmp_path / "raw"), "--size", "12", "--seed", "3"]) == 0
+    assert "wrote 12 synthetic triplets" in capsys.readouterr().out
+    assert main(["prepare", "--format", "synthetic", "--root", str(tmp_path / "raw"),
+                 "--out", str(tmp_path / "prepared")]) == 0
+    assert "[rsrefseg] prepared" in capsys.readouterr().out
+    assert sum(load_manifest(tmp_path / "prepared")["counts"].values()) == 12

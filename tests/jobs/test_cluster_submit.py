@@ -8,6 +8,7 @@ the test session's own local Ray alone (`ray stop` would kill every Ray on the m
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,6 +148,18 @@ def test_bad_config_job_fails_fast_with_the_error_in_its_logs(cluster, capsys):
     assert rc == 1
     assert "model.prompter.downsample_rate" in out and "FAILED" in out
     assert time.time() - started < 120
+
+    # The printed job id works with every `rsrefseg jobs` action.
+    job_id = re.search(r"\[rsrefseg\] submitted (\S+):", out).group(1)
+    jobs = ["jobs", "--address", cluster["address"]]
+    assert main([*jobs, "list"]) == 0
+    assert f"{job_id}\tFAILED" in capsys.readouterr().out
+    assert main([*jobs, "status", job_id]) == 0
+    assert capsys.readouterr().out.strip() == "FAILED"
+    assert main([*jobs, "logs", job_id]) == 1  # the job's exit status, as submit gives it
+    assert "model.prompter.downsample_rate" in capsys.readouterr().out
+    assert main([*jobs, "stop", job_id]) == 0
+    assert "not running" in capsys.readouterr().out
 
 
 def test_missing_data_path_names_the_cluster_host(cluster, capsys):

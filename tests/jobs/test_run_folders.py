@@ -54,3 +54,33 @@ def test_unknown_run_names_the_folders_there_are(tmp_path):
     _saved_run(tmp_path, "run-a")
     with pytest.raises(train.ConfigError, match="run-a"):
         train._load_run_info(tmp_path, "run-b")
+
+
+def test_resume_takes_a_folder_path_as_typed_or_a_name(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    _saved_run(root, "run-a")
+    monkeypatch.chdir(tmp_path)  # the README's `--resume runs/<run-name>`, from the project folder
+    for ref in ("runs/run-a", "run-a"):
+        saved = train._load_run_info(root, ref)
+        assert saved.name == "run-a" and train.storage_root(saved.cfg) == root
+
+
+def test_sweep_folder_as_typed_or_a_name(tmp_path, monkeypatch):
+    from rsrefseg.jobs import tune
+
+    (tmp_path / "runs" / "sw").mkdir(parents=True)
+    (tmp_path / "runs" / "sw" / tune.SWEEP_INFO).write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for ref in ("runs/sw", "sw", str(tmp_path / "runs" / "sw")):
+        assert tune.sweep_folder(tmp_path / "runs", ref) == tmp_path / "runs" / "sw"
+    with pytest.raises(train.ConfigError, match=r"sweeps under .*: sw"):
+        tune.sweep_folder(tmp_path / "runs", "other")
+
+
+@pytest.mark.parametrize("job, extra", [("train", ["train.epochs=3"]), ("tune", ["--sweep", "s.yaml"]),
+                                        ("tune", ["--config", "configs/demo.yaml"])])
+def test_resume_refuses_what_it_would_ignore(job, extra, capsys):
+    from rsrefseg.cli import main
+
+    assert main([job, "--resume", "runs/x", *extra]) == 2
+    assert "--resume continues" in capsys.readouterr().err

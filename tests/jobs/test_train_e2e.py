@@ -60,7 +60,7 @@ def test_training_uses_deepspeed_zero2_on_two_workers(trained):
     assert (run_dir / "best" / "config.yaml").is_file()
 
 
-def test_mlflow_run_has_params_metrics_and_artifacts(trained):
+def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
     home, _ = trained
     client, run = mlflow_run(home)
     assert run.info.status == "FINISHED"
@@ -69,12 +69,16 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained):
                 "data.path", "model.trainable_params", "model.total_params", "version.torch", "version.ray"):
         assert key in params, key
     assert params["train.epochs"] == str(EPOCHS)
+    assert params["train.deepspeed_zero_stage"] == "2"  # what the engine ran, not what was asked
     assert int(params["model.trainable_params"]) < int(params["model.total_params"])
     tags = run.data.tags
     assert tags["rsrefseg.git_commit"]
     assert len(tags["rsrefseg.dataset_hash"]) == 64
     epochs = client.get_metric_history(run.info.run_id, "val/gIoU")
     assert sorted(m.step for m in epochs) == list(range(1, EPOCHS + 1))
+    # Each epoch validated every val sample exactly once across the two workers' shards.
+    val_count = json.loads((prepared_dataset / "manifest.json").read_text())["counts"]["val"]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val/count")] == [val_count] * EPOCHS
     for key in ("val/cIoU", "val/Pr_0.5", "val/Pr_0.9", "train/lr", "train/samples_per_s", "best/gIoU"):
         assert client.get_metric_history(run.info.run_id, key), key
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
@@ -84,7 +88,8 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/epochs.csv"}
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "val_predictions")}
     assert f"val_predictions/epoch_{EPOCHS:03d}.png" in figures
-    assert "config/resolved.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    # The resolved config and the recipe file as the user wrote it.
+    assert {"config/resolved.yaml", "config/demo.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
 
 
 def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
@@ -98,6 +103,12 @@ def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
     manifest = json.loads((prepared_dataset / "manifest.json").read_text())
     assert result["metrics"]["count"] == manifest["counts"]["test"]
     assert 0.0 <= result["metrics"]["gIoU"] <= 100.0
+    # The evaluation is an MLflow run of its own, with the same figures.
+    client, _ = mlflow_run(home)
+    exp = client.get_experiment_by_name("e2e")
+    (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'evaluate'")
+    assert ev.info.status == "FINISHED"
+    assert ev.data.metrics["test/gIoU"] == pytest.approx(result["metrics"]["gIoU"])
 
 
 def test_predict_writes_mask_at_image_size(trained, synthetic_root, tmp_path):

@@ -76,6 +76,10 @@ def test_ablation_sweep_fills_table_ii(ray_session, prepared_dataset, tmp_path, 
     table = (tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()
     assert len(table) == 1 + 11  # header + every row of Table II
     assert all(line.endswith(",finished") for line in table[1:])
+    # Every cell filled, from the trials' own runs: the table's gIoU values are the child runs' best.
+    g_col = table[0].split(",").index("gIoU")
+    table_giou = {round(float(line.split(",")[g_col]), 6) for line in table[1:]}
+    assert table_giou == {round(c.data.metrics["best/gIoU"], 6) for c in children}
     assert "| SAM LoRA rank | 32 |" in out and "| dense prompt | without |" in out
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
     assert artifacts == {"ablation/ablation.md", "ablation/ablation.csv", "ablation/ablation.png"}
@@ -125,9 +129,8 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     assert 1 <= len(finished_before) < 3
 
     resume = subprocess.run(
-        [sys.executable, "-m", "rsrefseg", "tune", "--config", str(REPO / "configs/demo.yaml"),
-         "--resume", str(tmp_path / "runs" / "resumable")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "rsrefseg", "tune", "--resume", "runs/resumable"],  # as README shows it
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     client, _, after = runs_of(tmp_path)

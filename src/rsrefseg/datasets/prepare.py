@@ -231,7 +231,8 @@ def _summary(issues: list[Issue], fmt: str, root: Path) -> str:
     lines += [f"  - {issue}" for issue in issues[:MAX_LISTED_ISSUES]]
     if len(issues) > MAX_LISTED_ISSUES:
         lines.append(f"  ... and {len(issues) - MAX_LISTED_ISSUES} more")
-    lines.append("Fix them, or prepare with skip_invalid to leave those samples out (they are listed in manifest.json).")
+    lines.append("Fix them, or prepare with --skip-invalid (skip_invalid=True in Python) to leave those samples "
+                 "out (they are listed in manifest.json).")
     return "\n".join(lines)
 
 

@@ -124,10 +124,11 @@ def load_sweep(path: str | Path, base: Config) -> Sweep:
 @dataclass
 class TrialResult:
     setting: dict[str, Any]
-    status: str  # finished | failed | stopped | pending
+    status: str  # finished | failed | stopped (early, by ASHA) | pending
     metrics: dict[str, float] = field(default_factory=dict)  # best epoch's val metrics
     best_epoch: int | None = None
     error: str = ""
+    trial_id: str = ""
 
 
 def table_rows(sweep: Sweep, results: list[TrialResult]) -> list[dict[str, Any]]:
@@ -151,9 +152,11 @@ def table_rows(sweep: Sweep, results: list[TrialResult]) -> list[dict[str, Any]]
 
 def _row(axis: str, setting: str, r: TrialResult) -> dict[str, Any]:
     row: dict[str, Any] = {"axis": axis, "setting": setting}
+    # A trial ASHA stopped early keeps the figures of the epochs it ran (marked "stopped").
+    trained = r.status in ("finished", "stopped")
     for col in METRIC_COLUMNS:
-        row[col] = r.metrics.get(col) if r.status == "finished" else None
-    row["best epoch"] = r.best_epoch if r.status == "finished" else None
+        row[col] = r.metrics.get(col) if trained else None
+    row["best epoch"] = r.best_epoch if trained else None
     row["status"] = r.status
     return row
 

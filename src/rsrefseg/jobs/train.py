@@ -290,8 +290,10 @@ def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: di
 
 
 def _load_run_info(root: Path, name: str) -> SavedRun:
+    # A folder path as typed (absolute, or relative to here: `runs/<name>`), else a run name
+    # under the storage root.
     path = Path(name)
-    run_dir = path if path.is_absolute() and path.is_dir() else root / name
+    run_dir = path.resolve() if (path / RUN_INFO).is_file() else root / name
     info = run_dir / RUN_INFO
     if not info.is_file():
         known = sorted(p.parent.name for p in root.glob(f"*/{RUN_INFO}")) if root.is_dir() else []

@@ -91,10 +91,8 @@ def run_tune(
     cfg = _absolute_paths(cfg)
     root = storage_root(cfg)
     if resume:
-        sweep_dir = Path(resume) if Path(resume).is_absolute() else root / resume
-        info_path = sweep_dir / SWEEP_INFO
-        if not info_path.is_file():
-            raise ConfigError(f"--resume {resume}: {info_path} not found; is it a sweep folder under {root}?")
+        info_path = sweep_folder(root, resume) / SWEEP_INFO
+        sweep_dir = info_path.parent
         info = json.loads(info_path.read_text())
         cfg = Config.from_dict(info["base"], source=str(info_path))
         sweep = sweeps.load_sweep(info["sweep_file_copy"], cfg)
@@ -154,29 +152,66 @@ def run_tune(
             ),
         )
     grid = tuner.fit()
-    results = collect_results(grid, cfg.tune.metric)
+    results = collect_results(grid, cfg)
+    _close_stopped_runs(cfg, sweep_dir, results)
     rows = sweeps.table_rows(sweep, results)
     _publish_table(cfg, parent_run_id, sweep_dir, rows)
     return rows
 
 
-def collect_results(grid, metric: str) -> list[sweeps.TrialResult]:
-    """Each trial's best epoch (by `metric`) from the epochs it reported to Tune."""
+def sweep_folder(root: Path, resume: str) -> Path:
+    """The sweep folder `--resume` names: a path as typed (absolute, or relative to here:
+    `runs/<sweep>`), else a sweep name under the storage root."""
+    path = Path(resume)
+    sweep_dir = path.resolve() if (path / SWEEP_INFO).is_file() else root / resume
+    if not (sweep_dir / SWEEP_INFO).is_file():
+        known = sorted(p.parent.name for p in root.glob(f"*/{SWEEP_INFO}")) if root.is_dir() else []
+        raise ConfigError(f"--resume {resume}: {sweep_dir / SWEEP_INFO} not found; "
+                          f"sweeps under {root}: {', '.join(known) or 'none'}")
+    return sweep_dir
+
+
+def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
+    """Each trial's best epoch (by `tune.metric`) from the epochs it reported to Tune; a trial that
+    reported fewer epochs than its `train.epochs` was stopped early by the scheduler."""
+    metric = base.tune.metric
     out = []
     for result in grid:
         setting = result.config["train_loop_config"]["overrides"]
+        trial_id = str((result.metrics or {}).get("trial_id", ""))
         frame = result.metrics_dataframe
         if result.error is not None:
-            out.append(sweeps.TrialResult(setting=setting, status="failed", error=str(result.error)[:500]))
+            out.append(sweeps.TrialResult(setting=setting, status="failed", error=str(result.error)[:500],
+                                          trial_id=trial_id))
             continue
         if frame is None or metric not in frame or frame[metric].isna().all():
-            out.append(sweeps.TrialResult(setting=setting, status="pending"))
+            out.append(sweeps.TrialResult(setting=setting, status="pending", trial_id=trial_id))
             continue
         best = frame.loc[frame[metric].idxmax()]
         metrics = {c: float(best[f"val/{c}"]) for c in sweeps.METRIC_COLUMNS if f"val/{c}" in best}
-        out.append(sweeps.TrialResult(setting=setting, status="finished", metrics=metrics,
-                                      best_epoch=int(best["epoch"])))
+        ran = int(frame["epoch"].max())
+        status = "finished" if ran >= trial_config(base, setting).train.epochs else "stopped"
+        out.append(sweeps.TrialResult(setting=setting, status=status, metrics=metrics,
+                                      best_epoch=int(best["epoch"]), trial_id=trial_id))
     return out
+
+
+def _close_stopped_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialResult]) -> None:
+    """A trial the scheduler stopped never reached finish_run: end its MLflow run as KILLED, so the
+    UI does not show it running forever, and say why."""
+    from rsrefseg.jobs.train import RUN_INFO
+
+    if not cfg.tracking.enabled:
+        return
+    for r in results:
+        info = sweep_dir / "trials" / r.trial_id / RUN_INFO  # sweep_trial's run folder
+        if r.status != "stopped" or not r.trial_id or not info.is_file():
+            continue
+        run_id = json.loads(info.read_text()).get("mlflow_run_id")
+        if run_id:
+            c = tracking.client(cfg.tracking)
+            c.set_tag(run_id, "rsrefseg.stopped_early", f"by the {cfg.tune.scheduler} scheduler")
+            c.set_terminated(run_id, status="KILLED")
 
 
 def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows: list[dict]) -> None:
