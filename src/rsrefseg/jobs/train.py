@@ -289,11 +289,15 @@ def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: di
     os.replace(tmp, run_dir / RUN_INFO)
 
 
+def named_folder(root: Path, ref: str, marker: str) -> Path:
+    """The folder a `--resume REF` names: a path as typed (absolute, or relative to here, as in
+    `runs/<name>`) when it holds `marker`, else the name REF under the storage root `root`."""
+    path = Path(ref)
+    return path.resolve() if (path / marker).is_file() else root / ref
+
+
 def _load_run_info(root: Path, name: str) -> SavedRun:
-    # A folder path as typed (absolute, or relative to here: `runs/<name>`), else a run name
-    # under the storage root.
-    path = Path(name)
-    run_dir = path.resolve() if (path / RUN_INFO).is_file() else root / name
+    run_dir = named_folder(root, name, RUN_INFO)
     info = run_dir / RUN_INFO
     if not info.is_file():
         known = sorted(p.parent.name for p in root.glob(f"*/{RUN_INFO}")) if root.is_dir() else []

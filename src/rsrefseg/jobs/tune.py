@@ -160,10 +160,10 @@ def run_tune(
 
 
 def sweep_folder(root: Path, resume: str) -> Path:
-    """The sweep folder `--resume` names: a path as typed (absolute, or relative to here:
-    `runs/<sweep>`), else a sweep name under the storage root."""
-    path = Path(resume)
-    sweep_dir = path.resolve() if (path / SWEEP_INFO).is_file() else root / resume
+    """The sweep folder `--resume` names (a path as typed, or a sweep name under `root`)."""
+    from rsrefseg.jobs.train import named_folder
+
+    sweep_dir = named_folder(root, resume, SWEEP_INFO)
     if not (sweep_dir / SWEEP_INFO).is_file():
         known = sorted(p.parent.name for p in root.glob(f"*/{SWEEP_INFO}")) if root.is_dir() else []
         raise ConfigError(f"--resume {resume}: {sweep_dir / SWEEP_INFO} not found; "
@@ -201,15 +201,14 @@ def _close_stopped_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.Trial
     UI does not show it running forever, and say why."""
     from rsrefseg.jobs.train import RUN_INFO
 
-    if not cfg.tracking.enabled:
+    stopped = [r for r in results if r.status == "stopped" and r.trial_id]
+    if not stopped or not cfg.tracking.enabled:
         return
-    for r in results:
+    c = tracking.client(cfg.tracking)
+    for r in stopped:
         info = sweep_dir / "trials" / r.trial_id / RUN_INFO  # sweep_trial's run folder
-        if r.status != "stopped" or not r.trial_id or not info.is_file():
-            continue
-        run_id = json.loads(info.read_text()).get("mlflow_run_id")
+        run_id = json.loads(info.read_text()).get("mlflow_run_id") if info.is_file() else None
         if run_id:
-            c = tracking.client(cfg.tracking)
             c.set_tag(run_id, "rsrefseg.stopped_early", f"by the {cfg.tune.scheduler} scheduler")
             c.set_terminated(run_id, status="KILLED")
 
