@@ -21,8 +21,16 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
         --variant model.compile_backbones=true,model.channels_last=true
 
 `--batch 0` doubles the batch from 1 until a step runs out of memory (GPU only) and keeps the
-largest that fit, for each row separately. Each `--variant` adds one DeepSpeed row, so switches
-are compared side by side in one run. Figures name the device they were measured on.
+largest that fit, for each row separately, on one engine per row (rebuilt once after the OOM).
+Rows with `model.compile_backbones=true` take the batch found for the plain DeepSpeed row instead
+of searching: each new batch size would recompile the towers (minutes), and Inductor's fusions
+only lower memory. Each `--variant` adds one DeepSpeed row, so switches are compared side by side
+in one run. Figures name the device they were measured on.
+
+`--profile DIR` runs the fastest DeepSpeed row once more under `torch.profiler` and prints where a
+step's GPU time goes (kernel classes, top kernels), how busy the GPU is, and every host-device
+sync in a step with the source line that caused it; the trace goes to DIR (gzipped Chrome trace).
+`--json FILE` writes the rows and the run's facts (device, date, versions) for the README table.
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
+import json
 import os
 import platform
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -123,8 +134,15 @@ def time_steps(step, batch: dict, device: torch.device, warmup: int, steps: int)
     return (time.perf_counter() - t0) / steps
 
 
+def build_on(device: torch.device, cfg: Config):
+    """The random-initialised model, drawn directly on `device`: a CPU draw of SigLIP-so400m's
+    weights takes tens of seconds, and the search builds each row up to twice."""
+    with torch.device(device):
+        return build_model(cfg.model, random_init=True).to(device)
+
+
 def eager_path(cfg: Config, device: torch.device):
-    model = build_model(cfg.model, random_init=True).to(device)
+    model = build_on(device, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -141,7 +159,7 @@ def deepspeed_path(cfg: Config, device: torch.device, batch: int):
     import deepspeed
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    model = build_model(cfg.model, random_init=True)
+    model = build_on(device, cfg)
     train = cfg.replace({"train.batch_size": batch, "train.use_gpu": device.type == "cuda"}).train
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(train, 1, precision),
@@ -167,39 +185,60 @@ def init_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def largest_batch(make_step, device: torch.device, start: int = 1, cap: int = 256) -> int:
-    """Double the batch until a step runs out of GPU memory; the largest that ran."""
-    best, b = 0, start
+def free_cuda() -> None:
+    gc.collect()  # DeepSpeed engines hold reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_batch(step, inputs_for, device: torch.device, cap: int = 256) -> tuple[int, bool]:
+    """Double the batch from 1 on one model until a step runs out of GPU memory.
+
+    Returns (largest batch that ran, whether an OOM hit the model): after an OOM inside a
+    DeepSpeed step its gradient buckets may be half-filled, so the caller builds a fresh one."""
+    best, b = 0, 1
     while b <= cap:
         try:
-            step, batch = make_step(b)
-            step(batch)
-            step(batch)
+            inputs = inputs_for(b)
+            step(inputs)
+            step(inputs)
             sync(device)
             best = b
             b *= 2
         except torch.cuda.OutOfMemoryError:
-            break
+            return best, True
         finally:
-            step = batch = None
-            torch.cuda.empty_cache()
-    return best
+            inputs = None
+            free_cuda()
+    return best, False
 
 
-def measure(name: str, build, device: torch.device, batch: int, args, flops: float, peak_tflops: float) -> dict:
+def measure(name: str, step, inputs: dict, device: torch.device, args, flops: float, peak_tflops: float) -> dict:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step, inputs = build(batch)
+    batch = inputs["mask"].shape[0]
     seconds = time_steps(step, inputs, device, args.warmup, args.steps)
     achieved = flops * batch / seconds / 1e12
-    row = {
+    return {
         "path": name, "batch": batch, "samples_per_s": batch / seconds, "ms_per_step": 1000 * seconds,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "tflops": achieved, "mfu": achieved / peak_tflops,
     }
-    del step, inputs
-    return row
+
+
+COMPILE_KEYS = ("model.compile_backbones=true",)
+
+
+def row_name(precision: str, overrides: list[str]) -> str:
+    """A DeepSpeed row: the train job's defaults, plus the overrides that differ."""
+    return " ".join([f"deepspeed-zero2-{precision}", *overrides])
+
+
+def table_line(r: dict) -> str:
+    mem = "-" if r["peak_mem_gib"] is None else format(r["peak_mem_gib"], ".1f")
+    ratio = "" if "vs_first" not in r else f" {r['vs_first']:.2f}x |"
+    return (f"| {r['path']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['ms_per_step']:.1f} | {mem} | "
+            f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% |{ratio}")
 
 
 def main() -> None:
@@ -214,6 +253,10 @@ def main() -> None:
     parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="one more DeepSpeed row with these overrides on top of --set, "
                              "e.g. model.compile_backbones=true,model.channels_last=true")
+    parser.add_argument("--no-eager", action="store_true",
+                        help="skip the eager-fp32 row (ratios are then to the first DeepSpeed row)")
+    parser.add_argument("--profile", metavar="DIR", help="profile the fastest DeepSpeed row; trace into DIR")
+    parser.add_argument("--json", metavar="FILE", help="write the rows and the run's facts as JSON")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,16 +268,16 @@ def main() -> None:
     precision = "bf16" if device.type == "cuda" else "fp32"
     eager_cfg = model_config(args.preset, args.lora_rank, sdpa=False)
 
-    def build_eager(b):
+    def build_eager():
         model, step = eager_path(eager_cfg, device)
-        return step, to(make_batch(model, b), device)
+        return step, lambda b: to(make_batch(model, b), device)
 
     def ds_builder(overrides: list[str]):
         cfg = model_config(args.preset, args.lora_rank, sdpa=True, overrides=overrides)
 
-        def build(b):
-            engine, step, _ = deepspeed_path(cfg, device, b)
-            return step, to(make_batch(engine.module, b), device)
+        def build():
+            engine, step, _ = deepspeed_path(cfg, device, max(args.batch, 1))
+            return step, lambda b: to(make_batch(engine.module, b), device)
 
         return build
 
@@ -242,27 +285,69 @@ def main() -> None:
     model, _ = eager_path(eager_cfg, device)
     flops = count_flops(model, to(make_batch(model, min(args.batch or 2, 2)), device))
     del model
-
-    def row(name: str, build) -> dict:
-        batch = args.batch or largest_batch(build, device)
-        return measure(name, build, device, batch, args, flops, peak)
-
-    rows = [row("eager-fp32", build_eager)]
-    for extra in [[], *([v for v in variant.split(",") if v] for variant in args.variants)]:
-        overrides = [*args.overrides, *extra]
-        rows.append(row(" ".join([f"deepspeed-zero2-{precision}+sdpa", *overrides]), ds_builder(overrides)))
-    base = rows[0]["samples_per_s"]
+    free_cuda()
 
     preset = get_preset(args.preset)
+    facts = {
+        "preset": args.preset, "lora_rank": args.lora_rank, "device": device_name(device),
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "matmul_tflops": peak, "matmul_dtype": peak_dtype, "gflop_per_sample": flops / 1e9,
+    }
+    print(f"{facts['device']}: matmul {peak:.1f} TFLOP/s ({peak_dtype}); {flops / 1e9:.1f} GFLOP/sample; "
+          "rows as they finish (path | batch | samples/s | ms/step | GiB | TFLOP/s | MFU):", flush=True)
+    found: list[int] = []  # batches the search found for DeepSpeed rows, in row order
+
+    def run_row(name: str, build, search: bool) -> dict:
+        t0 = time.perf_counter()
+        step, inputs_for = build()
+        batch = args.batch
+        if not batch and search:
+            batch, broken = largest_batch(step, inputs_for, device)
+            if broken:  # the OOM may have left the engine's buckets half-filled
+                step = inputs_for = None
+                free_cuda()
+                step, inputs_for = build()
+        elif not batch:
+            batch = found[0]
+        result = measure(name, step, inputs_for(batch), device, args, flops, peak)
+        result["wall_s"] = time.perf_counter() - t0
+        print(f"{table_line(result)}  ({result['wall_s']:.0f} s with build and search)", flush=True)
+        step = inputs_for = None
+        free_cuda()
+        return result
+
+    rows = [] if args.no_eager else [run_row("eager-fp32", build_eager, search=True)]
+    ds_rows = []
+    for extra in [[], *([v for v in variant.split(",") if v] for variant in args.variants)]:
+        overrides = [*args.overrides, *extra]
+        compiled = any(o in COMPILE_KEYS for o in overrides)
+        ds_rows.append((overrides, run_row(row_name(precision, overrides), ds_builder(overrides), search=not compiled)))
+        if not compiled:
+            found.append(ds_rows[-1][1]["batch"])
+    rows += [r for _, r in ds_rows]
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["vs_first"] = r["samples_per_s"] / base
+
     print(f"\n# train step: {args.preset} (SAM {preset.sam.img_size}px, SigLIP {preset.siglip.image_size}px), "
           f"LoRA r={args.lora_rank}")
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {datetime.date.today().isoformat()}")
-    print(f"measured matmul rate ({peak_dtype}): {peak:.2f} TFLOP/s; model FLOPs/sample (fwd+bwd): {flops / 1e9:.2f} GFLOP\n")
-    print("| path | batch | samples/s | ms/step | peak GPU mem (GiB) | TFLOP/s | MFU | vs eager-fp32 |")
+    print(f"device: {facts['device']}; torch {facts['torch']}; {facts['date']}")
+    print(f"measured matmul rate ({peak_dtype}): {peak:.2f} TFLOP/s; model FLOPs/sample (fwd+bwd): {flops / 1e9:.2f} GFLOP")
+    print("DeepSpeed rows run the train job's defaults (ZeRO-2, SDPA attention, fused AdamW) plus their overrides\n")
+    print(f"| path | batch | samples/s | ms/step | peak GPU mem (GiB) | TFLOP/s | MFU | vs {rows[0]['path']} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['ms_per_step']:.1f} | "
-              f"{'-' if r['peak_mem_gib'] is None else format(r['peak_mem_gib'], '.1f')} | {r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['samples_per_s'] / base:.2f}x |")
+        print(table_line(r), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**facts, "rows": rows}, indent=1))
+
+    if args.profile:
+        from step_profile import profile_step
+
+        overrides, best = max(ds_rows, key=lambda item: item[1]["samples_per_s"])
+        step, inputs_for = ds_builder(overrides)()
+        print(f"\n# profile: {best['path']} at batch {best['batch']}")
+        profile_step(step, inputs_for(best["batch"]), device, Path(args.profile), warmup=args.warmup)
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
 

@@ -140,7 +140,7 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: boo
             cfg=model_cfg.lora,
         )
         if model_cfg.sdpa_attention:
-            use_sdpa_attention(sam.image_encoder)
+            use_sdpa_attention(sam.image_encoder, fold_rel_pos=model_cfg.fold_rel_pos)
         if model_cfg.activation_checkpointing:
             use_activation_checkpointing(sam.image_encoder, siglip_model)
         if model_cfg.compile_backbones:

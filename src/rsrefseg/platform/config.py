@@ -84,6 +84,9 @@ class ModelConfig:
     bce_pos_weight: float = 1.0
     # SAM's ViT attention through fused scaled_dot_product_attention (same math, less memory).
     sdpa_attention: bool = True
+    # With sdpa_attention: fold SAM's relative-position bias into q/k, so no N x N bias tensor is
+    # built and SDPA runs without an attn_mask (see models/fast_attention.py).
+    fold_rel_pos: bool = False
     # Recompute backbone blocks in backward instead of storing their activations (bigger GPU
     # batches for about one extra backbone forward; see models/activation_checkpointing.py).
     activation_checkpointing: bool = False
@@ -97,6 +100,8 @@ class ModelConfig:
         self.lora.validate(f"{key}.lora")
         self.prompter.validate(f"{key}.prompter")
         _check(self.bce_pos_weight > 0, f"{key}.bce_pos_weight", "must be > 0")
+        _check(self.sdpa_attention or not self.fold_rel_pos, f"{key}.fold_rel_pos",
+               "needs model.sdpa_attention=true (it changes the SDPA route)")
 
 
 @dataclass

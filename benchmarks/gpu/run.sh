@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures in one command, on a machine with an NVIDIA GPU, torch and transformers but
+# none of ray/deepspeed/mlflow/segment-anything (the benchmarks need no Ray or MLflow):
+#
+#   bash benchmarks/gpu/run.sh [STAGE ...]      # stages: env attention b b-compile l  (default: all)
+#
+# Installs .whl/*.whl (benchmarks/gpu/fetch_wheels.sh makes them) into /tmp/site when deepspeed
+# is missing, runs from the source tree (PYTHONPATH=src), and writes each stage's log, JSON rows
+# and profile trace under $OUT (default benchmarks/gpu/out). A stage that overruns its time limit
+# is stopped and the next one runs; rows print as they finish, so a stopped stage still reports.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-benchmarks/gpu/out}"
+mkdir -p "$OUT"
+if ! python3 -c "import deepspeed, segment_anything" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export DS_ACCELERATOR=cuda TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+# Limits in seconds per stage (override: LIMIT_B=500 ...).
+: "${LIMIT_ATTENTION:=120}" "${LIMIT_B:=420}" "${LIMIT_B_COMPILE:=480}" "${LIMIT_L:=480}"
+
+stage() {  # stage NAME LIMIT COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%FT%TZ)"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | grep -v -e "UserWarning" -e "warnings.warn" | tee "$OUT/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+run_env() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, peft, deepspeed, segment_anything, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__)"
+}
+
+B=(python3 benchmarks/train_step.py --preset rsrefseg-b --batch 0)
+for s in "${@:-env attention b b-compile l}"; do
+  for s1 in $s; do
+    case $s1 in
+      env) stage env 60 run_env ;;
+      attention) stage attention "$LIMIT_ATTENTION" bash -c \
+        "python3 benchmarks/sam_attention.py --batch 8 && python3 benchmarks/sam_attention.py --dim 1024 --heads 16 --batch 8" ;;
+      b) stage b "$LIMIT_B" "${B[@]}" --json "$OUT/b.json" --profile "$OUT/prof-b" \
+        --variant model.sdpa_attention=false --variant model.fold_rel_pos=true \
+        --variant model.activation_checkpointing=true ;;
+      b-compile) stage b-compile "$LIMIT_B_COMPILE" "${B[@]}" --json "$OUT/b-compile.json" --profile "$OUT/prof-b-compile" \
+        --variant model.compile_backbones=true,model.channels_last=true \
+        --variant model.fold_rel_pos=true,model.compile_backbones=true,model.channels_last=true ;;
+      l) stage l "$LIMIT_L" python3 benchmarks/train_step.py --preset rsrefseg-l --batch 0 --json "$OUT/l.json" \
+        --variant model.fold_rel_pos=true --variant model.fold_rel_pos=true,model.compile_backbones=true,model.channels_last=true ;;
+      *) echo "unknown stage $s1 (env attention b b-compile l)"; exit 2 ;;
+    esac
+  done
+done
