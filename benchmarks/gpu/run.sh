@@ -37,7 +37,7 @@ B=(python3 benchmarks/train_step.py --preset rsrefseg-b --batch 0)
 for s in "${@:-env attention b b-compile l}"; do
   for s1 in $s; do
     case $s1 in
-      env) stage env 60 run_env ;;
+      env) export -f run_env; stage env 60 bash -c run_env ;;
       attention) stage attention "$LIMIT_ATTENTION" bash -c \
         "python3 benchmarks/sam_attention.py --batch 8 && python3 benchmarks/sam_attention.py --dim 1024 --heads 16 --batch 8" ;;
       b) stage b "$LIMIT_B" "${B[@]}" --json "$OUT/b.json" --profile "$OUT/prof-b" \
