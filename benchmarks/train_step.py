@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import build_optimizer, deepspeed_config
+from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config
 from rsrefseg.models.presets import get_preset
 from rsrefseg.models.rsrefseg import build_model
 from rsrefseg.platform.config import Config
@@ -159,7 +159,7 @@ def deepspeed_path(cfg: Config, device: torch.device, batch: int):
     import deepspeed
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    model = build_on(device, cfg)
+    model = cast_for_precision(build_on(device, cfg), precision)
     train = cfg.replace({"train.batch_size": batch, "train.num_workers": 1, "train.use_gpu": device.type == "cuda"}).train
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(train, 1, precision),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import build_optimizer, deepspeed_config, warmup_cosine
+from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config, warmup_cosine
 from rsrefseg.models.rsrefseg import build_model
 from tests.models.helpers import forward, make_batch, tiny_config
 
@@ -50,29 +50,31 @@ def test_deepspeed_config_is_zero2_with_the_precision_asked():
     assert not deepspeed_config(train, 2, "fp32")["bf16"]["enabled"]
 
 
-@pytest.fixture()
-def one_process_group(monkeypatch):
-    """The single-process gloo group a Ray Train worker would have; DeepSpeed needs one."""
+@pytest.fixture(scope="module")
+def one_process_group():
+    """The single-process gloo group a Ray Train worker would have; DeepSpeed needs one, and
+    caches the first it sees, so all engines of this module share it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
 
 
-def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2) -> dict[str, torch.Tensor]:
+def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precision: str = "fp32"):
     """The train worker's engine set-up (its optimizer and ZeRO-2 config), a few steps, the weights."""
     import deepspeed
 
     cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides])
-    model = build_model(cfg.model)
+    model = cast_for_precision(build_model(cfg.model), precision)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False,
-                                      config=deepspeed_config(cfg.train, world_size=1, precision="fp32"))
+                                      config=deepspeed_config(cfg.train, world_size=1, precision=precision))
     for _ in range(steps):
         engine.backward(model.loss(forward(engine, batch), batch["mask"]))
         engine.step()
@@ -94,3 +96,20 @@ def test_speed_switches_train_under_deepspeed_like_the_plain_path(one_process_gr
     assert any(not torch.equal(start[k], after_fast[k]) for k in start)  # the engine did update
     for k in after_plain:
         torch.testing.assert_close(after_fast[k], after_plain[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_bf16_engine_trains_every_module_in_one_dtype(one_process_group):
+    # GPU training runs DeepSpeed bf16: it casts the parameters, not every buffer, so a float32
+    # buffer (SAM's positional-encoding matrix, BatchNorm statistics) must not leak float32
+    # activations into bf16 matmuls. DeepSpeed's CPU accelerator runs the same bf16 path.
+    batch = make_batch(2)
+    start = build_model(tiny_config().model).trainable_state_dict()
+    # One process group for both engines: DeepSpeed caches the group it first saw.
+    for switches in ([], ["model.fold_rel_pos=true", "model.activation_checkpointing=true"]):
+        model = _deepspeed_steps(switches, batch, precision="bf16")
+        after = model.trainable_state_dict()
+        assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.bfloat16}
+        assert any(not torch.equal(start[k].to(after[k].dtype), after[k]) for k in start)
+        with torch.no_grad():
+            logits = forward(model, batch)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

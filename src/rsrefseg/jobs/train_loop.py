@@ -45,6 +45,19 @@ def resolve_precision(train: TrainConfig) -> str:
     return "fp32"
 
 
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_for_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Cast the whole module, buffers included, to the engine's half precision (in place).
+
+    DeepSpeed's bf16/fp16 modes cast the parameters only; float32 buffers (SAM's positional-
+    encoding matrix, the prompter's BatchNorm statistics) then meet half-precision weights in one
+    op and the first forward fails. fp32 leaves the model as it is."""
+    dtype = HALF_DTYPES.get(precision)
+    return model if dtype is None else model.to(dtype)
+
+
 def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dict:
     """ZeRO stage 2 over the trainable parameters; the optimizer is ours (torch AdamW)."""
     return {
@@ -115,7 +128,7 @@ def train_func(loop_config: dict) -> None:
     precision = resolve_precision(train)
 
     torch.manual_seed(train.seed + rank)
-    model = build_model(cfg.model, label_size=cfg.data.label_size)
+    model = cast_for_precision(build_model(cfg.model, label_size=cfg.data.label_size), precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     steps_per_epoch = int(loop_config["steps_per_epoch"])
