@@ -2,7 +2,8 @@
 # The GPU figures in one command, on a machine with an NVIDIA GPU, torch and transformers but
 # none of ray/deepspeed/mlflow/segment-anything (the benchmarks need no Ray or MLflow):
 #
-#   bash benchmarks/gpu/run.sh [STAGE ...]      # stages: env attention b b-compile l  (default: all)
+#   bash benchmarks/gpu/run.sh [STAGE ...]      # stages: env attention b b-compile b-best l l-compile
+#                                                 (default: all)
 #
 # Installs .whl/*.whl (benchmarks/gpu/fetch_wheels.sh makes them) into /tmp/site when deepspeed
 # is missing, runs from the source tree (PYTHONPATH=src), and writes each stage's log, JSON rows
@@ -19,7 +20,8 @@ fi
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DS_ACCELERATOR=cuda TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 # Limits in seconds per stage (override: LIMIT_B=500 ...).
-: "${LIMIT_ATTENTION:=120}" "${LIMIT_B:=420}" "${LIMIT_B_COMPILE:=480}" "${LIMIT_L:=480}"
+: "${LIMIT_ATTENTION:=120}" "${LIMIT_B:=420}" "${LIMIT_B_COMPILE:=480}" "${LIMIT_B_BEST:=480}" "${LIMIT_L:=300}"
+: "${LIMIT_L_COMPILE:=480}"
 
 stage() {  # stage NAME LIMIT COMMAND...
   local name=$1 limit=$2; shift 2
@@ -34,7 +36,10 @@ run_env() {
 }
 
 B=(python3 benchmarks/train_step.py --preset rsrefseg-b --batch 0)
-for s in "${@:-env attention b b-compile l}"; do
+L=(python3 benchmarks/train_step.py --preset rsrefseg-l --batch 0)
+FAST=model.fold_rel_pos=true,model.compile_backbones=true,model.channels_last=true
+LEAN=train.grad_clip=0,train.skip_nonfinite_steps=false
+for s in "${@:-env attention b b-compile b-best l l-compile}"; do
   for s1 in $s; do
     case $s1 in
       env) export -f run_env; stage env 60 bash -c run_env ;;
@@ -46,9 +51,14 @@ for s in "${@:-env attention b b-compile l}"; do
       b-compile) stage b-compile "$LIMIT_B_COMPILE" "${B[@]}" --json "$OUT/b-compile.json" --profile "$OUT/prof-b-compile" \
         --variant model.compile_backbones=true,model.channels_last=true \
         --variant model.fold_rel_pos=true,model.compile_backbones=true,model.channels_last=true ;;
-      l) stage l "$LIMIT_L" python3 benchmarks/train_step.py --preset rsrefseg-l --batch 0 --json "$OUT/l.json" \
-        --variant model.fold_rel_pos=true --variant model.fold_rel_pos=true,model.compile_backbones=true,model.channels_last=true ;;
-      *) echo "unknown stage $s1 (env attention b b-compile l)"; exit 2 ;;
+      # The profile of b-compile's best row pointed at DeepSpeed's per-tensor step work (README).
+      b-best) stage b-best "$LIMIT_B_BEST" "${B[@]}" --json "$OUT/b-best.json" --profile "$OUT/prof-b-best" \
+        --variant $FAST --variant $FAST,train.skip_nonfinite_steps=false --variant $FAST,$LEAN ;;
+      l) stage l "$LIMIT_L" "${L[@]}" --json "$OUT/l.json" \
+        --variant model.fold_rel_pos=true --variant model.fold_rel_pos=true,$LEAN ;;
+      l-compile) stage l-compile "$LIMIT_L_COMPILE" "${L[@]}" --no-eager --json "$OUT/l-compile.json" \
+        --variant $FAST,$LEAN ;;
+      *) echo "unknown stage $s1 (env attention b b-compile b-best l l-compile)"; exit 2 ;;
     esac
   done
 done

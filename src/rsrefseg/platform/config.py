@@ -143,6 +143,13 @@ class TrainConfig:
     zero_stage: int = 2
     # AdamW's fused kernel (one launch for all parameters instead of several per tensor).
     fused_adamw: bool = True
+    # Clip the global gradient norm to this value; 0 = no clipping (the authors' recipe), and
+    # then DeepSpeed skips computing the norm (one reduction per trainable tensor per step).
+    grad_clip: float = 1.0
+    # bf16 only: check every gradient for inf/NaN and skip such steps (DeepSpeed's
+    # bf16.check_grad_overflow; fp16 always checks, for loss scaling). Off = one sync and
+    # several launches per trainable tensor fewer per step, as in plain PyTorch training.
+    skip_nonfinite_steps: bool = True
     seed: int = 0
     log_every_n_steps: int = 10
     max_failures: int = 0
@@ -162,6 +169,7 @@ class TrainConfig:
         )
         _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 = no clipping)")
         _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
         _check(self.gpus_per_worker > 0, f"{key}.gpus_per_worker", "must be > 0")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
