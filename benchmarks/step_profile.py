@@ -66,8 +66,9 @@ def sync_sources(step, inputs: dict, device: torch.device) -> collections.Counte
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return
-        # The innermost frame outside this file and the warnings machinery names the caller.
-        frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).resolve() != here]
+        # The innermost frame outside this file, the warnings machinery and torch names the caller.
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if Path(f.filename).resolve() != here and Path(f.filename).name != "warnings.py"]
         where = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1])
         sources[f"{where.filename}:{where.lineno} ({where.name})"] += 1
 

@@ -22,9 +22,10 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
 
 `--batch 0` doubles the batch from 1 until a step runs out of memory (GPU only) and keeps the
 largest that fit, for each row separately, on one engine per row (rebuilt once after the OOM).
-Rows with `model.compile_backbones=true` take the batch found for the plain DeepSpeed row instead
-of searching: each new batch size would recompile the towers (minutes), and Inductor's fusions
-only lower memory. Each `--variant` adds one DeepSpeed row, so switches are compared side by side
+Rows that compile the towers (`model.compile_backbones`, on by default on GPU) take the largest
+batch found for the rows that do not, instead of searching: each new batch size would recompile
+the towers (minutes), and Inductor's fusions only lower memory. Rows that do not compile run
+first; the table keeps the order given. With no such row, compiled rows search too. Each `--variant` adds one DeepSpeed row, so switches are compared side by side
 in one run. Figures name the device they were measured on.
 
 `--profile DIR` runs the fastest DeepSpeed row once more under `torch.profiler` and prints where a
@@ -98,11 +99,15 @@ def to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def model_config(preset: str, rank: int, sdpa: bool, overrides: list[str] = ()) -> Config:
+# The reference point: segment-anything's own attention, nothing compiled, NCHW.
+EAGER = ["model.sdpa_attention=false", "model.compile_backbones=false", "model.channels_last=false"]
+
+
+def model_config(preset: str, rank: int, overrides: list[str] = ()) -> Config:
     # The paper's trainable set with LoRA rank `rank` on every tuned component.
     return Config().replace([
         f"model.preset={preset}", f"model.lora.sam_rank={rank}", f"model.lora.siglip_vision_rank={rank}",
-        f"model.lora.siglip_text_rank={rank}", f"model.sdpa_attention={str(sdpa).lower()}", *overrides,
+        f"model.lora.siglip_text_rank={rank}", *overrides,
     ])
 
 
@@ -135,10 +140,11 @@ def time_steps(step, batch: dict, device: torch.device, warmup: int, steps: int)
 
 
 def build_on(device: torch.device, cfg: Config):
-    """The random-initialised model, drawn directly on `device`: a CPU draw of SigLIP-so400m's
-    weights takes tens of seconds, and the search builds each row up to twice."""
+    """The random-initialised model, drawn directly on `device` (a CPU draw of SigLIP-so400m's
+    weights takes tens of seconds, and the search builds each row up to twice), with the `auto`
+    switches decided for that device as the train job decides them."""
     with torch.device(device):
-        return build_model(cfg.model, random_init=True).to(device)
+        return build_model(cfg.model, random_init=True, gpu=device.type == "cuda").to(device)
 
 
 def eager_path(cfg: Config, device: torch.device):
@@ -226,9 +232,6 @@ def measure(name: str, step, inputs: dict, device: torch.device, args, flops: fl
     }
 
 
-COMPILE_KEYS = ("model.compile_backbones=true",)
-
-
 def row_name(precision: str, overrides: list[str]) -> str:
     """A DeepSpeed row: the train job's defaults, plus the overrides that differ."""
     return " ".join([f"deepspeed-zero2-{precision}", *overrides])
@@ -266,14 +269,14 @@ def main() -> None:
     init_process_group(device)
     peak, peak_dtype = matmul_tflops(device)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    eager_cfg = model_config(args.preset, args.lora_rank, sdpa=False)
+    eager_cfg = model_config(args.preset, args.lora_rank, EAGER)
 
     def build_eager():
         model, step = eager_path(eager_cfg, device)
         return step, lambda b: to(make_batch(model, b), device)
 
     def ds_builder(overrides: list[str]):
-        cfg = model_config(args.preset, args.lora_rank, sdpa=True, overrides=overrides)
+        cfg = model_config(args.preset, args.lora_rank, overrides=overrides)
 
         def build():
             engine, step, _ = deepspeed_path(cfg, device, max(args.batch, 1))
@@ -308,7 +311,7 @@ def main() -> None:
                 free_cuda()
                 step, inputs_for = build()
         elif not batch:
-            batch = found[0]
+            batch = max(found)
         result = measure(name, step, inputs_for(batch), device, args, flops, peak)
         result["wall_s"] = time.perf_counter() - t0
         print(f"{table_line(result)}  ({result['wall_s']:.0f} s with build and search)", flush=True)
@@ -317,13 +320,16 @@ def main() -> None:
         return result
 
     rows = [] if args.no_eager else [run_row("eager-fp32", build_eager, search=True)]
-    ds_rows = []
-    for extra in [[], *([v for v in variant.split(",") if v] for variant in args.variants)]:
-        overrides = [*args.overrides, *extra]
-        compiled = any(o in COMPILE_KEYS for o in overrides)
-        ds_rows.append((overrides, run_row(row_name(precision, overrides), ds_builder(overrides), search=not compiled)))
-        if not compiled:
-            found.append(ds_rows[-1][1]["batch"])
+    configs = [[*args.overrides, *(v for v in variant.split(",") if v)] for variant in ["", *args.variants]]
+    gpu = device.type == "cuda"
+    compiles = [bool(model_config(args.preset, args.lora_rank, o).model.on_device(gpu).compile_backbones) for o in configs]
+    measured: dict[int, dict] = {}
+    for i in sorted(range(len(configs)), key=lambda i: compiles[i]):  # uncompiled rows first
+        search = not compiles[i] or not found
+        measured[i] = run_row(row_name(precision, configs[i]), ds_builder(configs[i]), search=search)
+        if not compiles[i]:
+            found.append(measured[i]["batch"])
+    ds_rows = [(configs[i], measured[i]) for i in range(len(configs))]
     rows += [r for _, r in ds_rows]
     base = rows[0]["samples_per_s"]
     for r in rows:
@@ -333,7 +339,7 @@ def main() -> None:
           f"LoRA r={args.lora_rank}")
     print(f"device: {facts['device']}; torch {facts['torch']}; {facts['date']}")
     print(f"measured matmul rate ({peak_dtype}): {peak:.2f} TFLOP/s; model FLOPs/sample (fwd+bwd): {flops / 1e9:.2f} GFLOP")
-    print("DeepSpeed rows run the train job's defaults (ZeRO-2, SDPA attention, fused AdamW) plus their overrides\n")
+    print("DeepSpeed rows run the train job's defaults for this device plus their overrides\n")
     print(f"| path | batch | samples/s | ms/step | peak GPU mem (GiB) | TFLOP/s | MFU | vs {rows[0]['path']} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -42,17 +42,19 @@ def test_warmup_then_cosine():
 
 
 def test_deepspeed_config_is_zero2_with_the_precision_asked():
-    train = tiny_config(["train.batch_size=8", "train.num_workers=2"]).train
+    train = tiny_config(["train.batch_size=8", "train.num_workers=2", "train.grad_clip=1",
+                         "train.skip_nonfinite_steps=true"]).train
     ds = deepspeed_config(train, world_size=2, precision="bf16")
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert not deepspeed_config(train, 2, "fp32")["bf16"]["enabled"]
     assert ds["gradient_clipping"] == 1.0 and "compute_grad_norm" not in ds["zero_optimization"]
+    assert "check_grad_overflow" not in ds["bf16"]  # DeepSpeed's default: check
 
 
-def test_no_clipping_skips_the_norm_and_nonfinite_checks_can_be_turned_off():
-    train = tiny_config(["train.grad_clip=0", "train.skip_nonfinite_steps=false"]).train
+def test_defaults_skip_the_norm_and_the_nonfinite_checks():
+    train = tiny_config().train  # the authors' recipe: no clipping; plain bf16 steps
     ds = deepspeed_config(train, world_size=1, precision="bf16")
     assert ds["gradient_clipping"] == 0 and ds["zero_optimization"]["compute_grad_norm"] is False
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
@@ -113,8 +115,8 @@ def test_bf16_engine_trains_every_module_in_one_dtype(one_process_group):
     batch = make_batch(2)
     start = build_model(tiny_config().model).trainable_state_dict()
     # One process group for both engines: DeepSpeed caches the group it first saw.
-    for switches in ([], ["model.fold_rel_pos=true", "model.activation_checkpointing=true",
-                          "train.grad_clip=0", "train.skip_nonfinite_steps=false"]):
+    for switches in (["model.fold_rel_pos=false", "train.grad_clip=1", "train.skip_nonfinite_steps=true"],
+                     ["model.activation_checkpointing=true"]):
         model = _deepspeed_steps(switches, batch, precision="bf16")
         after = model.trainable_state_dict()
         assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.bfloat16}

@@ -30,7 +30,7 @@ def test_sdpa_attention_matches_segment_anything_with_relative_positions():
 def test_model_switch_changes_the_path_not_the_result():
     batch = make_batch(2)
     fast = build_model(tiny_model_config(["model.sdpa_attention=true"]))
-    plain = build_model(tiny_model_config(["model.sdpa_attention=false"]))
+    plain = build_model(tiny_model_config(["model.sdpa_attention=false"]))  # fold_rel_pos (on) is moot
     attn = [m for m in fast.sam.image_encoder.modules() if isinstance(m, Attention)]
     assert attn and all("forward" in vars(m) for m in attn)  # routed through SDPA
     assert not any("forward" in vars(m) for m in plain.sam.image_encoder.modules() if isinstance(m, Attention))
@@ -85,12 +85,3 @@ def test_model_switch_fold_rel_pos_keeps_the_logits():
     folded.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(forward(folded, batch), forward(plain, batch), rtol=1e-4, atol=1e-4)
-
-
-def test_fold_rel_pos_without_sdpa_is_a_config_error():
-    import pytest
-
-    from rsrefseg.platform.config import ConfigError
-
-    with pytest.raises(ConfigError, match="model.fold_rel_pos"):
-        tiny_model_config(["model.sdpa_attention=false", "model.fold_rel_pos=true"])

@@ -135,7 +135,7 @@ def train_func(loop_config: dict) -> None:
     precision = resolve_precision(train)
 
     torch.manual_seed(train.seed + rank)
-    model = cast_for_precision(build_model(cfg.model, label_size=cfg.data.label_size), precision)
+    model = cast_for_precision(build_model(cfg.model, label_size=cfg.data.label_size, gpu=train.use_gpu), precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     steps_per_epoch = int(loop_config["steps_per_epoch"])

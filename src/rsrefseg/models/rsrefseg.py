@@ -118,7 +118,9 @@ class RSRefSeg(nn.Module):
         return keys
 
 
-def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: bool = False) -> RSRefSeg:
+def build_model(
+    model_cfg: ModelConfig, label_size: int = 0, *, random_init: bool = False, gpu: bool = False
+) -> RSRefSeg:
     """Build RSRefSeg for a config: backbones (loaded or random), LoRA, prompter, freezing.
 
     Every random draw (tiny backbones, LoRA and prompter init) comes from a private RNG stream
@@ -126,7 +128,9 @@ def build_model(model_cfg: ModelConfig, label_size: int = 0, *, random_init: boo
     left untouched (tiny checkpoints hold only trainable weights and rely on this).
     `label_size` overrides the preset's mask resolution (0 = preset default); `random_init`
     skips the weight files of the real presets (for speed measurements, never for training).
+    `gpu` says where the model will run, which decides the `auto` speed switches.
     """
+    model_cfg = model_cfg.on_device(gpu)
     preset = get_preset(model_cfg.preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)
