@@ -23,8 +23,10 @@ Order is reproducible only up to Ray's task-completion order.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import ray.data
@@ -293,6 +295,8 @@ def iter_batches(
     drop_last: bool = False,
     device=None,
     prefetch_batches: int = 1,
+    timeout_s: float = 0.0,
+    on_timeout: Optional[Callable[[], str]] = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of a preprocessed Dataset, or of a DataIterator (`ray.train.get_dataset_shard`,
     `Dataset.streaming_split`): dicts of torch tensors, with "id" and "phrase" as lists of str.
@@ -303,6 +307,9 @@ def iter_batches(
     device: None = leave tensors on the CPU; "auto" = the Ray Train worker's device (CPU outside
         Ray Train); or any torch device. Ray does not move batches that carry strings, so the
         move happens here.
+    timeout_s: > 0 = raise `BatchTimeout` when the next batch takes longer than this to arrive
+        (a starved or stuck pipeline), with `on_timeout()`'s text (the cluster's free resources)
+        in the message; 0 = wait forever.
     """
     if shuffle_seed is not None and local_shuffle_buffer_size is None:
         local_shuffle_buffer_size = 4 * batch_size
@@ -315,10 +322,63 @@ def iter_batches(
         prefetch_batches=prefetch_batches,
     )
     target = _resolve_device(device)
+    if timeout_s:
+        batches = watched(batches, timeout_s, on_timeout=on_timeout)
     for batch in batches:
         if target is not None:
             batch = {k: v.to(target) if hasattr(v, "to") else v for k, v in batch.items()}
         yield batch
+
+
+class BatchTimeout(RuntimeError):
+    """No batch arrived in time: the pipeline is starved of CPUs or stuck."""
+
+
+def watched(items: Iterator, timeout_s: float, *, on_timeout: Optional[Callable[[], str]] = None) -> Iterator:
+    """`items`, pulled by a helper thread, with at most `timeout_s` seconds of waiting per item.
+
+    Only the consumer's wait is timed (the helper holds one item ahead while the consumer
+    trains), so a long training step never counts against the limit."""
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                while not done.is_set():
+                    try:
+                        slot.put(("item", item), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            slot.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            slot.put(("error", exc))
+
+    threading.Thread(target=pump, name="batch-watchdog", daemon=True).start()
+    delivered = 0
+    try:
+        while True:
+            try:
+                kind, value = slot.get(timeout=timeout_s)
+            except queue.Empty:
+                detail = on_timeout() if on_timeout else ""
+                raise BatchTimeout(
+                    f"no batch for {timeout_s:g} s after {delivered} batch(es): the data pipeline is stuck or has "
+                    f"no CPU to run on (train workers holding every CPU starve Ray Data). {detail} "
+                    "Check train.num_workers x train.cpus_per_worker against the cluster's CPUs, or raise "
+                    "train.batch_timeout_s if batches are just slow to come"
+                ) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            delivered += 1
+            yield value
+    finally:
+        done.set()
 
 
 def _resolve_device(device):

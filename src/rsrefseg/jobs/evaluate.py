@@ -54,6 +54,7 @@ def run_evaluate(
     from rsrefseg.jobs.train import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
     from rsrefseg.models.metrics import SegMetrics
+    from rsrefseg.platform.capacity import describe_resources
 
     ckpt_dir = resolve_checkpoint(checkpoint)
     model, cfg = load_checkpoint(ckpt_dir)
@@ -71,7 +72,7 @@ def run_evaluate(
     model.eval()
     acc = SegMetrics()
     with torch.no_grad():
-        for batch in iter_batches(ds, batch_size):
+        for batch in iter_batches(ds, batch_size, timeout_s=cfg.train.batch_timeout_s, on_timeout=describe_resources):
             logits = model(**{k: batch[k] for k in ("sam_image", "siglip_image", "input_ids", "attention_mask")})
             acc.update(logits > 0, batch["mask"])
     metrics = acc.compute()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rsrefseg.platform import tracking
 from rsrefseg.platform.config import Config, ConfigError
-from rsrefseg.platform.ray_session import init_ray
+from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
 
 RUN_INFO = "rsrefseg_run.json"  # beside Ray Train's run folder: the MLflow run id and config
 BEST_DIR = "best"  # the best trainable-weights checkpoint, copied out of Ray's folder
@@ -75,6 +75,21 @@ def preflight(cfg: Config) -> dict:
             f"{cfg.data.path} split over {cfg.train.num_workers} workers; lower it"
         )
     return manifest
+
+
+def start_ray_with_ingest_cpus(cfg: Config) -> float:
+    """Start or join Ray, refusing a job whose train workers would leave Ray Data no CPU (one
+    run's workers; Tune then fits its trials to what is left). A local Ray's size is known before
+    it starts, so that is checked first and nothing starts in vain; a joined cluster's after.
+    Returns the cluster's CPUs."""
+    from rsrefseg.platform.capacity import check_ingest_capacity, cluster_cpus, local_cpus
+
+    if not joins_existing_ray(cfg.cluster):
+        check_ingest_capacity(cfg, local_cpus(cfg), where="the local Ray this job starts (cluster.num_cpus)")
+    init_ray(cfg.cluster)
+    cpus = cluster_cpus()
+    check_ingest_capacity(cfg, cpus, where="the Ray cluster")
+    return cpus
 
 
 def _rows(manifest: dict, split: str, limit: int) -> int:
@@ -186,7 +201,7 @@ def run_train(
     name = name or f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     manifest = preflight(cfg)
 
-    init_ray(cfg.cluster)
+    start_ray_with_ingest_cpus(cfg)
     if run_id is None and cfg.tracking.enabled:
         run_id = tracking.start_run(
             cfg,

@@ -123,6 +123,7 @@ def train_func(loop_config: dict) -> None:
 
     from rsrefseg.datasets.pipeline import iter_batches
     from rsrefseg.models.metrics import SegMetrics
+    from rsrefseg.platform.capacity import describe_resources
     from rsrefseg.models.rsrefseg import build_model
     from rsrefseg.jobs.progress import Progress, say
     from rsrefseg.jobs.val_report import EpochLogger
@@ -178,7 +179,8 @@ def train_func(loop_config: dict) -> None:
         progress.start_epoch(epoch)
         window_loss = torch.zeros((), device=device)
         window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
-        for batch in iter_batches(train_shard, micro_batch, shuffle_seed=train.seed + epoch, drop_last=True):
+        for batch in iter_batches(train_shard, micro_batch, shuffle_seed=train.seed + epoch, drop_last=True,
+                                  timeout_s=train.batch_timeout_s, on_timeout=describe_resources):
             batch = _to_device(batch, device)
             logits = engine(**_model_inputs(batch))
             loss = engine.module.loss(logits.float(), batch["mask"])
@@ -201,7 +203,7 @@ def train_func(loop_config: dict) -> None:
             progress.step(state.global_step, stats)
 
         metrics, examples = validate(engine, val_shard, micro_batch, device, SegMetrics,
-                                     keep=train.figure_samples if rank == 0 else 0)
+                                     keep=train.figure_samples if rank == 0 else 0, timeout_s=train.batch_timeout_s)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
         metrics["epoch"] = epoch
         state.epoch = epoch
@@ -247,16 +249,17 @@ def _worker_nodes(world: int) -> list[str]:
 
 
 @torch.no_grad()
-def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0):
+def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0, timeout_s: float = 0.0):
     """Metrics over this worker's share of the split, summed over all workers.
 
     Returns (metrics dict, up to `keep` examples for the prediction figure)."""
     engine.eval()
     from rsrefseg.datasets.pipeline import iter_batches
+    from rsrefseg.platform.capacity import describe_resources
 
     acc = metrics_cls()
     examples: list[dict] = []
-    for batch in iter_batches(shard, batch_size):
+    for batch in iter_batches(shard, batch_size, timeout_s=timeout_s, on_timeout=describe_resources):
         batch = _to_device(batch, device)
         logits = engine(**_model_inputs(batch)).float()
         pred = logits > 0

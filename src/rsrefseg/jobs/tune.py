@@ -16,7 +16,6 @@ from pathlib import Path
 from rsrefseg.jobs import sweep as sweeps
 from rsrefseg.platform import tracking
 from rsrefseg.platform.config import Config, ConfigError
-from rsrefseg.platform.ray_session import init_ray
 
 SWEEP_INFO = "rsrefseg_sweep.json"
 DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
@@ -86,7 +85,8 @@ def run_tune(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rsrefseg.jobs.train import _absolute_paths, preflight, storage_root
+    from rsrefseg.jobs.train import _absolute_paths, preflight, start_ray_with_ingest_cpus, storage_root
+    from rsrefseg.platform.capacity import concurrent_trials
 
     cfg = _absolute_paths(cfg)
     root = storage_root(cfg)
@@ -105,7 +105,10 @@ def run_tune(
         parent_run_id = None
     preflight(cfg)  # the shared dataset and model files, before any Ray resource
 
-    init_ray(cfg.cluster)
+    # Trials at once: as many as leave Ray Data its CPUs (fewer than asked, with a note).
+    trial = trial_config(cfg, {})
+    cpus = start_ray_with_ingest_cpus(trial)
+    concurrency = concurrent_trials(trial, cpus, driver_cpu=TRIAL_DRIVER_CPU, where="the Ray cluster")
     if not resume:
         if cfg.tracking.enabled:
             parent_run_id = tracking.start_run(cfg, run_name=name, config_file=config_file,
@@ -142,7 +145,7 @@ def run_tune(
             },
             tune_config=ray.tune.TuneConfig(
                 metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
+                max_concurrent_trials=concurrency or None,
             ),
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=str(root),

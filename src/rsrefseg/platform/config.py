@@ -160,6 +160,12 @@ class TrainConfig:
     # training: bf16 has fp32's range, and the check costs several launches per trainable tensor.
     skip_nonfinite_steps: bool = False
     seed: int = 0
+    # CPUs that must stay free for Ray Data's preprocessing (one per task) once the train workers
+    # hold theirs; a job that would leave fewer fails before training (platform/capacity.py).
+    ingest_cpus: int = 1
+    # A worker that waits this long for its next batch (training, validation, evaluation) fails
+    # with the cluster's free resources instead of waiting forever; 0 = wait forever.
+    batch_timeout_s: float = 600.0
     log_every_n_steps: int = 10
     max_failures: int = 0
     # Where Ray Train keeps run folders and checkpoints; relative paths are under the project.
@@ -179,6 +185,8 @@ class TrainConfig:
         _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 = no clipping)")
+        _check(self.ingest_cpus >= 1, f"{key}.ingest_cpus", "must be >= 1 (each preprocessing task takes a CPU)")
+        _check(self.batch_timeout_s >= 0, f"{key}.batch_timeout_s", "must be >= 0 (0 = wait forever)")
         _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
         _check(self.gpus_per_worker > 0, f"{key}.gpus_per_worker", "must be > 0")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
@@ -243,6 +251,9 @@ class ClusterConfig:
     num_cpus: int = 0
     num_gpus: int = 0
     namespace: str = "rsrefseg"
+    # Refuse (train) or scale down (tune) jobs whose train workers would leave Ray Data no CPU;
+    # off for an autoscaling cluster whose nodes are not up yet when the job starts.
+    check_capacity: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.num_cpus >= 0, f"{key}.num_cpus", "must be >= 0")

@@ -12,6 +12,11 @@ from rsrefseg.platform.config import ClusterConfig
 log = logging.getLogger(__name__)
 
 
+def joins_existing_ray(cluster: ClusterConfig) -> bool:
+    """True when `init_ray` would attach to a Ray that is already there (its size is not ours)."""
+    return ray.is_initialized() or bool(cluster.address or os.environ.get("RAY_ADDRESS", ""))
+
+
 def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> None:
     """Join the Ray named by `cluster.address`, or start a local one when it is empty.
 
