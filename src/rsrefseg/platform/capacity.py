@@ -16,8 +16,8 @@ from rsrefseg.platform.config import Config, ConfigError
 
 # What to do about it, in the words of the config keys.
 REMEDY = (
-    "lower train.cpus_per_worker (fractions are fine, e.g. 0.5: a train worker mostly waits on its "
-    "model) or train.num_workers, or give Ray more logical CPUs (cluster.num_cpus for a local Ray, "
+    "lower train.cpus_per_worker (tune.cpus_per_worker in a sweep; fractions are fine, e.g. 0.5: "
+    "a train worker mostly waits on its model) or train.num_workers, or give Ray more logical CPUs (cluster.num_cpus for a local Ray, "
     "`ray start --num-cpus N` on a node); cluster.check_capacity=false skips this check (an "
     "autoscaling cluster whose nodes are not up yet)"
 )
