@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--backend-store-uri", default="", help="default: sqlite:///<project>/mlflow.db; or postgresql://...")
     p.add_argument("--artifacts-destination", default="", help="default: <project>/mlartifacts; or s3://...")
+    p.add_argument("--allowed-hosts", default="",
+                   help="Host headers the server answers, comma-separated (MLflow's default: localhost and "
+                        "private IPs); add the name or address clients use to reach it, e.g. 203.0.113.7:5000")
 
     p = sub.add_parser("demo", help="synthetic data -> prepare -> train (tiny, 2 workers) -> evaluate")
     p.add_argument("--out", default="data/demo")
@@ -179,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from rsrefseg.jobs.ui import run_mlflow_server
 
         return run_mlflow_server(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
-                                 artifacts_destination=args.artifacts_destination)
+                                 artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts)
     elif cmd == "demo":
         from rsrefseg.jobs.demo import run_demo
 

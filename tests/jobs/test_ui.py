@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -50,3 +52,42 @@ def test_ui_serves_the_project_store_on_loopback_only(project_home):
 def test_ui_on_a_server_uri_starts_nothing(capsys):
     assert main(["ui", "--tracking-uri", "http://head:5000"]) == 0
     assert "is an MLflow server" in capsys.readouterr().out
+
+
+def test_mlflow_server_on_a_taken_port_fails_instead_of_exiting_0(project_home, capsys):
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        assert main(["mlflow-server", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def _status_with_host(port: int, host_header: str) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                                 headers={"Host": host_header})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+def test_mlflow_server_answers_the_hosts_it_is_told_to_allow(project_home):
+    # MLflow 3 refuses Host headers outside localhost and the private ranges (DNS-rebinding
+    # protection); a client that reaches the head by a public name needs --allowed-hosts.
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "rsrefseg"), "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
+         "--allowed-hosts", f"mlflow.rsrefseg.example:{port},localhost:{port},127.0.0.1:{port}"],
+        cwd=project_home, env={**os.environ, "RSREFSEG_HOME": str(project_home)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        assert _status_with_host(port, f"mlflow.rsrefseg.example:{port}") == 200
+        assert _status_with_host(port, f"other.rsrefseg.example:{port}") == 403
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

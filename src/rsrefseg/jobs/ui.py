@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from rsrefseg.platform import tracking
-from rsrefseg.platform.config import TrackingConfig
+from rsrefseg.platform.config import ConfigError, TrackingConfig
 
 
 def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
@@ -28,7 +29,9 @@ def run_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | Non
     return subprocess.call(cmd)
 
 
-def server_command(*, host: str, port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
+def server_command(
+    *, host: str, port: int, backend_store_uri: str, artifacts_destination: str, allowed_hosts: str = ""
+) -> list[str]:
     backend = backend_store_uri or tracking.resolve_tracking_uri(TrackingConfig())
     artifacts = artifacts_destination or (tracking.project_root() / "mlartifacts").as_uri()
     if "://" not in artifacts:
@@ -40,11 +43,38 @@ def server_command(*, host: str, port: int, backend_store_uri: str, artifacts_de
         # access to the artifact root themselves.
         "--serve-artifacts", "--artifacts-destination", artifacts,
         "--host", host, "--port", str(port),
+        # MLflow 3 answers only Host headers it admits (localhost and private ranges by default,
+        # against DNS rebinding): clients that reach this host by another name or address need it.
+        *(["--allowed-hosts", allowed_hosts] if allowed_hosts else []),
     ]
 
 
-def run_mlflow_server(*, host: str, port: int, backend_store_uri: str = "", artifacts_destination: str = "") -> int:
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a clear message when host:port is taken (MLflow's server would print the bind
+    error and still exit 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); another server "
+                f"(an MLflow server already running?) holds it: stop it or choose another --port"
+            ) from None
+
+
+def client_uri(host: str, port: int) -> str:
+    """The tracking.uri clients should use: a listen-on-all address is no address to connect to."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}"
+
+
+def run_mlflow_server(
+    *, host: str, port: int, backend_store_uri: str = "", artifacts_destination: str = "", allowed_hosts: str = ""
+) -> int:
+    check_port_free(host, port)
     cmd = server_command(host=host, port=port, backend_store_uri=backend_store_uri,
-                         artifacts_destination=artifacts_destination)
-    print(f"[rsrefseg] MLflow server on http://{host}:{port}; set tracking.uri=http://{host}:{port}", flush=True)
+                         artifacts_destination=artifacts_destination, allowed_hosts=allowed_hosts)
+    print(f"[rsrefseg] MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
+          "(or another address of this host: then add it to --allowed-hosts)", flush=True)
     return subprocess.call(cmd)
