@@ -104,7 +104,7 @@ def test_missing_paths_fail_fast_with_instructions(tmp_path, preset, expected_fi
     (tmp_path / expected_file).write_bytes(b"")
     with pytest.raises(ModelLoadError, match="model.siglip_path is not set") as info:
         build_backbones(cfg)
-    assert "huggingface-cli download google/siglip-so400m-patch14-384 --local-dir" in str(info.value)
+    assert "hf download google/siglip-so400m-patch14-384 --local-dir" in str(info.value)
 
     with pytest.raises(ModelLoadError, match="model.siglip_path"):
         load_tokenizer(cfg)
@@ -176,6 +176,6 @@ def test_siglip_errors_name_the_key_and_the_download(tmp_path, siglip_dir):
             load_siglip(p, SIGLIP_TINY, config_key="model.siglip_path")
         msg = str(info.value)
         assert needle in msg, (what, msg)
-        assert "model.siglip_path" in msg and "huggingface-cli download google/siglip-so400m-patch14-384" in msg, what
+        assert "model.siglip_path" in msg and "hf download google/siglip-so400m-patch14-384" in msg, what
         if p is not None:
             assert str(p) in msg, what

@@ -91,7 +91,7 @@ def check_siglip_sizes(config: SiglipConfig, sizes: SiglipSizes) -> list[str]:
 def _siglip_hint(config_key: str, repo: str) -> str:
     return (
         f"set {config_key} to a local directory holding {repo}, downloaded beforehand with "
-        f"`huggingface-cli download {repo} --local-dir <dir>` (https://huggingface.co/{repo})"
+        f"`hf download {repo} --local-dir <dir>` (huggingface_hub's CLI; https://huggingface.co/{repo})"
     )
 
 
