@@ -12,7 +12,7 @@ import logging
 import sys
 
 from rsrefseg.platform.config import ConfigError
-from rsrefseg.jobs.train import TrainingFailed
+from rsrefseg.jobs.train import TrainingFailed, TrainingInterrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -93,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _stop_on_sigterm()
     try:
         return _dispatch(args) or 0
+    except TrainingInterrupted as exc:
+        print(f"rsrefseg {args.command}{_where()}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"rsrefseg {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"rsrefseg {args.command}{_where()}: config error: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as exc:
         print(f"rsrefseg {args.command}{_where()}: {exc}", file=sys.stderr)
         return 1
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`rsrefseg jobs stop`, `ray job stop`, a scheduler) ends a command as Ctrl-C does,
+    so that it can close its MLflow run before Ray's grace period ends in SIGKILL."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _where() -> str:

@@ -27,6 +27,10 @@ class TrainingFailed(RuntimeError):
     """The run failed after exhausting `train.max_failures`; its checkpoints are kept."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or a stopped job: the MLflow run is KILLED; its checkpoints are kept."""
+
+
 @dataclass
 class TrainOutcome:
     name: str
@@ -221,6 +225,16 @@ def run_train(
     trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ray Train's own SIGINT handler aborts the run and leaves through sys.exit(0); the CLI
+        # turns SIGTERM (`rsrefseg jobs stop`) into KeyboardInterrupt. Either way: say so.
+        if run_id:
+            tracking.client(cfg.tracking).set_terminated(run_id, status="KILLED")
+        raise TrainingInterrupted(
+            f"run {name} was interrupted ({type(exc).__name__})"
+            + (f"; its MLflow run {run_id} is KILLED" if run_id else "")
+            + f".\nIts last checkpoint is kept; continue with: rsrefseg train --resume {root / name}"
+        ) from None
     except Exception as exc:
         if run_id:
             tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
