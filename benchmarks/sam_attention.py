@@ -25,42 +25,36 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 
-from rsrefseg.models.fast_attention import _sdpa_forward, folded_rel_pos_qk, use_sdpa_attention
+from rsrefseg.models.fast_attention import (
+    _sdpa_folded_forward, _sdpa_forward, folded_rel_pos_qk, merge_heads, split_heads,
+)
 
 
 def _folded_padded_v_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    b, h, w, _ = x.shape
-    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    _, h, w, _ = x.shape
+    q, k, v = split_heads(self, x)
     q, k = folded_rel_pos_qk(q, k, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
     c = v.shape[-1]
     out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - c)), scale=1.0)[..., :c]
-    out = out.reshape(b, self.num_heads, h, w, c).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return self.proj(out)
+    return merge_heads(self, out, (h, w))
+
+
+def _twin(layer: Attention, forward) -> Attention:
+    """A copy of `layer` (same weights) whose forward is `forward`."""
+    size = (layer.rel_pos_h.shape[0] // 2 + 1, layer.rel_pos_w.shape[0] // 2 + 1)
+    twin = Attention(layer.qkv.in_features, layer.num_heads, use_rel_pos=True, input_size=size)
+    twin.load_state_dict(layer.state_dict())
+    twin.forward = types.MethodType(forward, twin)
+    return twin
 
 
 def variants(layer: Attention) -> dict[str, Attention]:
-    forms = {"segment-anything": None, "sdpa+bias": _sdpa_forward}
-    out = {}
-    for name, forward in forms.items():
-        out[name] = layer
-        if forward is not None:
-            copy = Attention(layer.qkv.in_features, layer.num_heads, use_rel_pos=True,
-                             input_size=(layer.rel_pos_h.shape[0] // 2 + 1, layer.rel_pos_w.shape[0] // 2 + 1))
-            copy.load_state_dict(layer.state_dict())
-            copy.forward = types.MethodType(forward, copy)
-            out[name] = copy
-    folded = Attention(layer.qkv.in_features, layer.num_heads, use_rel_pos=True,
-                       input_size=(layer.rel_pos_h.shape[0] // 2 + 1, layer.rel_pos_w.shape[0] // 2 + 1))
-    folded.load_state_dict(layer.state_dict())
-    use_sdpa_attention(folded, fold_rel_pos=True)
-    out["sdpa folded"] = folded
-    padded = Attention(layer.qkv.in_features, layer.num_heads, use_rel_pos=True,
-                       input_size=(layer.rel_pos_h.shape[0] // 2 + 1, layer.rel_pos_w.shape[0] // 2 + 1))
-    padded.load_state_dict(layer.state_dict())
-    padded.forward = types.MethodType(_folded_padded_v_forward, padded)
-    out["sdpa folded, v padded"] = padded
-    return out
+    return {
+        "segment-anything": layer,
+        "sdpa+bias": _twin(layer, _sdpa_forward),
+        "sdpa folded": _twin(layer, _sdpa_folded_forward),  # what use_sdpa_attention(fold_rel_pos=True) installs
+        "sdpa folded, v padded": _twin(layer, _folded_padded_v_forward),
+    }
 
 
 def time_fwd_bwd(layer: Attention, x: torch.Tensor, reps: int) -> float:

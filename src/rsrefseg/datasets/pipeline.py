@@ -342,20 +342,24 @@ def watched(items: Iterator, timeout_s: float, *, on_timeout: Optional[Callable[
     slot: queue.Queue = queue.Queue(maxsize=1)
     done = threading.Event()
 
+    def offer(message: tuple) -> bool:
+        """Hand `message` over once the consumer takes the last; False once it has stopped."""
+        while not done.is_set():
+            try:
+                slot.put(message, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def pump() -> None:
         try:
             for item in items:
-                while not done.is_set():
-                    try:
-                        slot.put(("item", item), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
+                if not offer(("item", item)):
                     return
-            slot.put(("end", None))
+            offer(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            slot.put(("error", exc))
+            offer(("error", exc))
 
     threading.Thread(target=pump, name="batch-watchdog", daemon=True).start()
     delivered = 0

@@ -29,6 +29,20 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
 
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's row and column terms of segment-anything's decomposed relative-position bias.
+
+    q: [..., H*W, C] (unscaled). Returns rel_h [..., H, W, H] and rel_w [..., H, W, W]: the bias
+    of query (y, x) towards key (ky, kx) is rel_h[..., y, x, ky] + rel_w[..., y, x, kx]."""
+    h, w = size
+    r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, get_rel_pos(h, h, rel_pos_h))
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, get_rel_pos(w, w, rel_pos_w))
+    return rel_h, rel_w
+
+
 def decomposed_rel_pos_bias(
     q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -37,26 +51,32 @@ def decomposed_rel_pos_bias(
     q: [B*heads, H*W, C] (unscaled). Returns [B*heads, H*W, H*W] in q's dtype.
     """
     h, w = size
-    r_h = get_rel_pos(h, h, rel_pos_h)  # [h, h, C]
-    r_w = get_rel_pos(w, w, rel_pos_w)  # [w, w, C]
-    bn, _, dim = q.shape
-    r_q = q.reshape(bn, h, w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)  # [B*heads, h, w, h]
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)  # [B*heads, h, w, w]
-    return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(bn, h * w, h * w)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(q.shape[0], h * w, h * w)
+
+
+def split_heads(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, H, W, dim] -> q, k, v [B, heads, H*W, C], as segment-anything's `Attention` splits them."""
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def merge_heads(self: Attention, out: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Attention output [B, heads, H*W, C] -> the block's output [B, H, W, dim]."""
+    h, w = size
+    out = out.view(out.shape[0], self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(out.shape[0], h, w, -1)
+    return self.proj(out)
 
 
 def _sdpa_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     b, h, w, _ = x.shape
-    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # [B, heads, N, C]
+    q, k, v = split_heads(self, x)
     bias = None
     if self.use_rel_pos:
         bias = decomposed_rel_pos_bias(q.reshape(b * self.num_heads, h * w, -1), self.rel_pos_h, self.rel_pos_w, (h, w))
         bias = bias.view(b, self.num_heads, h * w, h * w).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-    out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return self.proj(out)
+    return merge_heads(self, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale), (h, w))
 
 
 def folded_rel_pos_qk(
@@ -68,27 +88,23 @@ def folded_rel_pos_qk(
     The extra columns are zero-padded to a multiple of 8 (what the fused kernels need)."""
     h, w = size
     b, heads, n, dim = q.shape
-    r_q = q.reshape(b, heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(b, heads, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(b, heads, n, w)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     # Key j = (row, col) gets one-hot row and column codes that pick its entries of rel_h, rel_w.
     rows = torch.arange(n, device=q.device) // w
     cols = torch.arange(n, device=q.device) % w
     codes = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(k.dtype)  # [N, h + w]
     pad = -(dim + h + w) % 8
-    q_folded = F.pad(torch.cat([q * scale, rel_h, rel_w], dim=-1), (0, pad))
+    q_folded = F.pad(torch.cat([q * scale, rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)], dim=-1),
+                     (0, pad))
     k_folded = F.pad(torch.cat([k, codes.expand(b, heads, n, h + w)], dim=-1), (0, pad))
     return q_folded, k_folded
 
 
 def _sdpa_folded_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    b, h, w, _ = x.shape
-    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # [B, heads, N, C]
+    _, h, w, _ = x.shape
+    q, k, v = split_heads(self, x)
     q, k = folded_rel_pos_qk(q, k, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
-    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return self.proj(out)
+    return merge_heads(self, F.scaled_dot_product_attention(q, k, v, scale=1.0), (h, w))
 
 
 def use_sdpa_attention(image_encoder: nn.Module, fold_rel_pos: bool = False) -> int:

@@ -84,8 +84,9 @@ class ModelConfig:
     bce_pos_weight: float = 1.0
     # SAM's ViT attention through fused scaled_dot_product_attention (same math, less memory).
     sdpa_attention: bool = True
-    # With sdpa_attention (ignored without it): fold SAM's relative-position bias into q/k, so no N x N bias tensor is
-    # built and SDPA runs without an attn_mask (see models/fast_attention.py; 1.4x a step on an H100).
+    # With sdpa_attention (ignored without it): fold SAM's relative-position bias into q/k, so no
+    # N x N bias tensor is built and SDPA runs without an attn_mask (models/fast_attention.py;
+    # 1.4x a step on an H100).
     fold_rel_pos: bool = True
     # Recompute backbone blocks in backward instead of storing their activations (bigger GPU
     # batches for about one extra backbone forward; see models/activation_checkpointing.py).
