@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="the dataset as distributed")
     p.add_argument("--out", required=True, help="where the prepared dataset goes")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad triplets, listing them in the manifest")
+    p.add_argument("--mask-threshold", type=int, default=128, metavar="N",
+                   help="8-bit mask values >= N are foreground (default 128; 1 = any non-zero pixel)")
 
     p = sub.add_parser("train", help="train with Ray Train + DeepSpeed ZeRO-2, tracked in MLflow")
     _add_config_args(p, required=False)
@@ -159,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif cmd == "prepare":
         from rsrefseg.jobs.prepare import run_prepare
 
-        run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid)
+        run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold)
     elif cmd == "train":
         from rsrefseg.jobs.train import run_train
 

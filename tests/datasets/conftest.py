@@ -31,6 +31,7 @@ class Expected:
     phrase: str
     image: np.ndarray  # uint8 [H, W, 3]
     mask: np.ndarray  # bool [H, W]
+    category: str = ""
 
 
 def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -52,6 +53,23 @@ def phrase_of(rng: np.random.Generator) -> str:
 # RefSegRS: images/<id>.tif, masks/<id>.tif, output_phrase_{split}.txt
 
 
+def mask_pixels(mask: np.ndarray, scale: int, edges: str, rng: np.random.Generator) -> np.ndarray:
+    """A bool mask as a file's uint8 values: 0/`scale`, with hard, soft or noisy edges."""
+    values = mask.astype(np.uint8) * scale
+    if edges == "soft":
+        grown, shrunk = mask.copy(), mask.copy()
+        for axis in (0, 1):
+            for shift in (1, -1):
+                grown |= np.roll(mask, shift, axis)
+                shrunk &= np.roll(mask, shift, axis)
+        values[mask & ~shrunk] = 160
+        values[grown & ~mask] = 40
+    elif edges == "noisy":
+        noise = rng.integers(0, 13, mask.shape).astype(np.uint8)
+        values = np.where(mask, values - noise, noise).astype(np.uint8)
+    return values
+
+
 def make_refsegrs(
     root: Path,
     *,
@@ -60,9 +78,13 @@ def make_refsegrs(
     seed: int = 0,
     mask_scale: int = 255,
     repeat_mask: bool = True,
+    edges: str = "hard",
 ) -> dict[str, Expected]:
     """A RefSegRS folder; ids are numbers in order. Masks 0/`mask_scale`. With repeat_mask, the
-    second train id reuses the first one's image and mask under another phrase (as in RefSegRS)."""
+    second train id reuses the first one's image and mask under another phrase (as in RefSegRS).
+    edges (0/255 masks): "hard"; "soft", an anti-aliased rim (160 inside the edge, 40 outside);
+    "noisy", lossy-compression noise (background 0..12, foreground 243..255). Expected masks are
+    the hard ones: what the default mask policy must recover."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -78,7 +100,7 @@ def make_refsegrs(
                 image, mask = random_image(rng, *size), random_mask(rng, *size)
             phrase = phrase_of(rng)
             tifffile.imwrite(root / "images" / f"{sample_id}.tif", image, photometric="rgb")
-            tifffile.imwrite(root / "masks" / f"{sample_id}.tif", mask.astype(np.uint8) * mask_scale)
+            tifffile.imwrite(root / "masks" / f"{sample_id}.tif", mask_pixels(mask, mask_scale, edges, rng))
             lines.append(f"{sample_id} {phrase}\n")
             expected[sample_id] = Expected(split, phrase, image, mask)
             next_id += 1
@@ -87,7 +109,13 @@ def make_refsegrs(
 
 
 # --------------------------------------------------------------------------------------------
-# RRSIS-D: refs(unc).p, instances.json, JPEGImages/
+# RRSIS-D as downloaded (RMSIN README):
+#   <root>/rrsisd/refs(unc).p, <root>/rrsisd/instances.json, <root>/images/rrsisd/JPEGImages/*.jpg
+
+RRSISD_CATEGORIES = (
+    "Expressway-Service-area Expressway-toll-station airplane airport baseballfield basketballcourt bridge chimney dam "
+    "golffield groundtrackfield harbor overpass ship stadium storagetank tenniscourt trainstation vehicle windmill"
+).split()
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:
@@ -104,58 +132,88 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": runs}
 
 
-def make_rrsisd(root: Path, *, seed: int = 0, size=(40, 48)) -> dict[str, Expected]:
-    """Four refs over three images: compressed RLE, uncompressed RLE, polygon, and a ref with
-    two sentences; splits train/val/test."""
+def _compressed_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}  # as in the JSON
+
+
+def rrsisd_paths(root: Path, layout: str) -> tuple[Path, Path, Path]:
+    """(folder to give the reader, folder of refs and instances, image folder) of one layout:
+    "download" (as distributed), "rrsisd" (its rrsisd/ folder given), "flat"."""
+    if layout == "flat":
+        return root, root, root / "JPEGImages"
+    meta, images = root / "rrsisd", root / "images" / "rrsisd" / "JPEGImages"
+    return (root if layout == "download" else meta), meta, images
+
+
+def make_rrsisd(
+    root: Path, *, layout: str = "download", seed: int = 0, size=(40, 48), odd_sized: bool = False, missing_image: bool = False
+) -> dict[str, Expected]:
+    """Seven refs over seven images, as in the release (one sentence per ref; ref_id, ann_id,
+    image_id and sent_id equal): every segmentation a list around one compressed RLE, except one
+    plain RLE dict, one uncompressed RLE, one polygon and one list of two RLEs. Annotations carry
+    `categories_id`. odd_sized: image 4's JPEG is smaller than its RLE (kept; the expected mask is
+    the RLE resized to the image, nearest). missing_image: image 6's JPEG is not written."""
     rng = np.random.default_rng(seed)
     h, w = size
-    (root / "JPEGImages").mkdir(parents=True)
+    _, meta, image_dir = rrsisd_paths(root, layout)
+    meta.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    plan = [  # id, split, sentence, category id, segmentation form
+        (1, "train", "The baseball field on the top", 4, "list"),
+        (2, "train", "the white vehicle on the left", 18, "dict"),
+        (3, "train", "The storage tank in the middle", 15, "uncompressed"),
+        (4, "val", "The bridge over the river", 6, "list"),
+        (5, "test", "The airplane at the bottom right", 2, "polygon"),
+        (6, "test", "the two ships near the harbor", 13, "two"),
+        (7, "test", "The windmill at the top left", 19, "list"),
+    ]
     images, annotations, refs = [], [], []
-    pixels = {}
-    for image_id in (1, 2, 3):
-        name = f"{image_id:05d}.jpg"
-        Image.fromarray(random_image(rng, h, w)).save(root / "JPEGImages" / name, quality=95)
-        with Image.open(root / "JPEGImages" / name) as im:
-            pixels[image_id] = np.asarray(im.convert("RGB"))
-        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
-
-    rect = np.zeros((h, w), bool)
-    rect[5:20, 8:30] = True
-    other = random_mask(rng, h, w)
-    polygon = [[10.0, 10.0, 30.0, 10.0, 30.0, 25.0, 10.0, 25.0]]
-    compressed = mask_utils.encode(np.asfortranarray(rect.astype(np.uint8)))
-    compressed["counts"] = compressed["counts"].decode("ascii")  # as in JSON files
-    poly_mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygon, h, w))).astype(bool)
-    annotations = [
-        {"id": 11, "image_id": 1, "category_id": 1, "segmentation": compressed, "iscrowd": 0},
-        {"id": 12, "image_id": 2, "category_id": 1, "segmentation": _uncompressed_rle(other), "iscrowd": 0},
-        {"id": 13, "image_id": 3, "category_id": 1, "segmentation": polygon, "iscrowd": 0},
-    ]
     expected: dict[str, Expected] = {}
-    spec = [  # ref_id, ann_id, image_id, split, sentences, mask
-        (100, 11, 1, "train", ["vehicle in the parking area", "the white car"], rect),
-        (101, 12, 2, "val", ["building along the road"], other),
-        (102, 13, 3, "test", ["tree near the building"], poly_mask),
-        (103, 11, 1, "train", ["road"], rect),
-    ]
-    for ref_id, ann_id, image_id, split, sentences, mask in spec:
-        refs.append(
-            {
-                "ref_id": ref_id,
-                "ann_id": ann_id,
-                "image_id": image_id,
-                "split": split,
-                "category_id": 1,
-                "file_name": f"{image_id:05d}_{ann_id}.jpg",
-                "sent_ids": list(range(len(sentences))),
-                "sentences": [{"raw": s + " ", "sent": s.lower(), "tokens": s.split(), "sent_id": i} for i, s in enumerate(sentences)],
-            }
-        )
-        for i, s in enumerate(sentences):
-            expected[f"{ref_id}_{i}"] = Expected(split, s, pixels[image_id], mask)
-    with (root / "refs(unc).p").open("wb") as f:
-        pickle.dump(refs, f)
-    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}))
+    for image_id, split, sentence, category, form in plan:
+        name = f"{image_id:05d}.jpg"
+        ih, iw = (h - 6, w - 10) if odd_sized and image_id == 4 else (h, w)
+        pixels = None
+        if not (missing_image and image_id == 6):
+            Image.fromarray(random_image(rng, ih, iw)).save(image_dir / name, quality=95)
+            with Image.open(image_dir / name) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        mask = random_mask(rng, h, w)
+        if form == "list":
+            segmentation = [_compressed_rle(mask)]
+        elif form == "dict":
+            segmentation = _compressed_rle(mask)
+        elif form == "uncompressed":
+            segmentation = _uncompressed_rle(mask)
+        elif form == "polygon":
+            segmentation = [[10.0, 10.0, 30.0, 10.0, 30.0, 25.0, 10.0, 25.0]]
+            mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))).astype(bool)
+        else:  # two parts, one RLE each
+            second = np.zeros((h, w), bool)
+            second[-6:, -8:] = True
+            segmentation = [_compressed_rle(mask), _compressed_rle(second)]
+            mask = mask | second
+        ys, xs = np.nonzero(mask)
+        annotations.append({
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())],
+            "categories_id": category, "id": image_id, "image_id": image_id,
+            "segmentation": segmentation, "area": int(mask.sum()),
+        })
+        images.append({"file_name": name, "height": h, "width": w, "id": image_id})
+        tokens = sentence.lower().split()
+        refs.append({
+            "image_id": image_id, "split": split,
+            "sentences": [{"tokens": tokens, "raw": sentence, "sent_id": image_id, "sent": " ".join(tokens)}],
+            "file_name": name, "category_id": category, "ann_id": image_id, "sent_ids": [image_id], "ref_id": image_id,
+        })
+        if pixels is not None:
+            if pixels.shape[:2] != mask.shape:
+                mask = np.asarray(Image.fromarray(mask).resize((pixels.shape[1], pixels.shape[0]), Image.NEAREST))
+            expected[f"{image_id}_0"] = Expected(split, sentence, pixels, mask, RRSISD_CATEGORIES[category])
+    with (meta / "refs(unc).p").open("wb") as f:
+        pickle.dump(refs, f, protocol=2)  # the release is a Python 2 era pickle
+    categories = [{"id": i, "name": n} for i, n in enumerate(RRSISD_CATEGORIES)]
+    (meta / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return expected
 
 

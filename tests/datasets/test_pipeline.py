@@ -42,14 +42,17 @@ def test_batches_follow_the_contract(prepared_synthetic, tokenizer):
     sizes = InputSizes(sam_image=64, siglip_image=48, label=512, max_text_len=8)
     ds = preprocess(read_split(prepared_synthetic, "val"), sizes, tokenizer)
     batch = next(iter_batches(ds, 3))
-    assert set(batch) == {"sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase"}
+    assert set(batch) == {"sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase", "category"}
     assert batch["sam_image"].dtype == torch.uint8 and batch["sam_image"].shape == (3, 3, 64, 64)
     assert batch["siglip_image"].dtype == torch.uint8 and batch["siglip_image"].shape == (3, 3, 48, 48)
     assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (3, 8)
     assert batch["attention_mask"].dtype == torch.int64 and batch["attention_mask"].shape == (3, 8)
     assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape == (3, 512, 512)
     assert set(batch["mask"].unique().tolist()) <= {0, 1}
-    assert all(isinstance(x, str) for x in batch["id"] + batch["phrase"])
+    assert all(isinstance(x, str) for x in batch["id"] + batch["phrase"] + batch["category"])
+    from rsrefseg.datasets.synthetic import PHRASES
+
+    assert batch["category"] == [PHRASES[p].family for p in batch["phrase"]]  # carried from the shards
 
 
 def test_ids_phrases_pixels_and_tokens_survive_the_pipeline(small, tokenizer):

@@ -53,7 +53,7 @@ def test_shards_are_bounded_sorted_by_id_and_indexed(tmp_path):
     assert [s["path"] for s in shards] == [f"train/part-0000{i}.parquet" for i in range(3)]
     assert [s["rows"] for s in shards] == [5, 5, 2]
     table = pq.read_table([tmp_path / "out" / s["path"] for s in shards][0])
-    assert table.schema.names == ["id", "phrase", "split", "image", "mask", "height", "width", "index"]
+    assert table.schema.names == ["id", "phrase", "split", "category", "image", "mask", "height", "width", "index"]
     ids = [r["id"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
     assert ids == [str(i) for i in range(12)]  # natural order: "2" before "10"
     indices = [r["index"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
@@ -106,7 +106,7 @@ def _truncate(path: Path) -> None:
 
 def _mask_values(root: Path) -> None:
     mask = tifffile.imread(root / "masks" / "3.tif")
-    mask[0, :3] = [0, 1, 2]
+    mask[:12] = 100  # a grey band over half the mask: not a mask any policy should guess at
     tifffile.imwrite(root / "masks" / "3.tif", mask)
 
 
@@ -121,7 +121,7 @@ BAD_INPUTS = {
         ["id '6'", "is 32x24 but mask", "is 10x10"],
         "6",
     ),
-    "non-binary mask": (_mask_values, ["masks/3.tif", "id '3'", "values must be background/foreground", "found 0, 1, 2"], "3"),
+    "non-binary mask": (_mask_values, ["masks/3.tif", "id '3'", "not a binary mask", "between 64 and 191", "values 0, 100"], "3"),
     "line without phrase": (lambda r: _rewrite_line(r, "val", 1, b"5"), ["output_phrase_val.txt:1", "id '5'", "no phrase"], "5"),
     "duplicate id": (lambda r: _append_line(r, "train", b"2 another phrase"), ["output_phrase_train.txt:6", "id '2'", "duplicate id", "first declared at", "output_phrase_train.txt:3"], "2"),
     "id in two splits": (lambda r: _append_line(r, "test", b"1 a leaked phrase"), ["id '1'", "also in split(s) test", "output_phrase_test.txt:4"], "1"),
@@ -152,13 +152,14 @@ def test_skip_invalid_leaves_the_sample_out_and_records_why(tmp_path, case):
     src, out = tmp_path / "src", tmp_path / "out"
     expected = make_refsegrs(src, repeat_mask=False)
     breaker(src)
+    if skipped_id is None:  # an empty split is never a success, skipping or not
+        with pytest.raises(DatasetError, match=needles[0]):
+            prepare_dataset("refsegrs", src, out, skip_invalid=True)
+        assert not out.exists()
+        return
     manifest = prepare_dataset("refsegrs", src, out, skip_invalid=True)
     assert load_manifest(out) == manifest
     rows = read_rows(out)
-    if skipped_id is None:
-        assert any(needles[0] in w for w in manifest["warnings"])
-        assert manifest["counts"]["val"] == 0
-        return
     records = [s for s in manifest["skipped"] if s["id"] == skipped_id]
     assert records, manifest["skipped"]
     text = "\n".join(f"{r['where']}: id '{r['id']}' ({r['split']}): {r['reason']}" for r in records)
@@ -233,7 +234,7 @@ def test_manifest_records_format_source_and_schema(tmp_path):
     manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["schema_version"] == 1 and manifest["format"] == "refsegrs"
+    assert manifest["schema_version"] == 2 and manifest["format"] == "refsegrs"
     assert manifest["source"] == str((tmp_path / "src").resolve())
     assert len(manifest["content_hash"]) == 64
 
@@ -256,7 +257,8 @@ def test_cli_prepare_fails_clearly_then_skips_with_skip_invalid(tmp_path, capsys
     assert "--skip-invalid" in err  # the way out, as a CLI user types it
     assert not out.exists()
     assert main([*args, "--skip-invalid"]) == 0
-    assert "skipped 1 invalid triplets" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped 1 invalid triplet(s)" in printed and "id '8' (test): mask file missing" in printed
     assert [s["id"] for s in load_manifest(out)["skipped"]] == ["8"]
 
 
@@ -269,3 +271,81 @@ def test_cli_demo_data_then_prepare(tmp_path, capsys):
                  "--out", str(tmp_path / "prepared")]) == 0
     assert "[rsrefseg] prepared" in capsys.readouterr().out
     assert sum(load_manifest(tmp_path / "prepared")["counts"].values()) == 12
+
+
+# --------------------------------------------------------------------------------------------
+# The datasets as they ship
+
+
+def test_rrsisd_as_downloaded_prepares_with_no_flags_and_keeps_every_sample(tmp_path, capsys):
+    from rsrefseg.cli import main
+
+    expected = make_rrsisd(tmp_path / "RRSIS-D", odd_sized=True)
+    out = tmp_path / "out"
+    assert main(["prepare", "--format", "rrsisd", "--root", str(tmp_path / "RRSIS-D"), "--out", str(out)]) == 0
+    manifest = load_manifest(out)
+    rows = read_rows(out)
+    assert sorted(rows) == sorted(expected) and manifest["skipped"] == []
+    for sample_id, exp in expected.items():
+        row = rows[sample_id]
+        assert (row["split"], row["phrase"], row["category"]) == (exp.split, exp.phrase, exp.category)
+        np.testing.assert_array_equal(decode_png(row["image"]), exp.image, err_msg=sample_id)
+        np.testing.assert_array_equal(decode_png(row["mask"]), exp.mask, err_msg=sample_id)
+    # the odd-sized JPEG is kept, its mask fitted, and both the manifest and the terminal say so
+    assert (rows["4_0"]["height"], rows["4_0"]["width"]) == (34, 38)
+    assert len(manifest["warnings"]) == 1 and "id '4_0'" in manifest["warnings"][0]
+    assert "is 38x34 but mask" in manifest["warnings"][0] and "resized to the image" in manifest["warnings"][0]
+    printed = capsys.readouterr().out
+    assert "kept 1 sample(s) with a change" in printed and "id '4_0'" in printed
+    # categories per split, counted from the fixture's own truth
+    for split in ("train", "val", "test"):
+        truth: dict[str, int] = {}
+        for exp in expected.values():
+            if exp.split == split:
+                truth[exp.category] = truth.get(exp.category, 0) + 1
+        assert manifest["categories"][split] == truth
+    assert "test by category: airplane 1, ship 1, windmill 1" in printed
+
+
+def test_rrsisd_missing_image_names_the_file_or_is_skipped(tmp_path):
+    expected = make_rrsisd(tmp_path / "src", missing_image=True)
+    with pytest.raises(DatasetError, match=r"image file missing: .*images/rrsisd/JPEGImages/00006\.jpg .*id '6_0'"):
+        prepare_dataset("rrsisd", tmp_path / "src", tmp_path / "out")
+    manifest = prepare_dataset("rrsisd", tmp_path / "src", tmp_path / "out", skip_invalid=True)
+    assert [s["id"] for s in manifest["skipped"]] == ["6_0"]
+    assert sorted(read_rows(tmp_path / "out")) == sorted(expected)
+
+
+def test_skipping_that_empties_a_split_fails_and_says_why(tmp_path):
+    make_rrsisd(tmp_path / "src")
+    (tmp_path / "src" / "images" / "rrsisd" / "JPEGImages" / "00004.jpg").unlink()  # the only val image
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("rrsisd", tmp_path / "src", tmp_path / "out", skip_invalid=True)
+    message = str(info.value)
+    assert message.index("split 'val' is empty") < message.index("00004.jpg")  # the reason first
+    assert "would leave a split empty" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edges", ["soft", "noisy"])
+def test_refsegrs_copies_with_soft_or_noisy_masks_prepare_to_the_source_masks(tmp_path, edges):
+    expected = make_refsegrs(tmp_path / "src", size=(48, 64), edges=edges)
+    manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
+    assert manifest["skipped"] == [] and manifest["mask_threshold"] == 128
+    for sample_id, row in read_rows(tmp_path / "out").items():
+        np.testing.assert_array_equal(decode_png(row["mask"]), expected[sample_id].mask, err_msg=sample_id)
+
+
+def test_mask_threshold_out_of_range_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="mask threshold must be within 1..255"):
+        prepare_dataset("refsegrs", tmp_path, tmp_path / "out", mask_threshold=0)
+
+
+def test_synthetic_categories_are_the_generators(prepared_synthetic):
+    from rsrefseg.datasets.synthetic import PHRASES
+
+    rows = read_rows(prepared_synthetic)
+    assert all(row["category"] == PHRASES[row["phrase"]].family for row in rows.values())
+    categories = load_manifest(prepared_synthetic)["categories"]
+    assert sum(sum(per.values()) for per in categories.values()) == len(rows)
+    assert len(categories["train"]) >= 4  # the demo learns several categories, not two

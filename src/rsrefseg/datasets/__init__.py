@@ -1,10 +1,12 @@
 """Dataset readers, the synthetic generator, Parquet shards and the Ray Data pipeline.
 
-    triplet.py     Triplet (id, phrase, split + lazy image/mask loaders), Issue, DatasetError
+    triplet.py     Triplet (id, phrase, split, category + lazy image/mask loaders), Issue, DatasetError
+    imagefiles.py  image/mask file decoding, the mask policy, the shards' PNG codec
+    categories.py  phrase_category(phrase)   the category rule for phrases without one
     refsegrs.py    read_refsegrs(root)     RefSegRS as distributed (also the synthetic layout)
-    rrsisd.py      read_rrsisd(root)       RRSIS-D (refs(unc).p + instances.json + JPEGImages)
+    rrsisd.py      read_rrsisd(root)       RRSIS-D as downloaded (rrsisd/refs(unc).p, instances.json, images/)
     fiftyone.py    read_fiftyone(root)     a FiftyOne export of RefSegRS, without fiftyone
-    synthetic.py   generate(out_dir, size, seed)   the built-in synthetic set
+    synthetic.py   generate(out_dir, size, seed), read_synthetic(root)   the built-in synthetic set
     prepare.py     prepare_dataset(fmt, root, out), load_manifest(path)
     pipeline.py    read_split, preprocess, iter_batches (Ray Data; imports ray)
 

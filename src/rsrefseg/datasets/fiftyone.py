@@ -19,7 +19,9 @@ Field names vary between exports, so: the split is a tag (train/val/test; "valid
 val) or a `split` field; the phrase is the first present of PHRASE_FIELDS (a string, or a
 Classification whose `label` is the phrase) unless `phrase_field` is given; the mask is the
 Segmentation label (`mask_path`, or an inline `mask`) of `mask_field`, or the only Segmentation
-field of the sample. The id is the media file's stem ("12"); a stem seen again gets "#2", "#3", ...
+field of the sample. The category is the first present of CATEGORY_FIELDS (a string, or a
+Classification) when the export has one, else the phrase's (`categories.phrase_category`).
+The id is the media file's stem ("12"); a stem seen again gets "#2", "#3", ...
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .imagefiles import as_binary_mask, load_mask, load_rgb
+from .categories import phrase_category
+from .imagefiles import DEFAULT_MASK_THRESHOLD, as_binary_mask, load_mask, load_rgb
 from .triplet import DatasetError, Issue, IssueHandler, Triplet, read_json, report
 
 SAMPLES_FILE = "samples.json"
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 PHRASE_FIELDS = ("phrase", "referring_expression", "expression", "sentence", "text", "caption", "prompt")
 MASK_FIELDS = ("segmentation", "ground_truth", "mask", "gt_mask")
+CATEGORY_FIELDS = ("category", "class", "label", "object_class")
 
 
 def read_fiftyone(
@@ -48,6 +52,7 @@ def read_fiftyone(
     on_issue: IssueHandler = None,
     phrase_field: Optional[str] = None,
     mask_field: Optional[str] = None,
+    mask_threshold: int = DEFAULT_MASK_THRESHOLD,
 ) -> Iterator[Triplet]:
     """Yield one lazy `Triplet` per sample of samples.json, in file order."""
     root = Path(root)
@@ -86,10 +91,10 @@ def read_fiftyone(
         context = f"id {sample_id!r}, {where}"
         if label.get("mask_path"):
             mask_path = _resolve(root, label["mask_path"])
-            mask_loader = partial(load_mask, mask_path, context=context)
+            mask_loader = partial(load_mask, mask_path, context=context, threshold=mask_threshold)
         elif label.get("mask") is not None:
             mask_path = f"{where}.{label_name}.mask"
-            mask_loader = partial(_inline_mask, label["mask"], source=f"{label_name} ({context})")
+            mask_loader = partial(_inline_mask, label["mask"], source=f"{label_name} ({context})", threshold=mask_threshold)
         else:
             report(on_issue, Issue(f"Segmentation field {label_name!r} has neither mask_path nor mask", id=sample_id, split=split, where=where))
             continue
@@ -102,6 +107,7 @@ def read_fiftyone(
             where=where,
             image_path=str(image_path),
             mask_path=str(mask_path),
+            category=_label(sample, CATEGORY_FIELDS) or phrase_category(phrase),
         )
 
 
@@ -127,10 +133,15 @@ def _split(sample: dict) -> Optional[str]:
 
 
 def _phrase(sample: dict, field: Optional[str]) -> str:
-    names = (field,) if field else PHRASE_FIELDS
+    return _label(sample, (field,) if field else PHRASE_FIELDS)
+
+
+def _label(sample: dict, names: tuple) -> str:
+    """The first of the fields `names` that holds text: a string, a Classification label, or the
+    first of a list of strings."""
     for name in names:
         value = sample.get(name)
-        if isinstance(value, dict):  # a Classification label: the phrase is its label
+        if isinstance(value, dict):  # a Classification: the text is its label
             value = value.get("label")
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = value[0]
@@ -156,7 +167,7 @@ def _segmentation(sample: dict, field: Optional[str]) -> tuple[str, dict]:
     raise DatasetError(f"several Segmentation fields ({', '.join(sorted(found))}); choose one with mask_field=")
 
 
-def _inline_mask(value: Any, *, source: str) -> np.ndarray:
+def _inline_mask(value: Any, *, source: str, threshold: int = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
     """A mask stored in samples.json: FiftyOne writes np.save bytes, zlib-compressed, as
     extended JSON {"$binary": {"base64": ...}}."""
     try:
@@ -170,4 +181,4 @@ def _inline_mask(value: Any, *, source: str) -> np.ndarray:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
         raise DatasetError(f"inline mask of {source} cannot be decoded: {type(exc).__name__}: {exc}") from exc
-    return as_binary_mask(np.asarray(array), source=source)
+    return as_binary_mask(np.asarray(array), source=source, threshold=threshold)

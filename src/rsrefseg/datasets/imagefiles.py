@@ -71,12 +71,22 @@ def as_rgb(array: np.ndarray, *, source: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def as_binary_mask(array: np.ndarray, *, source: str) -> np.ndarray:
-    """A mask as bool [H, W], accepting the encodings seen in the wild: {0,1}, {0,255}, bool.
+# The mask binarization policy (README "Mask policy"). Copies of RefSegRS in circulation hold
+# 0/1 or 0/255 masks, some re-saved with soft (anti-aliased) or lossy-compressed edges; the field's
+# code binarizes them as `> 0` (RSRefSeg-2) or `> 50` (FIANet). Ours: a {0,1} mask is taken as it
+# is; an 8-bit mask is foreground where the value is >= `threshold` (default 128, the middle of
+# the range, so soft edges split evenly). A file is accepted as a mask only if at most
+# MAX_IN_BETWEEN of its pixels lie in the middle band IN_BETWEEN (soft edges are a thin band;
+# a photo or a probability map is not), and its values reach the threshold whenever they go
+# beyond {0,1} (class indices 0, 1, 2, ... would otherwise silently become background).
+DEFAULT_MASK_THRESHOLD = 128
+IN_BETWEEN = (64, 191)
+MAX_IN_BETWEEN = 0.05
 
-    Anything else (a soft or multi-class mask) is refused rather than guessed at, because `> 0`
-    on a class-index mask would silently merge classes.
-    """
+
+def as_binary_mask(array: np.ndarray, *, source: str, threshold: int = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
+    """A mask as bool [H, W] under the mask policy above; anything that is not a mask is refused
+    with the file named, rather than guessed at."""
     if array.ndim == 3:
         # Some tools save masks as RGB(A) with identical channels; anything else is ambiguous.
         channels = array[:, :, :3] if array.shape[2] >= 3 else array
@@ -88,12 +98,28 @@ def as_binary_mask(array: np.ndarray, *, source: str) -> np.ndarray:
     if array.dtype == np.bool_:
         return array
     values = np.unique(array)
-    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    if set(values.tolist()) <= {0, 1}:
+        return array == 1
+    if array.dtype != np.uint8:
+        raise DatasetError(f"mask {source}: expected 8-bit values or 0/1, got {array.dtype} with values {_shown(values)}")
+    low, high = IN_BETWEEN
+    in_between = float(np.count_nonzero((array >= low) & (array <= high))) / array.size
+    if in_between > MAX_IN_BETWEEN:
         raise DatasetError(
-            f"mask {source}: values must be background/foreground ({{0,1}} or {{0,255}}), found {shown}"
+            f"mask {source}: not a binary mask: {in_between:.0%} of the pixels are between {low} and {high} "
+            f"(values {_shown(values)}); a mask holds 0/1 or 0/255, soft edges allowed "
+            f"(at most {MAX_IN_BETWEEN:.0%} of the pixels in between)"
         )
-    return array > 0
+    if values[-1] < threshold:
+        raise DatasetError(
+            f"mask {source}: values {_shown(values)} never reach the foreground threshold {threshold}: "
+            "class indices rather than a 0/255 mask? (prepare --mask-threshold sets the threshold)"
+        )
+    return array >= threshold
+
+
+def _shown(values: np.ndarray) -> str:
+    return ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
 
 
 def load_rgb(path: str | Path, *, context: str = "") -> np.ndarray:
@@ -101,9 +127,9 @@ def load_rgb(path: str | Path, *, context: str = "") -> np.ndarray:
     return as_rgb(read_array(path, what="image", context=context), source=source)
 
 
-def load_mask(path: str | Path, *, context: str = "") -> np.ndarray:
+def load_mask(path: str | Path, *, context: str = "", threshold: int = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
     source = f"{path}" + (f" ({context})" if context else "")
-    return as_binary_mask(read_array(path, what="mask", context=context), source=source)
+    return as_binary_mask(read_array(path, what="mask", context=context), source=source, threshold=threshold)
 
 
 # -- the shard codec -----------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from ray.data.expressions import col
 from .prepare import load_manifest, natural_key
 from .triplet import DatasetError
 
-OUTPUT_COLUMNS = ("sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase")
-TEXT_COLUMNS = ("id", "phrase")
+OUTPUT_COLUMNS = ("sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase", "category")
+TEXT_COLUMNS = ("id", "phrase", "category")
 PREPROCESS_BATCH_SIZE = 16  # rows per map task call: a 1024-px SAM input is 3 MiB a row
 # Object-store budget of one pipeline: ~300 rows at the real presets' input sizes (3.5 MiB a
 # row), far more than the trainers' prefetch needs, and a fixed ceiling whatever the split size.
@@ -63,7 +63,7 @@ def read_split(
     shuffle_seed: None = shards in order; else shard order is shuffled anew on every execution.
     buffer_bytes: object-store memory this dataset's execution may hold (blocks read ahead,
         preprocessed blocks not yet consumed); None = Ray Data's default share of the store.
-    Columns: id, phrase, split, image (PNG bytes), mask (PNG bytes), height, width, index.
+    Columns: id, phrase, split, category, image (PNG bytes), mask (PNG bytes), height, width, index.
     """
     manifest = load_manifest(path)
     counts = manifest.get("counts", {})
@@ -139,7 +139,7 @@ def preprocess(
         input_ids      int64 [sizes.max_text_len]
         attention_mask int64 [sizes.max_text_len]
         mask           uint8 [sizes.label, sizes.label], 0/1               (nearest)
-        id, phrase     str
+        id, phrase, category   str (category: of the shards, even with shuffled phrases)
 
     sizes: an `rsrefseg.models.sizes.InputSizes`.
     tokenizer: a Hugging Face tokenizer (or any picklable callable with its call signature);
@@ -207,6 +207,7 @@ class Preprocessor:
             "mask": masks,
             "id": np.array(ids, dtype=object),
             "phrase": np.array(phrases, dtype=object),
+            "category": np.array([str(c) for c in batch["category"]], dtype=object),
         }
 
 
@@ -270,7 +271,7 @@ def tokenize(tokenizer, phrases: list[str], max_len: int) -> tuple[np.ndarray, n
 
 class TorchCollate(NumpyBatchCollateFn):
     """Numeric columns -> torch tensors (no copy when the array is writable); text columns
-    ("id", "phrase") -> lists of str."""
+    ("id", "phrase", "category") -> lists of str."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -299,7 +300,7 @@ def iter_batches(
     on_timeout: Optional[Callable[[], str]] = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of a preprocessed Dataset, or of a DataIterator (`ray.train.get_dataset_shard`,
-    `Dataset.streaming_split`): dicts of torch tensors, with "id" and "phrase" as lists of str.
+    `Dataset.streaming_split`): dicts of torch tensors, with "id", "phrase" and "category" as lists of str.
 
     shuffle_seed: None = no shuffling (unless local_shuffle_buffer_size is given: then unseeded).
         Otherwise rows go through a local shuffle buffer of `local_shuffle_buffer_size` rows

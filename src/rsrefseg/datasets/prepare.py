@@ -7,7 +7,9 @@ Validation comes first and covers every sample (a missing or unreadable file, an
 not RGB, an image/mask size mismatch, a mask that is not binary, a line without a phrase, a
 duplicate id, an id in two splits, a non-UTF-8 line, an empty split). By default any problem
 raises one `DatasetError` listing them all and nothing is written; with `skip_invalid` the bad
-samples are left out and listed in the manifest. Validation decodes every sample, then writing
+samples are left out and listed in the manifest, but a split left empty is still an error. A
+sample whose format resizes masks (RRSIS-D) is kept with its mask fitted to the image, and listed
+in the manifest's warnings. Validation decodes every sample, then writing
 decodes it again: ~10% more time than one pass (PNG encoding dominates), in exchange for never
 touching the disk when the input is bad.
 
@@ -31,25 +33,27 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from ._atomic import staging_dir, swap_into_place
 from .fiftyone import read_fiftyone
-from .imagefiles import encode_png
+from .imagefiles import DEFAULT_MASK_THRESHOLD, encode_png
 from .refsegrs import read_refsegrs
 from .rrsisd import read_rrsisd
+from .synthetic import read_synthetic
 from .triplet import DatasetError, Issue, Triplet
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the category column
 MANIFEST = "manifest.json"
 EXPECTED_SPLITS = ("train", "val", "test")
 
 # The readers, by the format names of `rsrefseg prepare --format`. "synthetic" is a folder that
-# synthetic.generate() wrote, which is the RefSegRS layout.
+# synthetic.generate() wrote, which is the RefSegRS layout with categories the generator knows.
 READERS: dict[str, Callable[..., Iterator[Triplet]]] = {
     "refsegrs": read_refsegrs,
-    "synthetic": read_refsegrs,
+    "synthetic": read_synthetic,
     "rrsisd": read_rrsisd,
     "fiftyone": read_fiftyone,
 }
@@ -59,6 +63,7 @@ SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),  # what the phrase refers to; "" = unknown
         pa.field("image", pa.binary(), nullable=False),  # PNG, RGB, lossless
         pa.field("mask", pa.binary(), nullable=False),  # PNG, 1-bit (decodes to bool)
         pa.field("height", pa.int32(), nullable=False),
@@ -86,36 +91,42 @@ def prepare_dataset(
     rows_per_shard: int = ROWS_PER_SHARD,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     workers: Optional[int] = None,
+    mask_threshold: int = DEFAULT_MASK_THRESHOLD,
 ) -> dict[str, Any]:
     """Validate the dataset at `root` (format `fmt`) and write it to `out`; return the manifest.
 
     fmt: one of READERS ("refsegrs", "rrsisd", "fiftyone", "synthetic").
-    skip_invalid: leave invalid samples out (listed in manifest["skipped"]) instead of raising.
+    skip_invalid: leave invalid samples out (listed in manifest["skipped"]) instead of raising;
+        a split left empty still raises.
     workers: threads decoding and encoding images (default: the CPU count, at most 8).
+    mask_threshold: 8-bit mask values at or above it are foreground (README "Mask policy").
     """
     if fmt not in READERS:
         raise DatasetError(f"unknown dataset format {fmt!r}; choose one of {', '.join(READERS)}")
+    if not 1 <= mask_threshold <= 255:
+        raise DatasetError(f"mask threshold must be within 1..255 (8-bit values at or above it are foreground), got {mask_threshold}")
     root, out = Path(root), Path(out)
     _check_replaceable(out)
     workers = workers or min(8, os.cpu_count() or 1)
 
     # 1. Metadata: every declared sample, and the problems visible without pixels.
     issues: list[Issue] = []
-    triplets = list(READERS[fmt](root, on_issue=issues.append))
+    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold))
     triplets = _drop_bad_ids(triplets, issues)
 
     # 2. Pixels: decode every sample once (threads: tifffile, zlib and Pillow release the GIL).
-    valid = []
+    valid, notes = [], []
     with ThreadPoolExecutor(workers) as pool:
-        for t, problem in zip(triplets, bounded_map(pool, _pixel_problem, triplets, 4 * workers)):
-            if problem is None:
+        for t, found in zip(triplets, bounded_map(pool, _pixel_check, triplets, 4 * workers)):
+            if found is None or found.kind == "note":
                 valid.append(t)
+                notes.extend([found] if found else [])
             else:
-                issues.append(problem)
+                issues.append(found)
 
     _check_empty_splits(valid, triplets, issues, root)
-    if issues and not skip_invalid:
-        raise DatasetError(_summary(issues, fmt, root))
+    if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
+        raise DatasetError(_summary(issues, fmt, root, skip_invalid))
 
     # 3. Write (into staging), then swap into place.
     by_split: dict[str, list[Triplet]] = {}
@@ -134,11 +145,13 @@ def prepare_dataset(
             "format": fmt,
             "source": str(root.resolve()),
             "counts": {split: len(by_split.get(split, [])) for split in _split_order(by_split)},
+            "categories": _category_counts(by_split),
             "shards": shards,
             "columns": SCHEMA.names,
             "encoding": {"image": "PNG, 8-bit RGB", "mask": "PNG, 1-bit greyscale (decodes to bool)"},
-            "skipped": sorted((i.to_dict() for i in issues if i.kind == "sample"), key=lambda d: (d["split"] or "", natural_key(d["id"]))),
-            "warnings": [str(i) for i in issues if i.kind == "split"],
+            "mask_threshold": mask_threshold,
+            "skipped": sorted((i.to_dict() for i in issues), key=_issue_order),
+            "warnings": [str(i) for i in sorted(notes, key=lambda i: _issue_order(i.to_dict()))],
             "content_hash": _content_hash(digests),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -201,14 +214,44 @@ def _drop_bad_ids(triplets: list[Triplet], issues: list[Issue]) -> list[Triplet]
     return kept
 
 
-def _pixel_problem(t: Triplet) -> Optional[Issue]:
+def load_pair(t: Triplet) -> tuple[np.ndarray, np.ndarray, Optional[str]]:
+    """The image, the mask at the image's size, and what was changed to get there (None: nothing).
+
+    A size mismatch raises DatasetError, unless the format fits masks to images (RRSIS-D: nearest
+    resize, as the authors' loaders do).
+    """
+    image, mask = t.load_image(), t.load_mask()
+    if image.shape[:2] == mask.shape:
+        return image, mask, None
+    sizes = f"image {t.image_path} is {image.shape[1]}x{image.shape[0]} but mask {t.mask_path} is {mask.shape[1]}x{mask.shape[0]}"
+    if not t.fit_mask_to_image:
+        raise DatasetError(sizes)
+    fitted = Image.fromarray(mask).resize((image.shape[1], image.shape[0]), Image.NEAREST)
+    return image, np.asarray(fitted, dtype=bool), f"{sizes}: mask resized to the image (nearest)"
+
+
+def _pixel_check(t: Triplet) -> Optional[Issue]:
+    """None when the sample is fine, a "note" Issue when it is kept with a change, else the problem."""
     try:
-        image, mask = t.load_image(), t.load_mask()
+        note = load_pair(t)[2]
     except DatasetError as exc:
         return t.issue(str(exc))
-    if image.shape[:2] != mask.shape:
-        return t.issue(f"image {t.image_path} is {image.shape[1]}x{image.shape[0]} but mask {t.mask_path} is {mask.shape[1]}x{mask.shape[0]}")
-    return None
+    return Issue(note, id=t.id, split=t.split, where=t.where or None, kind="note") if note else None
+
+
+def _issue_order(d: dict) -> tuple:
+    return (d["split"] or "", natural_key(d["id"]))
+
+
+def _category_counts(by_split: dict[str, list[Triplet]]) -> dict[str, dict[str, int]]:
+    """split -> category -> samples, categories by decreasing count ("" shows as "unknown")."""
+    counts = {}
+    for split in _split_order(by_split):
+        per: dict[str, int] = {}
+        for t in by_split.get(split, []):
+            per[t.category or "unknown"] = per.get(t.category or "unknown", 0) + 1
+        counts[split] = dict(sorted(per.items(), key=lambda kv: (-kv[1], kv[0])))
+    return counts
 
 
 def _check_empty_splits(valid: list[Triplet], declared: list[Triplet], issues: list[Issue], root: Path) -> None:
@@ -226,13 +269,18 @@ def _check_empty_splits(valid: list[Triplet], declared: list[Triplet], issues: l
         issues.append(Issue(message, split=split, where=str(root), kind="split"))
 
 
-def _summary(issues: list[Issue], fmt: str, root: Path) -> str:
+def _summary(issues: list[Issue], fmt: str, root: Path, skip_invalid: bool) -> str:
+    # Split-level problems first: with skip_invalid they are the reason nothing was written.
+    issues = sorted(issues, key=lambda i: i.kind != "split")
     lines = [f"{len(issues)} problem(s) in the {fmt} dataset at {root}; nothing was written:"]
     lines += [f"  - {issue}" for issue in issues[:MAX_LISTED_ISSUES]]
     if len(issues) > MAX_LISTED_ISSUES:
         lines.append(f"  ... and {len(issues) - MAX_LISTED_ISSUES} more")
-    lines.append("Fix them, or prepare with --skip-invalid (skip_invalid=True in Python) to leave those samples "
-                 "out (they are listed in manifest.json).")
+    if skip_invalid:
+        lines.append("Skipping invalid samples would leave a split empty, and a prepared dataset needs every split.")
+    else:
+        lines.append("Fix them, or prepare with --skip-invalid (skip_invalid=True in Python) to leave those samples "
+                     "out (they are listed in manifest.json).")
     return "\n".join(lines)
 
 
@@ -241,8 +289,8 @@ def _summary(issues: list[Issue], fmt: str, root: Path) -> str:
 
 
 def _encode(t: Triplet) -> tuple[bytes, bytes, int, int, str]:
-    image, mask = t.load_image(), t.load_mask()
-    digest = "\t".join([t.id, t.phrase, t.split, _array_digest(image), _array_digest(np.packbits(mask), mask.shape)])
+    image, mask, _ = load_pair(t)
+    digest = "\t".join([t.id, t.phrase, t.split, t.category, _array_digest(image), _array_digest(np.packbits(mask), mask.shape)])
     return encode_png(image), encode_png(mask), image.shape[0], image.shape[1], digest
 
 
@@ -296,11 +344,11 @@ def _write_split(
                 folder / name,
                 SCHEMA,
                 compression="none",
-                use_dictionary=["phrase", "split"],
+                use_dictionary=["phrase", "split", "category"],
                 write_statistics=["id", "split", "height", "width", "index"],
             )
             shards.append({"path": f"{split}/{name}", "rows": 0})
-        rows.append((t.id, t.phrase, t.split, image, mask, height, width, index))
+        rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index))
         shard_rows += 1
         shard_bytes += len(image) + len(mask)
         digests.append(digest)

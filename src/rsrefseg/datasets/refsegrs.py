@@ -4,17 +4,20 @@
     <root>/masks/<id>.tif               binary; seen as 0/1 and as 0/255
     <root>/output_phrase_train.txt      one "<id> <phrase...>" per line (also _val, _test)
 
-The same image and mask can repeat under several ids with different phrases. The built-in
-synthetic set is written in this layout, so it goes through this reader too.
+The same image and mask can repeat under several ids with different phrases. Masks are binarized
+by the mask policy of `imagefiles.as_binary_mask`; a sample's category comes from its phrase
+(`categories.phrase_category`). The built-in synthetic set is written in this layout, so it goes
+through this reader too, with the categories its generator knows.
 """
 
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .imagefiles import load_mask, load_rgb
+from .categories import phrase_category
+from .imagefiles import DEFAULT_MASK_THRESHOLD, load_mask, load_rgb
 from .triplet import DatasetError, Issue, IssueHandler, Triplet, report
 
 SPLITS = ("train", "val", "test")
@@ -25,8 +28,17 @@ def phrase_file(root: str | Path, split: str) -> Path:
     return Path(root) / f"output_phrase_{split}.txt"
 
 
-def read_refsegrs(root: str | Path, *, on_issue: IssueHandler = None) -> Iterator[Triplet]:
+def read_refsegrs(
+    root: str | Path,
+    *,
+    on_issue: IssueHandler = None,
+    mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    categorize: Callable[[str], str] = phrase_category,
+) -> Iterator[Triplet]:
     """Yield one lazy `Triplet` per phrase line, split by split, in file order.
+
+    mask_threshold: 8-bit mask values at or above it are foreground (the mask policy).
+    categorize: phrase -> category.
 
     Problems of a single line (not UTF-8, no phrase) go to `on_issue` (None: raise DatasetError).
     A missing folder or phrase file is not a per-sample problem and always raises.
@@ -69,14 +81,14 @@ def read_refsegrs(root: str | Path, *, on_issue: IssueHandler = None) -> Iterato
             if not phrase:
                 report(on_issue, Issue("line has an id but no phrase", id=sample_id, split=split, where=where))
                 continue
-            yield _triplet(root, sample_id, phrase, split, where)
+            yield _triplet(root, sample_id, phrase, split, where, categorize(phrase), mask_threshold)
             yielded += 1
         if yielded == 0:
             # Reported, not raised: prepare_dataset decides (error, or a warning with skip_invalid).
             report(on_issue, Issue(f"split {split!r} is empty: {path} has no samples", split=split, where=str(path), kind="split"))
 
 
-def _triplet(root: Path, sample_id: str, phrase: str, split: str, where: str) -> Triplet:
+def _triplet(root: Path, sample_id: str, phrase: str, split: str, where: str, category: str, threshold: int) -> Triplet:
     image_path = _find(root / "images", sample_id)
     mask_path = _find(root / "masks", sample_id)
     context = f"id {sample_id!r}, {where}"
@@ -85,10 +97,11 @@ def _triplet(root: Path, sample_id: str, phrase: str, split: str, where: str) ->
         phrase=phrase,
         split=split,
         image_loader=partial(load_rgb, image_path, context=context),
-        mask_loader=partial(load_mask, mask_path, context=context),
+        mask_loader=partial(load_mask, mask_path, context=context, threshold=threshold),
         where=where,
         image_path=str(image_path),
         mask_path=str(mask_path),
+        category=category,
     )
 
 

@@ -28,14 +28,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 from ._atomic import staging_dir, swap_into_place
-from .triplet import DatasetError
+from .categories import phrase_category
+from .refsegrs import read_refsegrs
+from .triplet import DatasetError, Triplet
 
 SIZE = 512
 GENERATOR_VERSION = 1
@@ -74,7 +76,8 @@ class SceneObject:
 @dataclass(frozen=True)
 class PhraseRule:
     """What a phrase refers to: either a class of the class map (stuff: road, vegetation), or the
-    instances of some kinds that pass a predicate (things)."""
+    instances of some kinds that pass a predicate (things). `family` is the object category,
+    named as in RefSegRS; it is the `category` of the phrase's samples."""
 
     family: str
     cls: Optional[int] = None
@@ -99,8 +102,8 @@ PHRASES: dict[str, PhraseRule] = {
     "car along the road": PhraseRule("vehicle", kinds=("car",), where=lambda o: "on_road" in o.tags),
     # stuff
     "road": PhraseRule("road", cls=ROAD),
-    "parking area": PhraseRule("parking", cls=PARKING),
-    "low vegetation": PhraseRule("vegetation", cls=BACKGROUND),
+    "parking area": PhraseRule("parking area", cls=PARKING),
+    "low vegetation": PhraseRule("low vegetation", cls=BACKGROUND),
     # buildings and trees
     "building": PhraseRule("building", kinds=("building",)),
     "building along the road": PhraseRule("building", kinds=("building",), where=lambda o: "near_road" in o.tags),
@@ -528,6 +531,18 @@ def generate(out_dir: str | os.PathLike, size: int = 300, seed: int = 0) -> Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def synthetic_category(phrase: str) -> str:
+    """The generator's own category of a phrase (exact); the RefSegRS rule for a phrase it does
+    not know (a hand-edited copy)."""
+    rule = PHRASES.get(phrase)
+    return rule.family if rule else phrase_category(phrase)
+
+
+def read_synthetic(root: str | os.PathLike, **options) -> Iterator[Triplet]:
+    """A folder `generate` wrote: the RefSegRS reader, with the generator's categories."""
+    return read_refsegrs(root, categorize=synthetic_category, **options)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

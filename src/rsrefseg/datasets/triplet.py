@@ -33,7 +33,9 @@ class Issue:
     id: Optional[str] = None
     split: Optional[str] = None
     where: Optional[str] = None
-    kind: str = "sample"  # "sample": one sample is bad (skippable); "split": a whole split is empty
+    # "sample": one sample is bad (skippable); "split": a whole split is empty (never skippable);
+    # "note": the sample is kept, with a change worth knowing (a mask resized to its image)
+    kind: str = "sample"
 
     def __str__(self) -> str:
         parts = [self.where] if self.where else []
@@ -63,6 +65,9 @@ class Triplet:
     load_image() -> uint8 array [H, W, 3] (RGB)
     load_mask()  -> bool array [H, W] (True = the phrase's target)
     where: the file (and line) that declared this sample, for error messages.
+    category: the object category the phrase refers to ("" = unknown).
+    fit_mask_to_image: a mask whose size differs from the image's is resized to it (nearest)
+        instead of refused; for formats whose known quirk this is (RRSIS-D).
     """
 
     id: str
@@ -73,6 +78,8 @@ class Triplet:
     where: str = ""
     image_path: str = ""
     mask_path: str = ""
+    category: str = ""
+    fit_mask_to_image: bool = False
 
     def load_image(self) -> np.ndarray:
         return self.image_loader()

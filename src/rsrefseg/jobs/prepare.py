@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from rsrefseg.datasets.imagefiles import DEFAULT_MASK_THRESHOLD
 from rsrefseg.datasets.prepare import prepare_dataset
 
+LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest has them all
 
-def run_prepare(fmt: str, root: str, out: str, *, skip_invalid: bool = False) -> dict:
-    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid)
-    counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
-    print(f"[rsrefseg] prepared {out}: {counts}; hash {manifest['content_hash'][:12]}")
-    if manifest.get("skipped"):
-        print(f"[rsrefseg] skipped {len(manifest['skipped'])} invalid triplets (listed in {out}/manifest.json)")
+
+def run_prepare(fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD) -> dict:
+    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold)
+    for line in summary_lines(manifest, out):
+        print(f"[rsrefseg] {line}")
     return manifest
+
+
+def summary_lines(manifest: dict, out: str) -> list[str]:
+    """What a user compares with the published split sizes, and what was left out or changed."""
+    counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
+    lines = [f"prepared {out}: {counts}; hash {manifest['content_hash'][:12]}"]
+    for split, per in manifest.get("categories", {}).items():
+        if per:
+            lines.append(f"  {split} by category: " + ", ".join(f"{name} {n}" for name, n in per.items()))
+    skipped = manifest.get("skipped") or []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} invalid triplet(s) (all listed in {out}/manifest.json under skipped):")
+        lines += [f"  id {s['id']!r} ({s['split']}): {s['reason']}" for s in skipped[:LISTED]]
+        if len(skipped) > LISTED:
+            lines.append(f"  ... and {len(skipped) - LISTED} more")
+    warnings = manifest.get("warnings") or []
+    if warnings:
+        lines.append(f"kept {len(warnings)} sample(s) with a change (all listed in {out}/manifest.json under warnings):")
+        lines += [f"  {w}" for w in warnings[:LISTED]]
+        if len(warnings) > LISTED:
+            lines.append(f"  ... and {len(warnings) - LISTED} more")
+    return lines
