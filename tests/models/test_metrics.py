@@ -130,3 +130,35 @@ def test_bce_loss_matches_hand_value_and_pos_weight():
     softplus2 = torch.log1p(torch.exp(torch.tensor(2.0)))
     torch.testing.assert_close(mask_bce_loss(logits, mask), (ln2 + softplus2) / 2)
     torch.testing.assert_close(mask_bce_loss(logits, mask, pos_weight=3.0), (3 * ln2 + softplus2) / 2)
+
+
+def test_sample_records_and_breakdowns_on_a_hand_made_case():
+    from rsrefseg.models.metrics import metrics_by, sample_records
+
+    gt = torch.zeros(4, 10, 10, dtype=torch.uint8)
+    pred = torch.zeros(4, 10, 10, dtype=torch.bool)
+    gt[0, :5, :] = 1; pred[0, :5, :5] = True       # 50 gt px, 25 predicted inside: IoU 0.5, size >=20%
+    gt[1, 0, 0] = 1; pred[1, 0, :2] = True         # 1 gt px of 100 (1%: bucket 1-5%), 2 predicted: IoU 0.5
+    gt[2, :2, :2] = 1; pred[2, :2, :2] = True      # 4 px exact: IoU 1, size 1-5%
+    pred[3, 5:, 5:] = True                         # nothing there, 25 predicted: IoU 0, size <1%
+    rows = sample_records(pred, gt)
+    assert rows["intersection"] == [25, 1, 4, 0] and rows["union"] == [50, 2, 4, 25]
+    assert rows["gt_area"] == [50, 1, 4, 0] and rows["pred_area"] == [25, 2, 4, 25]
+    assert rows["iou"] == [0.5, 0.5, 1.0, 0.0]
+    assert rows["size"] == [">=20%", "1-5%", "1-5%", "<1%"]
+
+    rows["category"] = ["road", "vehicle", "vehicle", "vehicle"]
+    by_category = metrics_by(rows, "category")
+    assert list(by_category) == ["vehicle", "road"]  # larger group first
+    assert by_category["vehicle"]["count"] == 3
+    assert by_category["vehicle"]["gIoU"] == pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)
+    assert by_category["vehicle"]["cIoU"] == pytest.approx(100 * 5 / 31)
+    assert by_category["vehicle"]["Pr@0.5"] == pytest.approx(100 / 3)  # IoU > 0.5, strictly
+    assert by_category["road"]["gIoU"] == pytest.approx(50.0)
+    by_size = metrics_by(rows, "size", order=("<1%", "1-5%", "5-20%", ">=20%"))
+    assert list(by_size) == ["<1%", "1-5%", ">=20%"]
+    # the groups partition the samples: their sums give the overall cIoU
+    overall = SegMetrics()
+    overall.update(pred, gt)
+    assert sum(v["count"] for v in by_size.values()) == 4
+    assert overall.compute()["cIoU"] == pytest.approx(100 * sum(rows["intersection"]) / sum(rows["union"]))

@@ -71,7 +71,11 @@ class SegMetrics:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """pred: bool [B, H, W] (threshold logits at 0 first); gt: [B, H, W], nonzero = foreground."""
-        inter, union = intersection_union(pred, gt)
+        self.add(*intersection_union(pred, gt))
+
+    @torch.no_grad()
+    def add(self, inter: torch.Tensor, union: torch.Tensor) -> None:
+        """Samples given by their intersection and union pixel counts (int64 [B])."""
         iou = _iou(inter, union, self.empty_iou)
         thresholds = torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=iou.device)
         batch = torch.cat(
@@ -109,3 +113,51 @@ class SegMetrics:
         out["gIoU"] = 100.0 * s[_IOU_SUM] / IOU_SCALE / count if count else 0.0
         out["count"] = count
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample records and breakdowns (by category, by object size)
+
+# Object size = the ground truth's share of the image, in buckets (label, upper bound): small
+# targets are where referring segmentation fails first (a vehicle in RRSIS-D covers well under
+# 1% of an 800x800 image; a road or low vegetation often a fifth or more).
+SIZE_BUCKETS = (("<1%", 0.01), ("1-5%", 0.05), ("5-20%", 0.20), (">=20%", float("inf")))
+
+
+def size_bucket(gt_share: float) -> str:
+    """The SIZE_BUCKETS label of a ground truth covering `gt_share` (0..1) of its image."""
+    return next(label for label, upper in SIZE_BUCKETS if gt_share < upper)
+
+
+@torch.no_grad()
+def sample_records(pred: torch.Tensor, gt: torch.Tensor, *, empty_iou: float = 1.0) -> dict[str, list]:
+    """pred, gt: [B, H, W] -> per-sample columns: intersection, union, gt_area, pred_area
+    (pixels), pixels (H*W), iou (0..1, both-empty = `empty_iou`), size (SIZE_BUCKETS label)."""
+    inter, union = intersection_union(pred, gt)
+    gt_area = (gt > 0).flatten(1).sum(1)
+    pred_area = pred.bool().flatten(1).sum(1)
+    pixels = gt.shape[1] * gt.shape[2]
+    return {
+        "intersection": inter.tolist(),
+        "union": union.tolist(),
+        "gt_area": gt_area.tolist(),
+        "pred_area": pred_area.tolist(),
+        "pixels": [pixels] * gt.shape[0],
+        "iou": _iou(inter, union, empty_iou).tolist(),
+        "size": [size_bucket(a / pixels) for a in gt_area.tolist()],
+    }
+
+
+def metrics_by(rows: dict[str, list], key: str, *, empty_iou: float = 1.0, order: tuple = ()) -> dict[str, dict[str, float]]:
+    """Metrics (as `SegMetrics.compute`) of each group of samples sharing `rows[key]`; groups in
+    `order` first (those present), then by decreasing sample count."""
+    groups: dict[str, list[int]] = {}
+    for i, value in enumerate(rows[key]):
+        groups.setdefault(str(value), []).append(i)
+    out = {}
+    for name in sorted(groups, key=lambda g: (g not in order, order.index(g) if g in order else 0, -len(groups[g]), g)):
+        acc = SegMetrics(empty_iou=empty_iou)
+        index = groups[name]
+        acc.add(torch.tensor([rows["intersection"][i] for i in index]), torch.tensor([rows["union"][i] for i in index]))
+        out[name] = acc.compute()
+    return out
