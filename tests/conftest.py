@@ -21,7 +21,9 @@ def ray_session():
     if not ray.is_initialized():
         # With the dashboard, as `rsrefseg train` runs: Ray Train's placement-group cleaner asks
         # the State API (served by the dashboard) whether the train controller is alive.
-        ray.init(num_cpus=4, namespace="rsrefseg-tests", log_to_driver=True, object_store_memory=2 * 1024**3)
+        # address="local": the tests' own Ray, even while `ray start` keeps one running here.
+        ray.init(address="local", num_cpus=4, namespace="rsrefseg-tests", log_to_driver=True,
+                 object_store_memory=2 * 1024**3)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

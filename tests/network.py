@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
@@ -22,3 +23,24 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(url)
+
+
+def kill_tree_using(marker: str) -> None:
+    """Kill every process whose command line mentions `marker` (a Ray's own temp dir), and their
+    descendants: raylets start agents and workers that retitle themselves `ray::...`. Unlike
+    `ray stop`, this leaves every other Ray on the machine alone."""
+    import psutil
+
+    doomed: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or []):
+            doomed[proc.pid] = proc
+            try:
+                doomed.update({c.pid: c for c in proc.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+    for proc in doomed.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -44,16 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split (paper-style row)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--out", help="write the row as JSON here")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.*, tracking.*, cluster.* overrides")
+    p.add_argument("--out", help="write the result as JSON here (per-sample rows go beside it as .samples.parquet)")
+    p.add_argument("--batch-size", type=int, help="samples per model call of each replica (evaluate.batch_size, 8)")
+    p.add_argument("--replicas", type=int, help="model replicas (evaluate.replicas; default one per GPU, else one)")
+    p.add_argument("--gpus-per-replica", type=float, help="evaluate.gpus_per_replica (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--gallery", type=int, metavar="K", help="the K worst and K best samples as an MLflow figure (evaluate.gallery, 4)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.*, tracking.*, cluster.*, paths.*, evaluate.* overrides")
 
-    p = sub.add_parser("predict", help="segment one image from one phrase")
+    p = sub.add_parser("predict", help="segment images (a file or a folder, GeoTIFFs of any size) from phrases")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--out", required=True, help="mask PNG (0/255) at the image's size")
-    p.add_argument("--overlay", help="also write the image with the mask overlaid")
+    p.add_argument("--image", required=True, help="an image file or a folder of them")
+    p.add_argument("--text", required=True, action="append", help="a phrase; repeat for several")
+    p.add_argument("--out", required=True,
+                   help="the mask (0/255) for one image and one phrase, else a folder of <image>.<phrase>.png|tif")
+    p.add_argument("--overlay", help="also write the image with the mask overlaid (one image, one phrase)")
+    p.add_argument("--tile", type=int, default=0, help="tile side in px (default: whole image up to 2048 px, else 512)")
+    p.add_argument("--overlap", type=float, default=0.25, help="share of a tile that neighbours overlap")
+    p.add_argument("--gsd", type=float, default=0.0, help="metres per pixel of the training data: a GeoTIFF is resampled to it")
+    p.add_argument("--geojson", action="store_true", help="also write a GeoTIFF's mask as GeoJSON polygons")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when there is a GPU")
+    p.add_argument("--replicas", type=int, default=0, help="model replicas for a folder (default: one per GPU, else one)")
 
     p = sub.add_parser("tune", help="Ray Tune sweep (e.g. the paper's ablation table)")
     _add_config_args(p, required=False)
@@ -63,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
     p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--root", help="absolute path of the project folder on the cluster's nodes, where the job's "
+                                  "relative data/weights/runs paths resolve (default: the RSREFSEG_HOME the "
+                                  "nodes run with; cluster.yaml: /home/ray/rsrefseg)")
     p.add_argument("job", nargs=argparse.REMAINDER, help="-- train|evaluate|tune ARGS")
 
     p = sub.add_parser("jobs", help="list, follow or stop submitted jobs")
@@ -136,7 +149,8 @@ def _where() -> str:
     from rsrefseg.jobs.submit import SUBMITTED_ENV
 
     if os.environ.get(SUBMITTED_ENV):
-        return f" (Ray job driver on cluster host {socket.gethostname()}; paths resolve there)"
+        return (f" (Ray job driver on cluster host {socket.gethostname()}; paths resolve there, relative ones "
+                "against paths.root: `rsrefseg submit --root DIR` or paths.root=DIR)")
     return ""
 
 
@@ -175,11 +189,14 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from rsrefseg.jobs.evaluate import run_evaluate
 
         run_evaluate(args.checkpoint, split=args.split, overrides=args.overrides, out=args.out,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                     gallery=args.gallery)
     elif cmd == "predict":
         from rsrefseg.jobs.predict import run_predict
 
-        run_predict(args.checkpoint, image=args.image, text=args.text, out=args.out, overlay=args.overlay)
+        run_predict(args.checkpoint, image=args.image, text=args.text, out=args.out, overlay=args.overlay,
+                    tile=args.tile, overlap=args.overlap, gsd=args.gsd, geojson=args.geojson, cpu=args.cpu,
+                    replicas=args.replicas)
     elif cmd == "tune":
         from rsrefseg.jobs.tune import run_tune
 
@@ -191,7 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif cmd == "submit":
         from rsrefseg.jobs.submit import run_submit
 
-        return run_submit(args.job, address=args.address, wait=not args.no_wait)
+        return run_submit(args.job, address=args.address, wait=not args.no_wait, root=args.root)
     elif cmd == "jobs":
         from rsrefseg.jobs.submit import run_jobs
 

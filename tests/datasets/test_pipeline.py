@@ -183,3 +183,16 @@ def test_tokenize_without_an_attention_mask_falls_back_to_ones():
     ids, mask = tokenize(IdsOnly(), ["a", "b"], 5)
     assert ids.dtype == np.int64 and ids.shape == (2, 5)
     np.testing.assert_array_equal(mask, np.ones((2, 5)))
+
+
+def test_scoring_streams_carry_each_mask_at_its_own_size(small, tokenizer):
+    from rsrefseg.datasets.imagefiles import decode_png
+
+    path, expected = small
+    sizes = InputSizes(sam_image=16, siglip_image=16, label=8, max_text_len=8)
+    got = collect(preprocess(read_split(path, "val"), sizes, tokenizer, original_masks=True))
+    for sample_id, png in zip(got["id"], got["mask_original"]):
+        np.testing.assert_array_equal(decode_png(png), expected[sample_id].mask)  # 32x32, not 8x8
+    assert got["mask"][0].shape == (8, 8)
+    with pytest.raises(ValueError, match="never augmented"):
+        preprocess(read_split(path, "train"), sizes, tokenizer, augment=True, original_masks=True)

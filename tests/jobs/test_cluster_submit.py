@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,32 +19,12 @@ from pathlib import Path
 import pytest
 
 from rsrefseg.cli import main
-from tests.network import free_port, wait_http
+from tests.network import free_port, kill_tree_using, wait_http
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-
-
-def kill_tree_using(marker: str) -> None:
-    """Kill every process whose command line mentions `marker` (this cluster's temp dir), and
-    their descendants: raylets start agents and workers that retitle themselves `ray::...`."""
-    import psutil
-
-    doomed: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or []):
-            doomed[proc.pid] = proc
-            try:
-                doomed.update({c.pid: c for c in proc.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
-    for proc in doomed.values():
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +39,9 @@ def cluster(tmp_path_factory):
     env["RAY_AUTH_MODE"] = "disabled"
     # Job entrypoints run `python` from the node's PATH, as on a real node with an activated env.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # The project folder on the nodes, as cluster.yaml starts Ray: jobs resolve relative paths there.
+    project = tmp / "project"
+    env["RSREFSEG_HOME"] = str(project)
     common = ["--disable-usage-stats", f"--temp-dir={ray_tmp}"]
 
     def node_ports() -> list[str]:
@@ -85,7 +69,8 @@ def cluster(tmp_path_factory):
         ))
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")
         wait_http(f"http://127.0.0.1:{dash}/api/version")
-        yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp}
+        yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp,
+               "project": project}
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)
@@ -120,6 +105,22 @@ def test_demo_training_job_runs_on_both_nodes_and_logs_to_server(cluster, prepar
     nodes = run.data.tags["rsrefseg.worker_nodes"].split(",")
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
     assert "checkpoints/best" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+def test_relative_recipe_paths_resolve_in_the_nodes_project_folder(cluster, prepared_dataset, capsys):
+    # What cluster.yaml's setup commands sync to the nodes; the job itself runs in Ray's copy of
+    # the code, which holds no data/ (excluded from the upload).
+    shutil.copytree(prepared_dataset, cluster["project"] / "data/demo/prepared")
+    rc = main([
+        "submit", "--address", cluster["address"], "--",
+        # demo.yaml's data.path (data/demo/prepared) and the default train.storage_path (runs), as written.
+        "train", "--config", "configs/demo.yaml", "train.epochs=1", "train.batch_size=4", "data.limit=16",
+        "train.figure_samples=0", f"tracking.uri={cluster['mlflow']}", "tracking.experiment=relative",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    (run_dir,) = (cluster["project"] / "runs").iterdir()
+    assert (run_dir / "best" / "weights.safetensors").is_file()
 
 
 def test_bad_config_job_fails_fast_with_the_error_in_its_logs(cluster, capsys):

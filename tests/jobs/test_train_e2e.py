@@ -98,17 +98,45 @@ def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
     assert main(["evaluate", "--checkpoint", str(run_dir), "--split", "test", "--out", str(out),
                  f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=e2e"]) == 0
     printed = capsys.readouterr().out
-    assert "Pr@0.5" in printed and "gIoU" in printed
+    assert "gIoU (=mIoU)" in printed and "cIoU (=oIoU)" in printed and "IoU > X" in printed
+    assert "by category" in printed and "by object size" in printed
     result = json.loads(out.read_text())
     manifest = json.loads((prepared_dataset / "manifest.json").read_text())
     assert result["metrics"]["count"] == manifest["counts"]["test"]
     assert 0.0 <= result["metrics"]["gIoU"] <= 100.0
+    # breakdowns: every category of the split, groups that partition the samples
+    assert set(result["by_category"]) == set(manifest["categories"]["test"])
+    assert {k: v["count"] for k, v in result["by_category"].items()} == manifest["categories"]["test"]
+    assert sum(v["count"] for v in result["by_size"].values()) == result["metrics"]["count"]
+    # one Parquet row per sample; their sums give the overall cIoU and their mean IoU the gIoU
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(result["samples"]).to_pylist()
+    assert len(rows) == manifest["counts"]["test"] and len({r["id"] for r in rows}) == len(rows)
+    assert 100 * sum(r["intersection"] for r in rows) / sum(r["union"] for r in rows) == pytest.approx(result["metrics"]["cIoU"])
+    assert 100 * sum(r["iou"] for r in rows) / len(rows) == pytest.approx(result["metrics"]["gIoU"])
     # The evaluation is an MLflow run of its own, with the same figures.
     client, _ = mlflow_run(home)
     exp = client.get_experiment_by_name("e2e")
     (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'evaluate'")
     assert ev.info.status == "FINISHED"
     assert ev.data.metrics["test/gIoU"] == pytest.approx(result["metrics"]["gIoU"])
+    assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")} == {
+        "evaluation/test.json", "evaluation/test.samples.parquet", "evaluation/test_gallery.png"}
+
+
+def test_evaluate_on_val_matches_the_best_epochs_validation(trained, capsys):
+    """Ray Data replicas and training's validation share one forward and metric path."""
+    home, run_dir = trained
+    result_path = home / "val.json"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--split", "val", "--out", str(result_path),
+                 "tracking.enabled=false"]) == 0
+    result = json.loads(result_path.read_text())
+    client, run = mlflow_run(home)
+    best_epoch = int(run.data.metrics["best/epoch"]) if "best/epoch" in run.data.metrics else None
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/gIoU")}
+    best = history[best_epoch] if best_epoch else max(history.values())
+    assert result["metrics"]["gIoU"] == pytest.approx(best, abs=1e-3)
 
 
 def test_predict_writes_mask_at_image_size(trained, synthetic_root, tmp_path):
@@ -159,7 +187,12 @@ def test_bad_config_fails_before_ray(tmp_path, capsys):
     assert "model.lora.sam_rank" in capsys.readouterr().err
     assert main(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path / 'nope'}",
                  f"train.storage_path={tmp_path}"]) == 2
-    assert "manifest.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist" in err and "rsrefseg prepare" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path / 'empty'}",
+                 f"train.storage_path={tmp_path}"]) == 2
+    assert "manifest.json" in capsys.readouterr().err  # a folder that is not a prepared dataset
     assert ray.is_initialized() == was
 
 

@@ -98,11 +98,41 @@ def test_failing_trial_does_not_stop_the_sweep(ray_session, prepared_dataset, tm
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
 
 
+def test_asha_sweep_records_trials_that_ran_every_epoch_as_finished(ray_session, prepared_dataset, tmp_path):
+    # ASHA stops a trial at max_t the moment it reports its last epoch: that must not cut off the
+    # trial's own ending (best checkpoint, MLflow run FINISHED). The first trial always runs every
+    # epoch (nothing to compare it with at the first rung); the second may be stopped after epoch 1.
+    sweep = tmp_path / "ranks.yaml"
+    sweep.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8]}]}))
+    assert main(tune_args(prepared_dataset, tmp_path, sweep, "tune.name=asha", "train.epochs=2",
+                          "tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2")) == 0
+    client, (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED"
+    by_rank = {c.data.params["model.lora.sam_rank"]: c for c in children}
+    rows = (tmp_path / "runs" / "asha" / "ablation.csv").read_text().splitlines()[1:]
+    status = {line.split(",")[1]: line.split(",")[-1] for line in rows}
+    assert status["SAM LoRA rank=4"] == "finished", status
+    for rank, run in by_rank.items():
+        if status[f"SAM LoRA rank={rank}"] == "finished":
+            assert run.info.status == "FINISHED", (rank, run.info.status)
+            assert "best/gIoU" in run.data.metrics and "rsrefseg.stopped_early" not in run.data.tags
+            assert "checkpoints/best" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+            trial_dir = tmp_path / "runs" / "asha" / "trials" / run.info.run_name.split("-trials-")[-1]
+            assert (trial_dir / "best" / "weights.safetensors").is_file()
+        else:
+            assert status[f"SAM LoRA rank={rank}"] == "stopped"
+            assert run.info.status == "KILLED" and "rsrefseg.stopped_early" in run.data.tags
+
+
 def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_path):
     sweep = tmp_path / "ranks.yaml"
     sweep.write_text(yaml.safe_dump({"mode": "grid", "axes": [
         {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8, 16]}]}))
-    args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=resumable", "train.epochs=2")
+    # ASHA with grace_period = max_t stops a trial only at its last epoch: the moment that must not
+    # cut off the trial's ending (FINISHED, best checkpoint), before and after the resume.
+    args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=resumable", "train.epochs=2",
+                     "tune.scheduler=asha", "tune.grace_period=2")
     env = {**os.environ, "RSREFSEG_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     # Create the MLflow store before polling it: two processes creating one SQLite schema at
     # the same moment collide ("duplicate column name").
@@ -124,18 +154,31 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _, _, before = runs_of(tmp_path)
+    first = (tmp_path / "first.log").read_text()
+    # Interrupted, as Ctrl-C of `rsrefseg train` is: exit 130, and the command that continues it.
+    assert proc.returncode == 130, first[-3000:]
+    assert f"rsrefseg tune --resume {tmp_path / 'runs' / 'resumable'}" in first
+    assert "Tuner.restore(" not in first
+    _, (parent,), before = runs_of(tmp_path)
+    assert parent.info.status == "KILLED"
     finished_before = {c.info.run_id: c.info.end_time for c in before if c.info.status == "FINISHED"}
     assert 1 <= len(finished_before) < 3
+    # The trial cut short is KILLED (not left RUNNING) and not mistaken for one ASHA stopped.
+    assert {c.info.status for c in before} <= {"FINISHED", "KILLED"}, [(c.info.run_name, c.info.status) for c in before]
+    assert not any("rsrefseg.stopped_early" in c.data.tags for c in before)
 
     resume = subprocess.run(
         [sys.executable, "-m", "rsrefseg", "tune", "--resume", "runs/resumable"],  # as README shows it
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-    client, _, after = runs_of(tmp_path)
+    client, (parent,), after = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED"
     assert len(after) == 3, [c.info.run_name for c in after]
     assert all(c.info.status == "FINISHED" for c in after)
+    assert not any("rsrefseg.stopped_early" in c.data.tags for c in after)
+    assert all((tmp_path / "runs" / "resumable" / "trials" / c.info.run_name.split("-trials-")[-1] / "best").is_dir()
+               for c in after)
     for run_id, end_time in finished_before.items():
         # Trials that had finished were not run again.
         assert client.get_run(run_id).info.end_time == end_time

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import torch
 
 from rsrefseg.models.presets import TINY
@@ -44,3 +47,21 @@ def make_batch(batch_size: int = 2, *, seed: int = 0, label: int = TINY.label_si
 
 def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["sam_image"], batch["siglip_image"], batch["input_ids"], batch["attention_mask"])
+
+
+def siglip_tokenizer_dir(tmp_path: Path) -> Path:
+    """A SigLIP-style tokenizer directory (spiece.model + tokenizer config, as `save_pretrained`
+    writes it) with a small sentencepiece model trained here: SigLIP's ids (pad 0, EOS 1, unk 2)."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    corpus = [p for p in PHRASES for _ in range(20)] + ["the red car near the tree", "a building along the river"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=60, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+    )  # fmt: skip
+    (tmp_path / "spiece.model").write_bytes(model.getvalue())
+    SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), model_max_length=64).save_pretrained(tmp_path / "siglip")
+    (tmp_path / "siglip" / "config.json").write_text('{"model_type": "siglip"}')
+    return tmp_path / "siglip"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,21 @@ def test_sample_records_and_breakdowns_on_a_hand_made_case():
     overall.update(pred, gt)
     assert sum(v["count"] for v in by_size.values()) == 4
     assert overall.compute()["cIoU"] == pytest.approx(100 * sum(rows["intersection"]) / sum(rows["union"]))
+
+
+def test_scoring_at_the_images_own_size_resizes_the_logits_not_the_mask():
+    from rsrefseg.datasets.imagefiles import encode_png
+    from rsrefseg.models.inference import score_batch
+
+    logits = torch.full((1, 4, 4), -5.0)
+    logits[0, :, :2] = 5.0  # the left half, at the 4x4 label size
+    truth = np.zeros((10, 6), bool)
+    truth[:, :3] = True  # the left half of a 10x6 image
+    label_mask = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    label_mask[0, :, :1] = 1  # what a nearest resize of some other mask left at label size
+    batch = {"mask": label_mask, "mask_original": [encode_png(truth)], "id": ["7"], "phrase": ["road"], "category": ["road"]}
+    records = score_batch(logits, batch)
+    assert records["pixels"] == [60] and records["gt_area"] == [30] and records["iou"] == [1.0]
+    assert records["id"] == ["7"] and records["category"] == ["road"]
+    del batch["mask_original"]  # without originals: scored at the label size
+    assert score_batch(logits, batch)["iou"] == [0.5]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
 import pytest
-import sentencepiece as spm
-from transformers import SiglipTokenizer
 
 from rsrefseg.models.presets import TINY
 from rsrefseg.models.tokenizer import TINY_WORDS, build_tiny_tokenizer, load_tokenizer, tiny_vocabulary, tokenize
-from tests.models.helpers import PHRASES, tiny_model_config
+from tests.models.helpers import PHRASES, siglip_tokenizer_dir, tiny_model_config
 
 L = TINY.siglip.max_text_len
 
@@ -52,22 +49,8 @@ def test_tiny_tokenizer_is_deterministic_and_picklable():
     assert len(set(TINY_WORDS)) == len(TINY_WORDS), "duplicate words shift ids"
 
 
-def _siglip_tokenizer_dir(tmp_path):
-    """A SigLIP-style tokenizer directory with a small sentencepiece model trained here."""
-    corpus = [p for p in PHRASES for _ in range(20)] + ["the red car near the tree", "a building along the river"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=60, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-    )  # fmt: skip
-    (tmp_path / "spiece.model").write_bytes(model.getvalue())
-    SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), model_max_length=64).save_pretrained(tmp_path / "siglip")
-    (tmp_path / "siglip" / "config.json").write_text('{"model_type": "siglip"}')
-    return tmp_path / "siglip"
-
-
 def test_real_preset_loads_the_siglip_tokenizer_from_its_directory(tmp_path):
-    path = _siglip_tokenizer_dir(tmp_path)
+    path = siglip_tokenizer_dir(tmp_path)
     cfg = tiny_model_config(["model.preset=rsrefseg-b", f"model.siglip_path={path}"])
     tok = load_tokenizer(cfg)
     enc = tokenize(tok, PHRASES, max_length=64)

@@ -38,6 +38,14 @@ def test_no_credentials_and_no_public_dashboard(config):
     assert "mlflow-server" in start
 
 
+def test_jobs_resolve_relative_paths_where_the_nodes_hold_the_project(config):
+    (project,) = config["file_mounts"]  # where every node holds the project, its data and weights
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert start.startswith(f"RSREFSEG_HOME={project} ray start"), start  # job drivers inherit it
+    assert any(project in c and "/data" in c for c in config["setup_commands"])
+
+
 @pytest.mark.parametrize(
     "mutate",
     [

@@ -131,6 +131,7 @@ def preprocess(
     shuffle_phrases: bool = False,
     seed: int = 0,
     batch_size: int = PREPROCESS_BATCH_SIZE,
+    original_masks: bool = False,
 ):
     """Decode, resize and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
@@ -140,12 +141,15 @@ def preprocess(
         attention_mask int64 [sizes.max_text_len]
         mask           uint8 [sizes.label, sizes.label], 0/1               (nearest)
         id, phrase, category   str (category: of the shards, even with shuffled phrases)
+        mask_original  bytes: the mask's PNG at the image's own size (only with original_masks)
 
     sizes: an `rsrefseg.models.sizes.InputSizes`.
     tokenizer: a Hugging Face tokenizer (or any picklable callable with its call signature);
         it travels to the workers inside the map function.
     augment: random horizontal/vertical flips, the same for image and mask; drawn afresh on
         every pass, so each epoch sees new flips (and they are not reproducible).
+    original_masks: also pass each mask at its own size, so that scoring compares the logits
+        resized to the image with the true mask, as the field's evaluation code does.
     shuffle_phrases: control experiment; each sample gets the phrase of another sample of the
         split (a seeded derangement over the whole split, in id order), so the text no longer
         describes the image. The `phrase` column then holds the phrase the model was given.
@@ -155,7 +159,9 @@ def preprocess(
     if shuffle_phrases:
         rows = ds.select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, augment=augment, phrases=phrase_map)
+    if original_masks and augment:
+        raise ValueError("original_masks is for scoring (val/eval splits), which are never augmented")
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, augment=augment, phrases=phrase_map, original_masks=original_masks)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
@@ -174,11 +180,13 @@ def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[s
 class Preprocessor:
     """The map_batches function: one batch of Parquet rows -> one batch of model inputs."""
 
-    def __init__(self, *, sizes, tokenizer, augment: bool = False, phrases: Optional[dict[str, str]] = None):
+    def __init__(self, *, sizes, tokenizer, augment: bool = False, phrases: Optional[dict[str, str]] = None,
+                 original_masks: bool = False):
         self.sizes = sizes
         self.tokenizer = tokenizer
         self.augment = augment
         self.phrases = phrases
+        self.original_masks = original_masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["id"]]
@@ -199,7 +207,9 @@ class Preprocessor:
             siglip[k] = resize_image(image, sizes.siglip_image)
             masks[k] = resize_mask(mask, sizes.label)
         input_ids, attention_mask = tokenize(self.tokenizer, phrases, sizes.max_text_len)
+        extra = {"mask_original": np.array(list(batch["mask"]), dtype=object)} if self.original_masks else {}
         return {
+            **extra,
             "sam_image": sam,
             "siglip_image": siglip,
             "input_ids": input_ids,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsrefseg.platform import tracking
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config
 
 DEFAULT_SIZE = 400
@@ -17,11 +17,11 @@ DEFAULT_SIZE = 400
 
 def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: bool = False) -> dict:
     from rsrefseg.datasets.synthetic import generate
-    from rsrefseg.jobs.evaluate import format_row, run_evaluate
+    from rsrefseg.jobs.evaluate import format_row, format_table, run_evaluate
     from rsrefseg.jobs.prepare import run_prepare
     from rsrefseg.jobs.train import run_train
 
-    out_dir = Path(out)
+    out_dir = Path(paths.resolve(out, paths.project_root(cfg.paths.root)))  # where training looks too
     raw, prepared = out_dir / "raw", out_dir / "prepared"
     size = size or DEFAULT_SIZE
     generate(raw, size=size, seed=cfg.train.seed)
@@ -40,10 +40,11 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
         outcome = run_train(run_cfg)
         print(f"[rsrefseg] 3/3 evaluating {label} on the test split", flush=True)
         results[label] = run_evaluate(str(outcome.best_checkpoint), split="test",
-                                      overrides=[f"data.path={prepared}"])["metrics"]
+                                      overrides=[f"data.path={prepared}"])
 
     print("\nTest split of the synthetic set (percent):")
-    for label, metrics in results.items():
-        print(format_row(metrics, label=label))
-    print(f"\nCompare runs in the MLflow UI: rsrefseg ui   (store: {tracking.resolve_tracking_uri(cfg.tracking)})")
+    for label, result in results.items():
+        print(format_row(result["metrics"], label=label))
+        print(format_table(result["by_category"], first="category"))
+    print(f"\nCompare runs in the MLflow UI: rsrefseg ui   (store: {tracking.resolved(cfg).tracking.uri})")
     return results

@@ -1,18 +1,31 @@
-"""`rsrefseg evaluate`: metrics of a checkpoint on one split, in the paper's row layout."""
+"""`rsrefseg evaluate`: metrics of a checkpoint on one split, as a Ray Data batch-inference job.
+
+Model replicas score the split in Ray Data actors (one GPU each where the cluster has GPUs),
+with the forward and metric code of training's validation. Output: the paper's row, a row per
+category and per object size (tables name both metric conventions), a JSON with all three, and
+one Parquet row per sample beside it; all logged to an MLflow run of its own.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
-import torch
-
-from rsrefseg.platform import tracking
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import ConfigError
 from rsrefseg.platform.ray_session import init_ray
 
+log = logging.getLogger(__name__)
+
 METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
+# Papers name the same two metrics three ways; the headers say both so numbers line up.
+HEADERS = {"cIoU": "cIoU (=oIoU)", "gIoU": "gIoU (=mIoU)"}
+CONVENTIONS = ("gIoU = mIoU = mean of per-sample IoU; cIoU = oIoU = total intersection / total union; "
+               "Pr@X = share of samples with IoU > X")
+SAMPLE_COLUMNS = ("id", "phrase", "category", "size", "iou", "intersection", "union", "gt_area", "pred_area", "pixels")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -34,10 +47,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def format_row(metrics: dict, label: str = "") -> str:
     """The paper-style table row: Pr@0.5..0.9, cIoU, gIoU (percent)."""
-    head = "| " + " | ".join(([""] if label else []) + list(METRIC_COLUMNS)) + " |"
-    sep = "|" + "---|" * (len(METRIC_COLUMNS) + (1 if label else 0))
-    cells = ([label] if label else []) + [f"{metrics[c]:.2f}" for c in METRIC_COLUMNS]
-    return "\n".join([head, sep, "| " + " | ".join(cells) + " |"])
+    return format_table({label: metrics}, first=label and " ")
+
+
+def format_table(rows: dict[str, dict], *, first: str = "") -> str:
+    """A markdown table, one row per entry of `rows` (label -> metrics in percent): Pr@0.5..0.9,
+    cIoU, gIoU, plus the sample count when the metrics carry one. `first`: the label column's
+    header ("" = no label column)."""
+    with_count = all("count" in m for m in rows.values()) and len(rows) > 1
+    columns = [HEADERS.get(c, c) for c in METRIC_COLUMNS] + (["n"] if with_count else [])
+    head = "| " + " | ".join(([first.strip()] if first else []) + columns) + " |"
+    sep = "|" + "---|" * (len(columns) + (1 if first else 0))
+    lines = [head, sep]
+    for label, m in rows.items():
+        cells = ([label] if first else []) + [f"{m[c]:.2f}" for c in METRIC_COLUMNS] + ([str(m["count"])] if with_count else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_evaluate(
@@ -46,59 +71,180 @@ def run_evaluate(
     split: str = "test",
     overrides: list[str] | None = None,
     out: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    replicas: int | None = None,
+    gpus_per_replica: float | None = None,
+    gallery: int | None = None,
 ) -> dict:
-    """Evaluate on `split` of the checkpoint's dataset (or `data.path=...` from overrides)."""
-    from rsrefseg.datasets.pipeline import iter_batches
+    """Evaluate on `split` of the checkpoint's dataset (or `data.path=...` from overrides).
+
+    batch_size, replicas, gpus_per_replica, gallery: the `evaluate.*` config keys, given here
+    (None = the config's): model replicas and GPUs each (0 / -1: one per GPU when the cluster
+    has GPUs, else one CPU replica; see `plan_replicas`); the k worst and k best samples go to
+    MLflow as a figure (0 = none).
+    """
+    from rsrefseg.datasets.batch_inference import score_split
     from rsrefseg.datasets.prepare import load_manifest
-    from rsrefseg.jobs.train import build_datasets
+    from rsrefseg.jobs.train import build_datasets, resolve_paths
     from rsrefseg.models.checkpoint import load_checkpoint
-    from rsrefseg.models.metrics import SegMetrics
-    from rsrefseg.platform.capacity import describe_resources
 
     ckpt_dir = resolve_checkpoint(checkpoint)
     model, cfg = load_checkpoint(ckpt_dir)
-    # Only data/tracking/cluster may change at evaluation time; the model is the checkpoint's.
+    # Only data/tracking/cluster/paths may change at evaluation time; the model is the checkpoint's.
     for item in overrides or []:
-        if not item.split("=", 1)[0].startswith(("data.", "tracking.", "cluster.")):
-            raise ConfigError(f"{item.split('=', 1)[0]}: evaluate takes only data.*, tracking.* and cluster.* overrides")
-    cfg = tracking.resolved(cfg.replace(overrides or []))
+        if not item.split("=", 1)[0].startswith(("data.", "tracking.", "cluster.", "paths.", "evaluate.")):
+            raise ConfigError(f"{item.split('=', 1)[0]}: evaluate takes only data.*, tracking.*, cluster.*, "
+                              "paths.* and evaluate.* overrides")
+    # Relative paths on this command line resolve here (paths.root as given now), not against
+    # the root of the machine that trained the checkpoint.
+    cfg = resolve_paths(cfg.replace(["paths.root=", *(overrides or [])]))
+    paths.require(cfg, ["data.path"])
     manifest = load_manifest(cfg.data.path)
     if split not in manifest["counts"]:
         raise ConfigError(f"--split {split}: not in {cfg.data.path} (it has {', '.join(sorted(manifest['counts']))})")
 
     init_ray(cfg.cluster)
     ds = build_datasets(cfg, splits={"eval": split})["eval"]
-    model.eval()
-    acc = SegMetrics()
-    with torch.no_grad():
-        for batch in iter_batches(ds, batch_size, timeout_s=cfg.train.batch_timeout_s, on_timeout=describe_resources):
-            logits = model(**{k: batch[k] for k in ("sam_image", "siglip_image", "input_ids", "attention_mask")})
-            acc.update(logits > 0, batch["mask"])
-    metrics = acc.compute()
-    result = {
-        "checkpoint": str(ckpt_dir),
-        "dataset": cfg.data.path,
-        "dataset_hash": manifest.get("content_hash", ""),
-        "split": split,
-        "metrics": metrics,
-    }
-    print(format_row(metrics, label=f"{Path(cfg.data.path).name}/{split}"))
+    given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
+    cfg = cfg.replace({f"evaluate.{k}": v for k, v in given.items() if v is not None})
+    replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas, gpus=cfg.evaluate.gpus_per_replica)
+    log.info("scoring %s/%s with %s", cfg.data.path, split, replicas)
+    rows = score_split(ds, cfg, model.trainable_state_dict(), replicas)
+    result = summarize(rows, checkpoint=str(ckpt_dir), dataset=cfg.data.path,
+                       dataset_hash=manifest.get("content_hash", ""), split=split)
+    label = f"{Path(cfg.data.path).name}/{split}"
+    print(format_row(result["metrics"], label=label))
+    print(f"\nby category ({split}):\n" + format_table(result["by_category"], first="category"))
+    print(f"\nby object size (ground truth's share of the image; {split}):\n" + format_table(result["by_size"], first="size"))
+    print(f"\n{CONVENTIONS}")
+    samples = _samples_table(rows)
     if out:
+        parquet = Path(out).with_suffix(".samples.parquet")
+        _write_parquet(parquet, samples)
+        result["samples"] = str(parquet)
         _write_json(Path(out), result)
-        print(f"[rsrefseg] wrote {out}")
+        print(f"[rsrefseg] wrote {out} and {parquet} (one row per sample)")
     if cfg.tracking.enabled:
-        run_id = tracking.start_run(
-            cfg, run_name=f"evaluate-{split}",
-            tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": str(ckpt_dir),
-                  "rsrefseg.dataset_hash": result["dataset_hash"]},
-        )
-        c = tracking.client(cfg.tracking)
-        tracking.log_metrics(c, run_id, {f"{split}/{k}": v for k, v in metrics.items()}, step=0)
-        c.log_dict(run_id, result, f"evaluation/{split}.json")
-        c.set_terminated(run_id, "FINISHED")
-        result["mlflow_run_id"] = run_id
+        examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
+        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, ckpt_dir, split, examples)
     return result
+
+
+def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -> list[dict]:
+    """The k worst then the k best samples by IoU, predicted again in this process: only those
+    2k samples are read and preprocessed (the scoring pass kept no pixels)."""
+    from ray.data.expressions import col
+
+    from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split
+    from rsrefseg.jobs.val_report import Gallery
+    from rsrefseg.models.inference import predict_logits, score_batch
+    from rsrefseg.models.presets import input_sizes
+    from rsrefseg.models.tokenizer import load_tokenizer
+
+    order = sorted(range(len(rows.get("id", []))), key=lambda i: (rows["iou"][i], rows["id"][i]))
+    wanted = {rows["id"][i] for i in order[:k] + order[-k:]} if k else set()
+    if not wanted:
+        return []
+    ds = read_split(cfg.data.path, split).filter(expr=col("id").is_in(sorted(wanted)))  # Arrow-side filter
+    ds = preprocess(ds, input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model), original_masks=True)
+    gallery = Gallery(k)
+    model.eval()
+    for batch in iter_batches(ds, 8):
+        logits = predict_logits(model, batch, "cpu")
+        gallery.offer(batch, logits > 0, score_batch(logits, batch)["iou"])
+    return gallery.examples()
+
+
+def plan_replicas(cfg, *, batch_size: int, count: int = 0, gpus: float = -1):
+    """Model replicas for this cluster: one per GPU (one GPU each) when it has GPUs, else one
+    replica taking every CPU but those Ray Data's preprocessing needs (`train.ingest_cpus`).
+    count / gpus override (0 / -1 = decide)."""
+    import ray
+
+    from rsrefseg.datasets.batch_inference import Replicas
+    from rsrefseg.platform.capacity import cluster_cpus
+
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 0:
+        gpus = 1.0 if cluster_gpus else 0.0
+    if gpus > 0:
+        return Replicas(count=count or max(1, int(cluster_gpus / gpus)), gpus=gpus, cpus=1.0, batch_size=batch_size)
+    cpus = max(1.0, float(cluster_cpus() - cfg.train.ingest_cpus))
+    count = count or 1
+    return Replicas(count=count, gpus=0.0, cpus=max(1.0, cpus // count), batch_size=batch_size)
+
+
+def summarize(rows: dict[str, list], **about) -> dict:
+    """The JSON result: overall metrics, by category, by object size (all in percent)."""
+    import torch
+
+    from rsrefseg.models.metrics import SIZE_BUCKETS, SegMetrics, metrics_by
+
+    overall = SegMetrics()
+    if rows.get("id"):
+        overall.add(torch.tensor(rows["intersection"]), torch.tensor(rows["union"]))
+    return {
+        **about,
+        "metrics": overall.compute(),
+        "by_category": metrics_by(rows, "category") if rows.get("id") else {},
+        "by_size": metrics_by(rows, "size", order=tuple(b for b, _ in SIZE_BUCKETS)) if rows.get("id") else {},
+        "size_buckets": {label: f"ground truth < {upper:.0%} of the image" if upper != float("inf") else "the rest"
+                         for label, upper in SIZE_BUCKETS},
+        "conventions": CONVENTIONS,
+    }
+
+
+def _samples_table(rows: dict[str, list]):
+    import pyarrow as pa
+
+    from rsrefseg.datasets.prepare import natural_key
+
+    order = sorted(range(len(rows.get("id", []))), key=lambda i: natural_key(rows["id"][i]))
+    return pa.table({c: [rows[c][i] for i in order] for c in SAMPLE_COLUMNS})
+
+
+def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict]) -> str:
+    import tempfile
+
+    from rsrefseg.jobs.val_report import close_figure, prediction_figure
+
+    run_id = tracking.start_run(
+        cfg, run_name=f"evaluate-{split}",
+        tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": str(ckpt_dir),
+              "rsrefseg.dataset_hash": result["dataset_hash"]},
+    )
+    c = tracking.client(cfg.tracking)
+    metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
+    for group in ("by_category", "by_size"):
+        for name, m in result[group].items():
+            metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]
+    tracking.log_metrics(c, run_id, metrics, step=0)
+    c.log_dict(run_id, {k: v for k, v in result.items() if k != "samples"}, f"evaluation/{split}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{split}.samples.parquet"
+        _write_parquet(path, samples)
+        c.log_artifact(run_id, str(path), "evaluation")
+    if examples:
+        fig = prediction_figure(examples, title=f"{split}: worst and best samples by IoU")
+        c.log_figure(run_id, fig, f"evaluation/{split}_gallery.png")
+        close_figure(fig)
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _metric_safe(name: str) -> str:
+    """A group name as MLflow metric names allow ("<1%" -> "lt1pct", ">=20%" -> "ge20pct")."""
+    name = name.replace(">=", "ge").replace("<", "lt").replace("%", "pct")
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def _write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,39 +1,61 @@
-"""`rsrefseg predict`: one image and one phrase to a mask (and an overlay).
+"""`rsrefseg predict`: images (a file or a folder) and phrases to masks, on the GPU when there is one.
 
-Images of any size: the same resize as the data pipeline on the way in, the mask logits
-resized back to the image's own size on the way out. The checkpoint is safetensors + YAML, so
-loading it never unpickles arbitrary objects.
+One image runs in this process; a folder of scenes goes through Ray Data, model replicas as
+actors (one per GPU where the cluster has GPUs), like `rsrefseg evaluate`.
+
+Images up to LARGE px a side go through the model whole: the same resize as the data pipeline on
+the way in, the logits resized back to the image's size on the way out. Larger scenes (a
+10,000 x 8,000 px GeoTIFF) are cut into overlapping tiles at the training data's scale and
+stitched (`models.tiling`). A GeoTIFF's mask is written as a GeoTIFF with the same CRS and
+transform (and, with --geojson, as polygons). Raster and vector I/O go through rasterio. The
+checkpoint is safetensors + YAML, so loading it never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from rsrefseg.platform.config import ConfigError
 
+LARGE = 2048  # px: a longer side above this is tiled (default tile: DEFAULT_TILE)
+DEFAULT_TILE = 512  # px: RefSegRS's chip size, the scale the real presets train at
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+GEO_SUFFIXES = (".tif", ".tiff")
 
-def segment(model, sizes, tokenizer, rgb: np.ndarray, text: str) -> np.ndarray:
-    """bool mask [H, W] at the image's size for `text` on an RGB uint8 image [H, W, 3]."""
-    from rsrefseg.datasets.pipeline import resize_image, tokenize
 
-    input_ids, attention_mask = tokenize(tokenizer, [text], sizes.max_text_len)
-    batch = {
-        "sam_image": torch.from_numpy(resize_image(rgb, sizes.sam_image).copy())[None],
-        "siglip_image": torch.from_numpy(resize_image(rgb, sizes.siglip_image).copy())[None],
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-    }
+@dataclass
+class Scene:
+    """An RGB image and, for a georeferenced raster, its rasterio profile (crs, transform)."""
+
+    rgb: np.ndarray  # uint8 [H, W, 3]
+    profile: Optional[dict] = None
+
+    @property
+    def georeferenced(self) -> bool:
+        return bool(self.profile and self.profile.get("crs"))
+
+
+def segment(model, sizes, tokenizer, rgb: np.ndarray, text: str, *, tile: int = 0, overlap: float = 0.25,
+            device=None, autocast=None) -> np.ndarray:
+    """bool mask [H, W] at the image's size for `text` on an RGB uint8 image [H, W, 3]. `tile`:
+    tile side in px (0: the whole image when its longer side is at most LARGE, else DEFAULT_TILE)."""
+    import torch
+
+    from rsrefseg.models.tiling import model_tile_predictor, predict_scene
+
+    device = device or torch.device("cpu")
     model.eval()
-    with torch.no_grad():
-        logits = model(**batch).float()[:, None]  # [1, 1, label, label]
-    logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-    return (logits[0, 0] > 0).numpy()
+    predict = model_tile_predictor(model, sizes, tokenizer, text, device, autocast=autocast)
+    tile = tile or (max(rgb.shape[:2]) if max(rgb.shape[:2]) <= LARGE else DEFAULT_TILE)
+    return predict_scene(rgb, predict, tile=tile, overlap=overlap)
 
 
 def blend(rgb: np.ndarray, mask: np.ndarray, colour=(255, 64, 64), alpha: float = 0.5) -> np.ndarray:
@@ -42,28 +64,231 @@ def blend(rgb: np.ndarray, mask: np.ndarray, colour=(255, 64, 64), alpha: float 
     return out.astype(np.uint8)
 
 
-def run_predict(checkpoint: str, *, image: str, text: str, out: str, overlay: str | None = None) -> np.ndarray:
-    from rsrefseg.datasets.imagefiles import load_rgb
+@dataclass(frozen=True)
+class Options:
+    """How scenes are cut and written (the CLI's --tile, --overlap, --gsd, --geojson)."""
+
+    tile: int = 0
+    overlap: float = 0.25
+    gsd: float = 0.0
+    geojson: bool = False
+
+
+class ScenePredictor:
+    """One model, its phrases and where masks go: `predict_file` writes every mask of one scene.
+    Used in-process for one image, and as the Ray Data actor (`_SceneActor`) for many."""
+
+    def __init__(self, model, cfg, device, autocast, *, texts: list[str], out: str, single: bool, options: Options):
+        from rsrefseg.models.presets import input_sizes
+        from rsrefseg.models.tokenizer import load_tokenizer
+
+        self.model, self.device, self.autocast = model, device, autocast
+        self.sizes, self.tokenizer = input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model)
+        self.texts, self.out, self.single, self.options = texts, Path(out), single, options
+
+    def predict_file(self, path: Path) -> list[dict]:
+        """Rows (image, phrase, mask file, share of the image covered) of one scene's masks."""
+        scene = read_scene(path)
+        rgb, factor = _to_training_scale(scene, self.options.gsd)
+        rows = []
+        for phrase in self.texts:
+            mask = segment(self.model, self.sizes, self.tokenizer, rgb, phrase, tile=self.options.tile,
+                           overlap=self.options.overlap, device=self.device, autocast=self.autocast)
+            if factor != 1.0:  # back onto the scene's own grid
+                mask = np.asarray(Image.fromarray(mask).resize(scene.rgb.shape[1::-1], Image.NEAREST))
+            suffix = ".tif" if scene.georeferenced else ".png"
+            target = self.out if self.single else self.out / f"{path.stem}.{_slug(phrase)}{suffix}"
+            write_mask(mask, target, scene)
+            if self.options.geojson and scene.georeferenced:
+                write_geojson(mask, target.with_suffix(".geojson"), scene, phrase)
+            rows.append({"image": str(path), "phrase": phrase, "target": str(target), "share": float(mask.mean())})
+        return rows
+
+
+class _SceneActor(ScenePredictor):
+    """The Ray Data actor: a model replica built once, then one scene file per row."""
+
+    def __init__(self, payload, **kwargs):
+        from rsrefseg.datasets.batch_inference import replica_model
+
+        model, cfg, device, autocast = replica_model(payload)
+        super().__init__(model, cfg, device, autocast, **kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [row for path in batch["path"] for row in self.predict_file(Path(str(path)))]
+        return {key: [row[key] for row in rows] for key in ("image", "phrase", "target", "share")}
+
+
+def run_predict(
+    checkpoint: str,
+    *,
+    image: str,
+    text: str | list[str],
+    out: str,
+    overlay: str | None = None,
+    tile: int = 0,
+    overlap: float = 0.25,
+    gsd: float = 0.0,
+    geojson: bool = False,
+    cpu: bool = False,
+    replicas: int = 0,
+) -> dict[tuple[str, str], str]:
+    """Masks of every (image, phrase) pair; returns the mask file of each.
+
+    image: a file, or a folder (every image file in it; its scenes go through Ray Data, one
+        model replica per GPU, or `replicas`). text: one phrase or several.
+    out: the mask file for one image and one phrase, else a folder of `<stem>.<phrase>.<ext>`.
+    gsd: metres per pixel of the training data; a georeferenced scene is resampled to it first.
+    """
     from rsrefseg.jobs.evaluate import resolve_checkpoint
     from rsrefseg.models.checkpoint import load_checkpoint
-    from rsrefseg.models.presets import input_sizes
-    from rsrefseg.models.tokenizer import load_tokenizer
+    from rsrefseg.models.inference import inference_device
 
-    if not text.strip():
-        raise ConfigError("--text: the phrase is empty")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or any(not t.strip() for t in texts):
+        raise ConfigError("--text: a phrase is empty")
+    images = _image_files(Path(image))
+    single = len(images) == 1 and len(texts) == 1 and not Path(image).is_dir()
+    if overlay and not single:
+        raise ConfigError("--overlay takes one image and one phrase; for several, the masks go to the --out folder")
     model, cfg = load_checkpoint(resolve_checkpoint(checkpoint))
-    rgb = load_rgb(image)
-    mask = segment(model, input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model), rgb, text)
-    _save_png(Image.fromarray(mask.astype(np.uint8) * 255), Path(out))
-    print(f"[rsrefseg] mask ({mask.mean() * 100:.1f}% of the image) -> {out}")
+    options = Options(tile=tile, overlap=overlap, gsd=gsd, geojson=geojson)
+    if len(images) == 1:
+        device, autocast = inference_device(prefer_gpu=not cpu)
+        predictor = ScenePredictor(model.to(device), cfg, device, autocast, texts=texts, out=out, single=single, options=options)
+        rows = predictor.predict_file(images[0])
+    else:
+        rows = _predict_with_ray(model, cfg, images, texts=texts, out=out, options=options, cpu=cpu, replicas=replicas)
+    for row in rows:
+        print(f"[rsrefseg] {Path(row['image']).name} \"{row['phrase']}\": mask ({row['share'] * 100:.1f}% of the image) -> {row['target']}")
     if overlay:
-        _save_png(Image.fromarray(blend(rgb, mask)), Path(overlay))
+        rgb = read_scene(images[0]).rgb
+        mask = np.asarray(Image.open(rows[0]["target"])) > 0
+        _save_image(Image.fromarray(blend(rgb, mask)), Path(overlay))
         print(f"[rsrefseg] overlay -> {overlay}")
-    return mask
+    return {(row["image"], row["phrase"]): row["target"] for row in rows}
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
+def _predict_with_ray(model, cfg, images: list[Path], *, texts, out, options: Options, cpu: bool, replicas: int) -> list[dict]:
+    """Many scenes: a Ray Data job over the file list, model replicas as actors (the masks are
+    written by the actors, so on a cluster `--out` must be on storage every node shares)."""
+    import ray
+    import ray.data
+
+    from rsrefseg.jobs.evaluate import plan_replicas
+    from rsrefseg.platform.ray_session import init_ray
+
+    init_ray(cfg.cluster)
+    plan = plan_replicas(cfg, batch_size=1, count=replicas, gpus=0 if cpu else -1)
+    payload = ray.put((cfg, model.trainable_state_dict()))
+    ds = ray.data.from_items([{"path": str(p.resolve())} for p in images])
+    predicted = ds.map_batches(
+        _SceneActor,
+        fn_constructor_kwargs={"payload": payload, "texts": texts, "out": str(Path(out).resolve()), "single": False,
+                               "options": options},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(plan.count, len(images))),
+        num_gpus=plan.gpus,
+        num_cpus=plan.cpus,
+    )
+    return sorted(predicted.take_all(), key=lambda r: (r["image"], texts.index(r["phrase"])))
+
+
+def read_scene(path: Path) -> Scene:
+    """An image file as RGB; a GeoTIFF through rasterio, keeping its georeferencing. Bands
+    beyond three are ignored; non-8-bit bands are stretched to 0..255 between their 2nd and 98th
+    percentiles (the usual quick-look stretch of 16-bit imagery)."""
+    from rsrefseg.datasets.imagefiles import load_rgb
+
+    if path.suffix.lower() not in GEO_SUFFIXES:
+        return Scene(load_rgb(path))
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            bands = src.read(indexes=list(range(1, min(3, src.count) + 1)))
+            profile = {"crs": src.crs, "transform": src.transform, "res": src.res}
+    except rasterio.errors.RasterioIOError as exc:
+        raise ConfigError(f"--image {path}: not a readable raster ({exc})") from exc
+    if bands.shape[0] == 1:
+        bands = np.repeat(bands, 3, axis=0)
+    if bands.dtype != np.uint8:
+        bands = np.stack([_stretch(b) for b in bands])
+    return Scene(np.ascontiguousarray(bands.transpose(1, 2, 0)), profile if profile["crs"] else None)
+
+
+def write_mask(mask: np.ndarray, target: Path, scene: Scene) -> None:
+    """0/255 mask: a GeoTIFF with the scene's CRS and transform for a georeferenced scene, else
+    an image file (PNG unless `target` says otherwise). Written, then renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if scene.georeferenced and target.suffix.lower() in GEO_SUFFIXES:
+        import rasterio
+
+        height, width = mask.shape
+        with rasterio.open(tmp, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                           crs=scene.profile["crs"], transform=scene.profile["transform"], compress="deflate") as dst:
+            dst.write(mask.astype(np.uint8) * 255, 1)
+    else:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format=_pil_format(target))
+    os.replace(tmp, target)
+
+
+def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> None:
+    """The mask's polygons in the scene's CRS (rasterio.features.shapes), as a FeatureCollection."""
+    from rasterio import features
+
+    polygons = [
+        {"type": "Feature", "geometry": geometry, "properties": {"phrase": phrase}}
+        for geometry, value in features.shapes(mask.astype(np.uint8), mask=mask, transform=scene.profile["transform"])
+        if value == 1
+    ]
+    collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": scene.profile["crs"].to_string()}},
+                  "features": polygons}
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(collection))
+    os.replace(tmp, target)
+
+
+def _to_training_scale(scene: Scene, gsd: float) -> tuple[np.ndarray, float]:
+    """The scene resampled so that a pixel covers `gsd` metres (0: as it is), and the factor."""
+    if not gsd or not scene.georeferenced:
+        return scene.rgb, 1.0
+    factor = float(scene.profile["res"][0]) / gsd
+    if abs(factor - 1.0) < 1e-3:
+        return scene.rgb, 1.0
+    height, width = scene.rgb.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(scene.rgb).resize(size, Image.BILINEAR)), factor
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(band, (2, 98))
+    scaled = (band.astype(np.float32) - low) / max(float(high - low), 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise ConfigError(f"--image {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return files
+    if not path.is_file():
+        raise ConfigError(f"--image {path}: no such file or folder")
+    return [path]
+
+
+def _slug(phrase: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", phrase.strip()).strip("-").lower()[:60] or "phrase"
+
+
+def _pil_format(target: Path) -> str:
+    return {".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(target.suffix.lower(), "PNG")
+
+
+def _save_image(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format=_pil_format(path))
     os.replace(tmp, path)

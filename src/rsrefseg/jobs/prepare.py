@@ -22,16 +22,16 @@ def summary_lines(manifest: dict, out: str) -> list[str]:
     for split, per in manifest.get("categories", {}).items():
         if per:
             lines.append(f"  {split} by category: " + ", ".join(f"{name} {n}" for name, n in per.items()))
-    skipped = manifest.get("skipped") or []
-    if skipped:
-        lines.append(f"skipped {len(skipped)} invalid triplet(s) (all listed in {out}/manifest.json under skipped):")
-        lines += [f"  id {s['id']!r} ({s['split']}): {s['reason']}" for s in skipped[:LISTED]]
-        if len(skipped) > LISTED:
-            lines.append(f"  ... and {len(skipped) - LISTED} more")
+    skipped = [f"id {s['id']!r} ({s['split']}): {s['reason']}" for s in manifest.get("skipped") or []]
+    lines += _listed(skipped, f"skipped {len(skipped)} invalid triplet(s) (all listed in {out}/manifest.json under skipped):")
     warnings = manifest.get("warnings") or []
-    if warnings:
-        lines.append(f"kept {len(warnings)} sample(s) with a change (all listed in {out}/manifest.json under warnings):")
-        lines += [f"  {w}" for w in warnings[:LISTED]]
-        if len(warnings) > LISTED:
-            lines.append(f"  ... and {len(warnings) - LISTED} more")
+    lines += _listed(warnings, f"kept {len(warnings)} sample(s) with a change (all listed in {out}/manifest.json under warnings):")
     return lines
+
+
+def _listed(items: list[str], title: str) -> list[str]:
+    """The title and the first LISTED items, indented (nothing when there are none)."""
+    if not items:
+        return []
+    more = [f"  ... and {len(items) - LISTED} more"] if len(items) > LISTED else []
+    return [title] + [f"  {item}" for item in items[:LISTED]] + more

@@ -4,7 +4,9 @@ The Ray Jobs API (`JobSubmissionClient`) ships this project's code with the job:
 goes as a `py_modules` entry (on the path of the driver and of every worker), the recipes in
 `configs/` travel in the `working_dir`. The cluster needs only Ray and the dependencies.
 Everything the job names (config files, data paths, the MLflow URI) is resolved there, by the
-job's driver on the cluster: the laptop's paths mean nothing on it.
+job's driver on the cluster: the laptop's paths mean nothing on it. Config files resolve in
+Ray's copy of the working_dir; data, weights and run folders against the job's project root
+(`--root`, else the RSREFSEG_HOME the cluster's nodes were started with; platform/paths.py).
 
 The same submission with Ray's own CLI:
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import rsrefseg
 from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.paths import HOME_ENV
 
 SUBMITTABLE = ("train", "evaluate", "tune", "predict", "prepare", "demo-data")
 # Not shipped in the working_dir: local state and large files that live on the cluster instead.
@@ -48,13 +51,19 @@ def project_dir() -> Path:
     return root if (root / "configs").is_dir() else Path.cwd()
 
 
-def runtime_env() -> dict:
+def runtime_env(root: str | None = None) -> dict:
+    """The job's code and environment; `root`: the project folder on the cluster's nodes, where
+    the job's relative data/weights/runs paths resolve (as RSREFSEG_HOME, so every job kind,
+    `--resume` included, sees it)."""
     pkg = Path(rsrefseg.__file__).resolve().parent
+    env_vars = {SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    if root:
+        env_vars[HOME_ENV] = root
     return {
         "working_dir": str(project_dir()),
         "excludes": EXCLUDES,
         "py_modules": [str(pkg)],
-        "env_vars": {SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"},
+        "env_vars": env_vars,
     }
 
 
@@ -73,11 +82,13 @@ def _client(address: str | None):
     return JobSubmissionClient(dashboard_address(address))
 
 
-def run_submit(job: list[str], *, address: str | None = None, wait: bool = True) -> int:
+def run_submit(job: list[str], *, address: str | None = None, wait: bool = True, root: str | None = None) -> int:
     """Submit; print the job id; stream its logs; exit with 0 only if the job SUCCEEDED."""
     command = entrypoint(job)
+    if root and not os.path.isabs(root):
+        raise ConfigError(f"--root {root}: name the folder on the cluster's nodes by its absolute path")
     client = _client(address)
-    job_id = _submit_when_agent_ready(client, command)
+    job_id = _submit_when_agent_ready(client, command, runtime_env(root))
     print(f"[rsrefseg] submitted {job_id}: {command}", flush=True)
     print(f"[rsrefseg] follow: rsrefseg jobs logs {job_id}   stop: rsrefseg jobs stop {job_id}", flush=True)
     if not wait:
@@ -85,7 +96,7 @@ def run_submit(job: list[str], *, address: str | None = None, wait: bool = True)
     return follow(client, job_id)
 
 
-def _submit_when_agent_ready(client, command: str, patience_s: float = 120.0) -> str:
+def _submit_when_agent_ready(client, command: str, env: dict, patience_s: float = 120.0) -> str:
     """Submit, retrying while the head's job agent is still starting.
 
     A freshly started head answers HTTP before its job agent registers and then refuses with
@@ -94,7 +105,7 @@ def _submit_when_agent_ready(client, command: str, patience_s: float = 120.0) ->
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            return client.submit_job(entrypoint=command, runtime_env=runtime_env())
+            return client.submit_job(entrypoint=command, runtime_env=env)
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise

@@ -124,7 +124,7 @@ def load_sweep(path: str | Path, base: Config) -> Sweep:
 @dataclass
 class TrialResult:
     setting: dict[str, Any]
-    status: str  # finished | failed | stopped (early, by ASHA) | pending
+    status: str  # finished | failed | stopped (early, by ASHA) | interrupted (resume continues it) | pending
     metrics: dict[str, float] = field(default_factory=dict)  # best epoch's val metrics
     best_epoch: int | None = None
     error: str = ""

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsrefseg.platform import tracking
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config, ConfigError
 from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
 
@@ -55,15 +55,16 @@ class SavedRun:
 
 
 def storage_root(cfg: Config) -> Path:
-    path = Path(cfg.train.storage_path)
-    return path if path.is_absolute() else tracking.project_root() / path
+    return Path(paths.resolve(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
 
 
 def preflight(cfg: Config) -> dict:
     """Checks that need no Ray: the prepared dataset and the model files. Returns the manifest."""
     from rsrefseg.datasets.prepare import load_manifest
-    from rsrefseg.models.presets import check_model_files
+    from rsrefseg.models.presets import check_model_files, get_preset
 
+    weights = ("model.sam_checkpoint", "model.siglip_path") if get_preset(cfg.model.preset).pretrained else ()
+    paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
     check_model_files(cfg.model)
     manifest = load_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
@@ -90,9 +91,9 @@ def start_ray_with_ingest_cpus(cfg: Config) -> float:
 
     if not joins_existing_ray(cfg.cluster):
         check_ingest_capacity(cfg, local_cpus(cfg), where="the local Ray this job starts (cluster.num_cpus)")
-    init_ray(cfg.cluster)
-    cpus = cluster_cpus()
-    check_ingest_capacity(cfg, cpus, where="the Ray cluster")
+    where = init_ray(cfg.cluster)
+    cpus = cluster_cpus()  # a joined Ray's own CPUs, whatever cluster.num_cpus says
+    check_ingest_capacity(cfg, cpus, where=where)
     return cpus
 
 
@@ -129,6 +130,7 @@ def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
             augment=cfg.data.augment and is_train,
             shuffle_phrases=cfg.data.shuffle_phrases and is_train,
             seed=cfg.train.seed,
+            original_masks=not is_train,  # val/eval score at each image's own size
         )
     return out
 
@@ -185,7 +187,7 @@ def run_train(
     fixes the run folder name (Tune trials do): a folder that already exists is continued the
     same way, which is how an interrupted sweep resumes an unfinished trial.
     """
-    cfg = _absolute_paths(cfg)
+    cfg = resolve_paths(cfg)
     root = storage_root(cfg)
     saved = None
     if resume:
@@ -220,7 +222,10 @@ def run_train(
         print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
 
     if continuing:  # a FAILED (or killed) run is running again
-        tracking.client(cfg.tracking).update_run(run_id, status="RUNNING")
+        c = tracking.client(cfg.tracking)
+        c.update_run(run_id, status="RUNNING")
+        if tracking.STOPPED_EARLY_TAG in c.get_run(run_id).data.tags:  # a Tune trial continued by a resume
+            c.delete_tag(run_id, tracking.STOPPED_EARLY_TAG)
 
     trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
     try:
@@ -298,14 +303,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _absolute_paths(cfg: Config) -> Config:
-    """Paths made absolute on this machine (Ray workers run elsewhere), tracking resolved."""
-    cfg = tracking.resolved(cfg)
-    updates = {"train.storage_path": str(storage_root(cfg))}
-    data_path = Path(cfg.data.path)
-    if "://" not in cfg.data.path and not data_path.is_absolute():
-        updates["data.path"] = str(tracking.project_root() / data_path)
-    return cfg.replace(updates)
+def resolve_paths(cfg: Config) -> Config:
+    """Every path and the tracking store made absolute on this machine, against paths.root
+    (Ray workers and Tune trials run in other working directories, or on other machines)."""
+    return tracking.resolved(paths.absolute(cfg))
 
 
 def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
@@ -319,10 +320,13 @@ def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: di
 
 
 def named_folder(root: Path, ref: str, marker: str) -> Path:
-    """The folder a `--resume REF` names: a path as typed (absolute, or relative to here, as in
-    `runs/<name>`) when it holds `marker`, else the name REF under the storage root `root`."""
-    path = Path(ref)
-    return path.resolve() if (path / marker).is_file() else root / ref
+    """The folder a `--resume REF` names: a path as typed (absolute, or relative to here or to
+    the project folder, as in `runs/<name>`) when it holds `marker`, else the name REF under the
+    storage root `root`. (A submitted job runs in Ray's copy of the code, not the project folder.)"""
+    for path in (Path(ref), paths.project_root() / ref):
+        if (path / marker).is_file():
+            return path.resolve()
+    return root / ref
 
 
 def _load_run_info(root: Path, name: str) -> SavedRun:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rsrefseg.models.inference import model_inputs, predict_logits, score_batch, to_device
 from rsrefseg.platform.config import Config, TrainConfig
 
 # Names inside one reported checkpoint directory.
@@ -106,14 +107,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("sam_image", "siglip_image", "input_ids", "attention_mask")}
-
-
 def train_func(loop_config: dict) -> None:
     """Entry point of every Ray Train worker. `loop_config` carries the resolved config as a dict
     plus run context (MLflow run id, dataset sizes) so nothing is read from globals."""
@@ -181,8 +174,8 @@ def train_func(loop_config: dict) -> None:
         window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
         for batch in iter_batches(train_shard, micro_batch, shuffle_seed=train.seed + epoch, drop_last=True,
                                   timeout_s=train.batch_timeout_s, on_timeout=describe_resources):
-            batch = _to_device(batch, device)
-            logits = engine(**_model_inputs(batch))
+            batch = to_device(batch, device)
+            logits = engine(**model_inputs(batch))
             loss = engine.module.loss(logits.float(), batch["mask"])
             engine.backward(loss)
             engine.step()
@@ -252,28 +245,25 @@ def _worker_nodes(world: int) -> list[str]:
 def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0, timeout_s: float = 0.0):
     """Metrics over this worker's share of the split, summed over all workers.
 
-    Returns (metrics dict, up to `keep` examples for the prediction figure)."""
+    Scored like `rsrefseg evaluate` (`score_batch`: at each image's own size when the stream
+    carries the original masks). Returns (metrics dict, this worker's `keep` worst then `keep`
+    best samples by IoU, for the prediction figure)."""
     engine.eval()
     from rsrefseg.datasets.pipeline import iter_batches
     from rsrefseg.platform.capacity import describe_resources
 
+    from rsrefseg.jobs.val_report import Gallery
+
     acc = metrics_cls()
-    examples: list[dict] = []
+    gallery = Gallery(keep)
     for batch in iter_batches(shard, batch_size, timeout_s=timeout_s, on_timeout=describe_resources):
-        batch = _to_device(batch, device)
-        logits = engine(**_model_inputs(batch)).float()
-        pred = logits > 0
-        acc.update(pred.cpu(), batch["mask"].cpu())
-        for i in range(min(keep - len(examples), pred.shape[0])):
-            examples.append({
-                "image": batch["sam_image"][i].cpu(),
-                "mask": batch["mask"][i].cpu(),
-                "pred": pred[i].cpu(),
-                "phrase": batch["phrase"][i],
-                "id": batch["id"][i],
-            })
+        logits = predict_logits(engine, batch, device)
+        records = score_batch(logits, batch, empty_iou=acc.empty_iou)
+        acc.add(torch.tensor(records["intersection"]), torch.tensor(records["union"]))
+        gallery.offer(batch, logits > 0, records["iou"])
     if dist.is_initialized():
         # One all-reduce of the metric sums: every sample counted once over all workers.
         acc.to(device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(acc.state)
-    return acc.compute(), examples
+    return acc.compute(), gallery.examples()
+

@@ -8,12 +8,17 @@ same flat params as a train run; the parent holds the ablation table (Markdown, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.jobs.train import TrainingInterrupted
 from rsrefseg.platform import tracking
 from rsrefseg.platform.config import Config, ConfigError
 
@@ -38,7 +43,6 @@ def trial_config(base: Config, setting: dict) -> Config:
 def sweep_trial(config: dict) -> None:
     """The Tune trainable: one trial = one distributed training run."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from rsrefseg.jobs.train import run_train
 
@@ -48,7 +52,8 @@ def sweep_trial(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{config['sweep_name']}/trials/{trial_id}"
     try:
-        outcome = run_train(cfg, name=name, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+        outcome = run_train(cfg, name=name, parent_run_id=config["parent_run_id"],
+                            callbacks=[_report_all_but_last_epoch(cfg.train.epochs)])
     except Exception as exc:
         _record_failed_trial(cfg, name, config["parent_run_id"], exc)
         raise
@@ -58,6 +63,25 @@ def sweep_trial(config: dict) -> None:
         # epochs instead of training (and touching its finished MLflow run) again.
         for epoch_metrics in outcome.history:
             ray.tune.report(epoch_metrics)
+    else:
+        # The last epoch, held back until the run has its best checkpoint and is FINISHED in MLflow.
+        ray.tune.report(outcome.history[-1])
+
+
+def _report_all_but_last_epoch(last_epoch: int):
+    """Ray Train's TuneReportCallback (every epoch's metrics to Tune, for ASHA), minus the last
+    epoch. A scheduler stops a trial as soon as it reports its final epoch (ASHA's max_t), and
+    Tune then kills the trial's actor within seconds, in the middle of finish_run: sweep_trial
+    reports that epoch itself once the run is complete."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportAllButLast(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("epoch") == last_epoch:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportAllButLast()
 
 
 def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception) -> None:
@@ -85,10 +109,10 @@ def run_tune(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rsrefseg.jobs.train import _absolute_paths, preflight, start_ray_with_ingest_cpus, storage_root
+    from rsrefseg.jobs.train import preflight, resolve_paths, start_ray_with_ingest_cpus, storage_root
     from rsrefseg.platform.capacity import concurrent_trials
 
-    cfg = _absolute_paths(cfg)
+    cfg = resolve_paths(cfg)
     root = storage_root(cfg)
     if resume:
         info_path = sweep_folder(root, resume) / SWEEP_INFO
@@ -154,12 +178,55 @@ def run_tune(
                 failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
             ),
         )
-    grid = tuner.fit()
+    if resume and parent_run_id and cfg.tracking.enabled:
+        tracking.client(cfg.tracking).update_run(parent_run_id, status="RUNNING")  # KILLED when interrupted
+    with _ctrl_c_stops_the_sweep():
+        grid = tuner.fit()
     results = collect_results(grid, cfg)
-    _close_stopped_runs(cfg, sweep_dir, results)
+    _settle_trial_runs(cfg, sweep_dir, results)
     rows = sweeps.table_rows(sweep, results)
-    _publish_table(cfg, parent_run_id, sweep_dir, rows)
+    # Tune ends its loop early only when interrupted (Ctrl-C, a stopped job): trials not done.
+    interrupted = len(results) < len(settings) or any(r.status in ("interrupted", "pending") for r in results)
+    _publish_table(cfg, parent_run_id, sweep_dir, rows, status="KILLED" if interrupted else "FINISHED")
+    if interrupted:
+        raise SweepInterrupted(
+            f"sweep {name} was interrupted"
+            + (f"; its MLflow run {parent_run_id} and its unfinished trials' runs are KILLED" if parent_run_id else "")
+            + f".\nFinished trials are kept and unfinished ones continue from their last epoch with: "
+            f"rsrefseg tune --resume {sweep_dir}"
+        )
     return rows
+
+
+class SweepInterrupted(TrainingInterrupted):
+    """Ctrl-C or a stopped job ended the sweep early; `rsrefseg tune --resume` continues it."""
+
+
+class _NoTunerRestoreHint(logging.Filter):
+    """Tune ends an interrupted sweep by pointing to its Python API (`Tuner.restore(...)`); the
+    command prints `rsrefseg tune --resume` instead, which also continues the MLflow runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_the_sweep():
+    """During `Tuner.fit`: Ctrl-C is Tune's (it saves the sweep's state and stops the trials, then
+    fit returns); SIGTERM (`rsrefseg jobs stop`) does the same instead of unwinding through Tune's
+    loop as a KeyboardInterrupt; and Tune's own resume hint is left out."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    hint_filter = _NoTunerRestoreHint()
+    tune_log.addFilter(hint_filter)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        tune_log.removeFilter(hint_filter)
 
 
 def sweep_folder(root: Path, resume: str) -> Path:
@@ -175,12 +242,15 @@ def sweep_folder(root: Path, resume: str) -> Path:
 
 
 def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
-    """Each trial's best epoch (by `tune.metric`) from the epochs it reported to Tune; a trial that
-    reported fewer epochs than its `train.epochs` was stopped early by the scheduler."""
+    """Each trial's best epoch (by `tune.metric`) from the epochs it reported to Tune. A trial that
+    reported fewer epochs than its `train.epochs` was stopped early by the scheduler when Tune
+    marked its last result done, else interrupted (the sweep was, and its resume continues it)."""
     metric = base.tune.metric
     out = []
     for result in grid:
-        setting = result.config["train_loop_config"]["overrides"]
+        # A trial interrupted before its first report has no config in its result (and so no
+        # row of its own: the table shows its setting as pending).
+        setting = (result.config or {}).get("train_loop_config", {}).get("overrides", {})
         trial_id = str((result.metrics or {}).get("trial_id", ""))
         frame = result.metrics_dataframe
         if result.error is not None:
@@ -193,30 +263,41 @@ def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
         best = frame.loc[frame[metric].idxmax()]
         metrics = {c: float(best[f"val/{c}"]) for c in sweeps.METRIC_COLUMNS if f"val/{c}" in best}
         ran = int(frame["epoch"].max())
-        status = "finished" if ran >= trial_config(base, setting).train.epochs else "stopped"
+        if ran >= trial_config(base, setting).train.epochs:
+            status = "finished"
+        else:
+            status = "stopped" if (result.metrics or {}).get("done", True) else "interrupted"
         out.append(sweeps.TrialResult(setting=setting, status=status, metrics=metrics,
                                       best_epoch=int(best["epoch"]), trial_id=trial_id))
     return out
 
 
-def _close_stopped_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialResult]) -> None:
-    """A trial the scheduler stopped never reached finish_run: end its MLflow run as KILLED, so the
-    UI does not show it running forever, and say why."""
+def _settle_trial_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialResult]) -> None:
+    """Once Tune's loop is over no trial's MLflow run is left RUNNING. A trial the scheduler stopped
+    never reached finish_run: KILLED, tagged with why. A trial cut short by an interruption (its
+    actor killed mid-epoch, so its run may still say RUNNING): KILLED; resuming it sets it running."""
     from rsrefseg.jobs.train import RUN_INFO
 
-    stopped = [r for r in results if r.status == "stopped" and r.trial_id]
-    if not stopped or not cfg.tracking.enabled:
+    if not cfg.tracking.enabled:
         return
     c = tracking.client(cfg.tracking)
-    for r in stopped:
-        info = sweep_dir / "trials" / r.trial_id / RUN_INFO  # sweep_trial's run folder
-        run_id = json.loads(info.read_text()).get("mlflow_run_id") if info.is_file() else None
-        if run_id:
-            c.set_tag(run_id, "rsrefseg.stopped_early", f"by the {cfg.tune.scheduler} scheduler")
+    by_trial = {r.trial_id: r for r in results if r.trial_id}
+    for info in sorted(sweep_dir.glob(f"trials/*/{RUN_INFO}")):  # sweep_trial's run folders
+        data = json.loads(info.read_text())
+        run_id = data.get("mlflow_run_id")
+        if not run_id or data.get("finished"):
+            continue
+        result = by_trial.get(info.parent.name)
+        status = result.status if result else "pending"
+        if status == "stopped":
+            c.set_tag(run_id, tracking.STOPPED_EARLY_TAG, f"by the {cfg.tune.scheduler} scheduler")
+            c.set_terminated(run_id, status="KILLED")
+        elif status == "interrupted" or c.get_run(run_id).info.status == "RUNNING":
             c.set_terminated(run_id, status="KILLED")
 
 
-def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows: list[dict]) -> None:
+def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows: list[dict], *,
+                   status: str = "FINISHED") -> None:
     markdown, csv_text = sweeps.to_markdown(rows), sweeps.to_csv(rows)
     _write_text(sweep_dir / "ablation.md", markdown + "\n")
     _write_text(sweep_dir / "ablation.csv", csv_text)
@@ -231,7 +312,7 @@ def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows
         c.log_figure(parent_run_id, fig, "ablation/ablation.png")
         failed = sum(r["status"] == "failed" for r in rows)
         c.set_tag(parent_run_id, "rsrefseg.failed_rows", str(failed))
-        c.set_terminated(parent_run_id, status="FINISHED")
+        c.set_terminated(parent_run_id, status=status)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -46,14 +46,45 @@ class EpochLogger:
         if examples:
             fig = prediction_figure(examples, title=f"validation, epoch {epoch}")
             self.client.log_figure(self.run_id, fig, f"val_predictions/epoch_{epoch:03d}.png")
-            _close(fig)
+            close_figure(fig)
 
     def close(self) -> None:
         pass
 
 
+class Gallery:
+    """The k lowest- and k highest-IoU samples seen so far, with their pixels (label size)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.kept: list[dict] = []
+
+    def offer(self, batch: dict, pred: "torch.Tensor", ious: list[float]) -> None:
+        if not self.k:
+            return
+        for i, iou in enumerate(ious):
+            self.kept.append({"iou": iou, "id": batch["id"][i], "phrase": batch["phrase"][i], "i": i, "batch": batch, "pred": pred})
+        self.kept.sort(key=lambda e: (e["iou"], e["id"]))
+        if len(self.kept) > 2 * self.k:
+            self.kept = self.kept[: self.k] + self.kept[-self.k :]
+        for e in self.kept:  # keep one sample's pixels, not whole batches
+            if "batch" in e:
+                batch, i = e.pop("batch"), e.pop("i")
+                e.update(image=batch["sam_image"][i].cpu(), mask=batch["mask"][i].cpu(), pred=e["pred"][i].cpu())
+
+    def examples(self) -> list[dict]:
+        """Lowest IoU first; with more than k samples, the first k are the worst, the rest the best."""
+        ranked = len(self.kept) > self.k
+
+        def note(j: int, e: dict) -> str:
+            return f"IoU {e['iou']:.2f}" + ((" (worst)" if j < self.k else " (best)") if ranked else "")
+
+        return [{**e, "note": note(j, e)} for j, e in enumerate(self.kept)]
+
+
 def prediction_figure(examples: list[dict], *, title: str = ""):
-    """Rows of (image, ground truth, prediction) with the phrase above each row."""
+    """Rows of (image, ground truth, prediction) with the phrase (and an optional "note", e.g.
+    the sample's IoU) above each row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +95,8 @@ def prediction_figure(examples: list[dict], *, title: str = ""):
     for row, ex in zip(axes, examples):
         image = ex["image"].permute(1, 2, 0).numpy()
         row[0].imshow(image)
-        row[0].set_title(f'"{ex["phrase"]}"', fontsize=8, loc="left")
+        note = f'  {ex["note"]}' if ex.get("note") else ""
+        row[0].set_title(f'"{ex["phrase"]}"{note}', fontsize=8, loc="left")
         row[1].imshow(ex["mask"].numpy(), cmap="gray", vmin=0, vmax=1)
         row[1].set_title("ground truth", fontsize=8)
         row[2].imshow(ex["pred"].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -77,7 +109,7 @@ def prediction_figure(examples: list[dict], *, title: str = ""):
     return fig
 
 
-def _close(fig) -> None:
+def close_figure(fig) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -262,6 +262,33 @@ class ClusterConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # Model replicas of `rsrefseg evaluate` (and of `predict` on a folder), as Ray Data actors:
+    # 0 = one per GPU when the cluster has GPUs, else one CPU replica.
+    replicas: int = 0
+    # GPUs each replica takes: -1 = 1 when the cluster has GPUs, else 0 (CPU replicas).
+    gpus_per_replica: float = -1
+    batch_size: int = 8  # samples per model call of a replica
+    gallery: int = 4  # the k worst and k best samples, as a figure in MLflow (0 = none)
+
+    def validate(self, key: str) -> None:
+        _check(self.replicas >= 0, f"{key}.replicas", "must be >= 0 (0 = one per GPU, else one)")
+        _check(self.gpus_per_replica == -1 or self.gpus_per_replica >= 0, f"{key}.gpus_per_replica", "must be >= 0, or -1 (decide)")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.gallery >= 0, f"{key}.gallery", "must be >= 0")
+
+
+@dataclass
+class PathsConfig:
+    # The folder that relative paths resolve against (data.path, model.siglip_path,
+    # model.sam_checkpoint, train.storage_path, a relative sqlite:/// tracking.uri,
+    # tracking.artifact_location). Empty = the project folder: $RSREFSEG_HOME, else the working
+    # directory. On a cluster: where the nodes hold data/ and weights/ (cluster.yaml:
+    # /home/ray/rsrefseg); see platform/paths.py.
+    root: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -269,6 +296,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

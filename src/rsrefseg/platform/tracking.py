@@ -8,12 +8,15 @@ the same code works in a Ray worker, a Tune trial and the driver).
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
 from rsrefseg.platform.config import Config, TrackingConfig
+from rsrefseg.platform.paths import project_root
+
+# Set on a Tune trial's run that the scheduler (ASHA) stopped before its last epoch.
+STOPPED_EARLY_TAG = "rsrefseg.stopped_early"
 
 # The packages whose versions every run records.
 TRACKED_PACKAGES = (
@@ -22,42 +25,41 @@ TRACKED_PACKAGES = (
 )
 
 
-def project_root() -> Path:
-    """Where project-local state (the MLflow store, run folders) lives: the working directory."""
-    return Path(os.environ.get("RSREFSEG_HOME", os.getcwd())).resolve()
-
-
-def resolve_tracking_uri(tracking: TrackingConfig) -> str:
+def resolve_tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> str:
     """The configured URI, or the project-local SQLite store as an absolute URI.
 
-    Absolute, because Ray workers run in other working directories.
+    Absolute, because Ray workers run in other working directories; relative SQLite paths
+    resolve against `root` (the config's paths.root; default: the project folder).
     """
+    root = root or project_root()
     if tracking.uri:
         uri = tracking.uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str((project_root() / uri[len("sqlite:///"):]).resolve())
+            uri = "sqlite:///" + str((root / uri[len("sqlite:///"):]).resolve())
         return uri
-    return "sqlite:///" + str(project_root() / "mlflow.db")
+    return "sqlite:///" + str(root / "mlflow.db")
 
 
-def resolve_artifact_location(tracking: TrackingConfig) -> str | None:
+def resolve_artifact_location(tracking: TrackingConfig, root: Path | None = None) -> str | None:
     """Artifact root for new experiments; only set for the local store (a server has its own)."""
+    root = root or project_root()
     if tracking.artifact_location:
         loc = tracking.artifact_location
         if "://" not in loc:
-            loc = Path(loc).resolve().as_uri()
+            loc = (root / loc).resolve().as_uri()
         return loc
-    if resolve_tracking_uri(tracking).startswith("sqlite:"):
-        return (project_root() / "mlartifacts").as_uri()
+    if resolve_tracking_uri(tracking, root).startswith("sqlite:"):
+        return (root / "mlartifacts").as_uri()
     return None
 
 
 def resolved(cfg: Config) -> Config:
-    """The config with tracking paths made absolute, ready to ship to workers."""
+    """The config with tracking paths made absolute (against paths.root), ready to ship to workers."""
+    root = project_root(cfg.paths.root)
     return cfg.replace(
         {
-            "tracking.uri": resolve_tracking_uri(cfg.tracking),
-            "tracking.artifact_location": resolve_artifact_location(cfg.tracking) or "",
+            "tracking.uri": resolve_tracking_uri(cfg.tracking, root),
+            "tracking.artifact_location": resolve_artifact_location(cfg.tracking, root) or "",
         }
     )
 

@@ -1,0 +1,88 @@
+"""The one forward-and-score path of validation, evaluation and batch inference.
+
+Training's per-epoch validation (a DeepSpeed engine on a Ray Train worker) and `rsrefseg
+evaluate` (model replicas in Ray Data actors) both call `predict_masks` on a batch of the data
+pipeline and score its output with the functions of `metrics`, so the two can never disagree on
+what a prediction or a metric is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsrefseg.datasets.imagefiles import decode_png
+
+from .metrics import sample_records
+
+MODEL_INPUTS = ("sam_image", "siglip_image", "input_ids", "attention_mask")
+TEXT_COLUMNS = ("id", "phrase", "category")
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+@torch.no_grad()
+def predict_logits(forward: Callable, batch: dict, device: torch.device | str, *, autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """float32 [B, label, label] on `device`: the mask logits of `forward` (a model or a DeepSpeed
+    engine). `autocast`: a dtype to run the forward in (bf16 on a GPU)."""
+    device = torch.device(device)
+    inputs = model_inputs(to_device(batch, device))
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with context:
+        logits = forward(**inputs)
+    return logits.float()
+
+
+def predict_masks(forward: Callable, batch: dict, device: torch.device | str, *, autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """bool [B, label, label] on `device`: where the logits of `predict_logits` are positive."""
+    return predict_logits(forward, batch, device, autocast=autocast) > 0
+
+
+def inference_device(prefer_gpu: bool = True) -> tuple[torch.device, Optional[torch.dtype]]:
+    """The device to predict on (the GPU when there is one) and its autocast dtype (bf16 there)."""
+    if prefer_gpu and torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), None
+
+
+def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) -> dict[str, list]:
+    """Per-sample records (metrics.sample_records) of one batch, with its id, phrase and category.
+
+    When the batch carries `mask_original` (the pipeline's original_masks), each sample is scored
+    at its image's own size: its logits resized there (bilinear), thresholded at 0, and compared
+    with the true mask, as the field's evaluation code does. Otherwise at the label size.
+    """
+    logits = logits.float()
+    originals = batch.get("mask_original")
+    if originals is None:
+        records = sample_records((logits > 0).cpu(), torch.as_tensor(batch["mask"]).cpu(), empty_iou=empty_iou)
+    else:
+        records: dict[str, list] = {}
+        for i, png in enumerate(originals):
+            gt = torch.from_numpy(np.array(decode_png(png)))[None]  # a writable copy
+            pred = F.interpolate(logits[i][None, None], size=gt.shape[1:], mode="bilinear", align_corners=False)[0] > 0
+            for key, values in sample_records(pred.cpu(), gt, empty_iou=empty_iou).items():
+                records.setdefault(key, []).extend(values)
+    for name in TEXT_COLUMNS:
+        values = batch.get(name)
+        records[name] = [str(v) for v in values] if values is not None else [""] * logits.shape[0]
+    return records
+
+
+def numpy_batch_to_torch(batch: dict[str, np.ndarray]) -> dict:
+    """A Ray Data numpy batch of the preprocessed pipeline -> tensors, and lists for the text and
+    bytes columns."""
+    def tensor(values: np.ndarray) -> torch.Tensor:  # torch wants writable, contiguous memory
+        return torch.from_numpy(values if values.flags.writeable and values.flags.c_contiguous else np.array(values))
+
+    return {k: (list(v) if k in TEXT_COLUMNS or v.dtype.kind not in "biuf" else tensor(v)) for k, v in batch.items()}

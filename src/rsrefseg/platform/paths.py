@@ -1,0 +1,85 @@
+"""Where a config's relative paths point: one root, decided once by the driver.
+
+Recipes name files relative to the project (`data/rrsisd/prepared`, `weights/sam_vit_b_01ec64.pth`,
+`runs`, `sqlite:///mlflow.db`). They resolve against `paths.root`; empty means the project folder:
+`$RSREFSEG_HOME` when set, else the working directory. The driver makes every path absolute
+before anything runs, so Ray workers and Tune trials (other processes, other machines, other
+working directories) never resolve a path on their own.
+
+A submitted Ray job runs in Ray's copy of the job's working_dir, which holds the code and the
+recipes but not data/, weights/ or runs/ (they are excluded from the upload). On a cluster the
+root is where the nodes keep those: cluster.yaml syncs them to /home/ray/rsrefseg and starts Ray
+with RSREFSEG_HOME set to it; `rsrefseg submit --root DIR` or `paths.root=DIR` say it per job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from rsrefseg.platform.config import Config, ConfigError
+
+HOME_ENV = "RSREFSEG_HOME"
+# The config keys that name local files or folders (URIs such as s3://... pass through).
+PATH_KEYS = ("data.path", "model.siglip_path", "model.sam_checkpoint", "train.storage_path")
+# What each key must hold and where users get it, for the missing-path message.
+EXPECTED = {
+    "data.path": "a folder written by `rsrefseg prepare`",
+    "model.sam_checkpoint": "the preset's official segment-anything checkpoint "
+                            "(https://github.com/facebookresearch/segment-anything#model-checkpoints)",
+    "model.siglip_path": "a local copy of google/siglip-so400m-patch14-384 "
+                         "(`hf download google/siglip-so400m-patch14-384 --local-dir <dir>`)",
+}
+
+
+class MissingPath(ConfigError):
+    """A path the job needs does not exist on the machine that resolved it."""
+
+
+def project_root(root: str = "") -> Path:
+    """The folder relative paths resolve against: `root` (paths.root), else $RSREFSEG_HOME,
+    else the working directory."""
+    return Path(root or os.environ.get(HOME_ENV) or os.getcwd()).expanduser().resolve()
+
+
+def is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def resolve(value: str, root: Path) -> str:
+    """`value` made absolute against `root`; empty values, absolute paths and URIs unchanged."""
+    if not value or is_uri(value) or os.path.isabs(value):
+        return value
+    return str(root / value)
+
+
+def absolute(cfg: Config) -> Config:
+    """The config with every path key absolute, and paths.root itself absolute (so a process
+    that resolves the same config again, such as a Tune trial, gets the same answer)."""
+    root = project_root(cfg.paths.root)
+    flat = cfg.flat()
+    updates = {key: resolve(flat[key], root) for key in PATH_KEYS if flat[key]}
+    updates["paths.root"] = str(root)
+    return cfg.replace(updates)
+
+
+def require(cfg: Config, keys: tuple[str, ...] | list[str]) -> None:
+    """Fail, naming the key, the absolute path tried and this host, when a local path is missing.
+
+    Unset keys are left to the job's own checks (which say what the key must hold)."""
+    flat = cfg.flat()
+    root = project_root(cfg.paths.root)
+    for key in keys:
+        value = flat[key]
+        if not value or is_uri(value):
+            continue
+        path = Path(resolve(value, root))
+        if not path.exists():
+            expected = f" (expected: {EXPECTED[key]})" if key in EXPECTED else ""
+            raise MissingPath(
+                f"{key}: {path} does not exist on host {socket.gethostname()}{expected}. Relative paths in a "
+                f"config resolve against paths.root, here {root} (paths.root empty: ${HOME_ENV}, else "
+                "the working directory); on a cluster set it to where the nodes hold the project's "
+                "data and weights (rsrefseg submit --root DIR, or paths.root=DIR)"
+            )
