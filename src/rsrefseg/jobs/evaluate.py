@@ -103,10 +103,11 @@ def run_evaluate(
     if split not in manifest["counts"]:
         raise ConfigError(f"--split {split}: not in {cfg.data.path} (it has {', '.join(sorted(manifest['counts']))})")
 
+    given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
+    cfg = cfg.replace({f"evaluate.{k}": v for k, v in given.items() if v is not None})  # validated before Ray
+
     init_ray(cfg.cluster)
     ds = build_datasets(cfg, splits={"eval": split})["eval"]
-    given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
-    cfg = cfg.replace({f"evaluate.{k}": v for k, v in given.items() if v is not None})
     replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas, gpus=cfg.evaluate.gpus_per_replica)
     log.info("scoring %s/%s with %s", cfg.data.path, split, replicas)
     rows = score_split(ds, cfg, model.trainable_state_dict(), replicas)
