@@ -51,3 +51,17 @@ def project_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("RSREFSEG_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny model saved as a real checkpoint (weights.safetensors + config.yaml): for
+    tests of the code paths that load checkpoints (predict, register), not of model quality."""
+    from rsrefseg.models.checkpoint import save_checkpoint
+    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.platform.config import load_config
+
+    cfg = load_config(str(REPO / "configs/demo.yaml"), [])
+    out = tmp_path_factory.mktemp("ckpt") / "best"
+    save_checkpoint(build_model(cfg.model, cfg.data.label_size), cfg, out)
+    return out

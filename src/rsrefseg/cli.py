@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when there is a GPU")
     p.add_argument("--replicas", type=int, default=0, help="model replicas for a folder (default: one per GPU, else one)")
 
+    p = sub.add_parser("register", help="register a checkpoint as an MLflow model (models:/NAME/VERSION)")
+    p.add_argument("--checkpoint", required=True, help="a run folder, its best/ folder or a Ray checkpoint")
+    p.add_argument("--name", required=True, help="the registered model's name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="tracking.* overrides (the store to register in)")
+
     p = sub.add_parser("tune", help="Ray Tune sweep (e.g. the paper's ablation table)")
     _add_config_args(p, required=False)
     p.add_argument("--sweep", help="sweep file, e.g. configs/sweeps/ablation.yaml")
@@ -191,6 +196,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         run_evaluate(args.checkpoint, split=args.split, overrides=args.overrides, out=args.out,
                      batch_size=args.batch_size, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                      gallery=args.gallery)
+    elif cmd == "register":
+        from rsrefseg.jobs.register import run_register
+
+        run_register(args.checkpoint, args.name, overrides=args.overrides)
     elif cmd == "predict":
         from rsrefseg.jobs.predict import run_predict
 

@@ -6,24 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from rsrefseg.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """An untrained tiny model saved as a real checkpoint: predict's code path, not its quality."""
-    from rsrefseg.models.checkpoint import save_checkpoint
-    from rsrefseg.models.rsrefseg import build_model
-    from rsrefseg.platform.config import load_config
-
-    cfg = load_config(str(REPO / "configs/demo.yaml"), [])
-    out = tmp_path_factory.mktemp("ckpt") / "best"
-    save_checkpoint(build_model(cfg.model, cfg.data.label_size), cfg, out)
-    return out
 
 
 def _geotiff(path: Path, height: int, width: int, dtype=np.uint8):

@@ -92,3 +92,10 @@ def test_grid_table_follows_the_sweep_order_not_the_finishing_order(tmp_path):
     rows = sweeps.table_rows(sw, results)
     assert [r["setting"] for r in rows] == ["SAM LoRA rank=4", "SAM LoRA rank=8", "SAM LoRA rank=16"]
     assert [r["status"] for r in rows] == ["pending", "finished", "finished"]
+
+
+def test_trial_runs_are_named_by_what_they_vary():
+    sweep = sweeps.load_sweep(REPO / "configs/sweeps/ablation.yaml", BASE)
+    names = [sweep.run_name(s) for s in sweep.trials()]
+    assert names == ["sam_rank=8", "default", "sam_rank=32", "siglip_text_layers=zero", "siglip_text_layers=half",
+                     "downsample_rate=2", "downsample_rate=8", "dense_prompt=false"]

@@ -25,16 +25,20 @@ def train_args(prepared: Path, home: Path, *extra: str) -> list[str]:
         f"data.path={prepared}", f"train.epochs={EPOCHS}", "train.batch_size=4",
         "train.log_every_n_steps=2", "train.figure_samples=2",
         f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=e2e",
-        f"train.storage_path={home / 'runs'}", *extra,
+        f"train.storage_path={home / 'runs'}", "tracking.system_metrics_s=1", *extra,
     ]
 
 
 @pytest.fixture(scope="module")
 def trained(ray_session, prepared_dataset, tmp_path_factory):
     home = tmp_path_factory.mktemp("train-home")
-    assert main(train_args(prepared_dataset, home, "tracking.run_name=e2e")) == 0
+    assert main(train_args(prepared_dataset, home, "tracking.run_name=e2e", "train.register_as=e2e-model")) == 0
     (run_dir,) = [p for p in (home / "runs").iterdir() if p.name.startswith("e2e-")]
     return home, run_dir
+
+
+def context(dataset_input) -> str:
+    return {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"]
 
 
 def mlflow_run(home: Path):
@@ -88,6 +92,20 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/epochs.csv"}
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "val_predictions")}
     assert f"val_predictions/epoch_{EPOCHS:03d}.png" in figures
+    # The dataset it trained on (digest = the manifest's content hash), in the model-training view,
+    # with system metrics from each node's first worker.
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    inputs = {context(i): i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"} and inputs["train"].digest == manifest["content_hash"][:32]
+    assert json.loads(inputs["train"].source) == {"uri": str(prepared_dataset), "split": "train"}
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    import socket
+
+    assert f"system/{socket.gethostname()}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    # train.register_as: the best checkpoint is version 1 of the registered model, linked to this run.
+    (version,) = client.search_model_versions("name='e2e-model'")
+    assert version.version == "1"
+    assert client.get_run(version.run_id).data.tags["rsrefseg.source_run"] == run.info.run_id
     # The resolved config and the recipe file as the user wrote it.
     assert {"config/resolved.yaml", "config/demo.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
 
@@ -121,6 +139,8 @@ def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
     (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'evaluate'")
     assert ev.info.status == "FINISHED"
     assert ev.data.metrics["test/gIoU"] == pytest.approx(result["metrics"]["gIoU"])
+    (evaluated,) = client.get_run(ev.info.run_id).inputs.dataset_inputs
+    assert context(evaluated) == "evaluation" and evaluated.dataset.digest == manifest["content_hash"][:32]
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")} == {
         "evaluation/test.json", "evaluation/test.samples.parquet", "evaluation/test_gallery.png"}
 

@@ -3,6 +3,7 @@ trial, and an interrupted sweep resumed. Every trial is a real 2-worker DeepSpee
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,10 @@ def _experiment_exists(home: Path) -> bool:
     return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").get_experiment_by_name("tune") is not None
 
 
+def context(dataset_input) -> str:
+    return {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"]
+
+
 def runs_of(home: Path):
     from mlflow.tracking import MlflowClient
 
@@ -72,6 +77,17 @@ def test_ablation_sweep_fills_table_ii(ray_session, prepared_dataset, tmp_path, 
     assert ("16", "zero", "4", "True") in settings and ("16", "full", "4", "False") in settings
     # Every child run has the same flat param names as a train run.
     assert all(set(c.data.params) == set(children[0].data.params) for c in children)
+    # Child runs are named by what they vary; the trial id is a tag.
+    names = {c.info.run_name for c in children}
+    assert {"sam_rank=8", "default", "siglip_text_layers=zero", "dense_prompt=false"} <= names, names
+    assert all(c.data.tags["rsrefseg.trial_id"] for c in children)
+    # The experiment opens in MLflow's model-training view; each run shows the data it trained on.
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(children[0].info.run_id)
+    inputs = {context(i): i.dataset for i in run.inputs.dataset_inputs}
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    assert inputs["train"].digest == manifest["content_hash"][:32] and set(inputs) == {"train", "validation"}
 
     table = (tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()
     assert len(table) == 1 + 11  # header + every row of Table II
@@ -118,7 +134,7 @@ def test_asha_sweep_records_trials_that_ran_every_epoch_as_finished(ray_session,
             assert run.info.status == "FINISHED", (rank, run.info.status)
             assert "best/gIoU" in run.data.metrics and "rsrefseg.stopped_early" not in run.data.tags
             assert "checkpoints/best" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-            trial_dir = tmp_path / "runs" / "asha" / "trials" / run.info.run_name.split("-trials-")[-1]
+            trial_dir = tmp_path / "runs" / "asha" / "trials" / run.data.tags["rsrefseg.trial_id"]
             assert (trial_dir / "best" / "weights.safetensors").is_file()
         else:
             assert status[f"SAM LoRA rank={rank}"] == "stopped"
@@ -177,7 +193,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     assert len(after) == 3, [c.info.run_name for c in after]
     assert all(c.info.status == "FINISHED" for c in after)
     assert not any("rsrefseg.stopped_early" in c.data.tags for c in after)
-    assert all((tmp_path / "runs" / "resumable" / "trials" / c.info.run_name.split("-trials-")[-1] / "best").is_dir()
+    assert all((tmp_path / "runs" / "resumable" / "trials" / c.data.tags["rsrefseg.trial_id"] / "best").is_dir()
                for c in after)
     for run_id, end_time in finished_before.items():
         # Trials that had finished were not run again.

@@ -127,7 +127,7 @@ def run_evaluate(
         print(f"[rsrefseg] wrote {out} and {parquet} (one row per sample)")
     if cfg.tracking.enabled:
         examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
-        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, ckpt_dir, split, examples)
+        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, ckpt_dir, split, examples, manifest)
     return result
 
 
@@ -204,7 +204,7 @@ def _samples_table(rows: dict[str, list]):
     return pa.table({c: [rows[c][i] for i in order] for c in SAMPLE_COLUMNS})
 
 
-def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict]) -> str:
+def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict], manifest: dict) -> str:
     import tempfile
 
     from rsrefseg.jobs.val_report import close_figure, prediction_figure
@@ -215,6 +215,7 @@ def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examp
               "rsrefseg.dataset_hash": result["dataset_hash"]},
     )
     c = tracking.client(cfg.tracking)
+    tracking.log_dataset(c, run_id, manifest, cfg.data.path, {"evaluation": split})
     metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
     for group in ("by_category", "by_size"):
         for name, m in result[group].items():

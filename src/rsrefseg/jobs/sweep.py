@@ -71,6 +71,13 @@ class Sweep:
     def trial_label(self, setting: dict[str, Any]) -> str:
         return ", ".join(f"{a.name}={a.label(setting[a.key])}" for a in self.axes)
 
+    def run_name(self, setting: dict[str, Any]) -> str:
+        """A trial's MLflow run name: what it varies, each key by its last part (`sam_rank=8`,
+        `siglip_text_layers=zero, dense_prompt=false`). one_at_a_time: the axes off their default
+        ("default" for the shared default trial); grid: every axis."""
+        varied = [a for a in self.axes if self.mode == "grid" or setting[a.key] != a.default]
+        return ", ".join(f"{a.key.rsplit('.', 1)[-1]}={_plain(setting[a.key])}" for a in varied) or "default"
+
 
 def load_sweep(path: str | Path, base: Config) -> Sweep:
     """Read and check a sweep file; every trial's config is validated against `base` here."""
@@ -210,3 +217,7 @@ def ablation_figure(rows: list[dict[str, Any]]):
         panel.set_ylabel("val gIoU (%)", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _plain(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

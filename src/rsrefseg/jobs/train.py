@@ -180,12 +180,15 @@ def run_train(
     name: str | None = None,
     parent_run_id: str | None = None,
     callbacks: list | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Train one model.
 
     `resume=NAME` continues the run folder NAME with its saved config and MLflow run. `name`
     fixes the run folder name (Tune trials do): a folder that already exists is continued the
-    same way, which is how an interrupted sweep resumes an unfinished trial.
+    same way, which is how an interrupted sweep resumes an unfinished trial. `run_name` and
+    `tags`: the new MLflow run's name (default: the folder name) and extra tags.
     """
     cfg = resolve_paths(cfg)
     root = storage_root(cfg)
@@ -211,11 +214,13 @@ def run_train(
     if run_id is None and cfg.tracking.enabled:
         run_id = tracking.start_run(
             cfg,
-            run_name=name.replace("/", "-"),
+            run_name=run_name or name.replace("/", "-"),
             config_file=config_file,
             parent_run_id=parent_run_id,
-            tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), "rsrefseg.job": "train"},
+            tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), "rsrefseg.job": "train", **(tags or {})},
         )
+        tracking.log_dataset(tracking.client(cfg.tracking), run_id, manifest, cfg.data.path,
+                             {"train": cfg.data.train_split, "validation": cfg.data.val_split})
     _write_run_info(root / name, cfg, run_id)
     print(f"[rsrefseg] run {name}: {root / name}", flush=True)
     if run_id:
@@ -247,7 +252,12 @@ def run_train(
             f"run {name} failed: {type(exc).__name__}: {exc}\n"
             f"Its last checkpoint is kept; continue with: rsrefseg train --resume {root / name}"
         ) from exc
-    return finish_run(cfg, result, name=name, run_dir=root / name, mlflow_run_id=run_id)
+    outcome = finish_run(cfg, result, name=name, run_dir=root / name, mlflow_run_id=run_id)
+    if cfg.train.register_as:
+        from rsrefseg.jobs.register import register_checkpoint
+
+        register_checkpoint(cfg, outcome.best_checkpoint, cfg.train.register_as, source_run_id=run_id)
+    return outcome
 
 
 def finish_run(cfg: Config, result, *, name: str, run_dir: Path, mlflow_run_id: str | None) -> TrainOutcome:

@@ -119,7 +119,7 @@ def train_func(loop_config: dict) -> None:
     from rsrefseg.platform.capacity import describe_resources
     from rsrefseg.models.rsrefseg import build_model
     from rsrefseg.jobs.progress import Progress, say
-    from rsrefseg.jobs.val_report import EpochLogger
+    from rsrefseg.jobs.val_report import EpochLogger, SystemMetrics
 
     cfg = Config.from_dict(loop_config["config"])
     train = cfg.train
@@ -159,6 +159,8 @@ def train_func(loop_config: dict) -> None:
             say(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})")
 
     logger = EpochLogger(cfg, loop_config.get("mlflow_run_id"), enabled=rank == 0)
+    system = SystemMetrics(cfg, loop_config.get("mlflow_run_id"), enabled=ctx.get_local_rank() == 0,
+                           resume=state.epoch > 0)
     trainable_n, total_n = model.parameter_counts()
     logger.log_run_info(trainable=trainable_n, total=total_n, nodes=_worker_nodes(world),
                         precision=precision, zero_stage=engine.zero_optimization_stage())
@@ -219,6 +221,7 @@ def train_func(loop_config: dict) -> None:
         logger.log_epoch(metrics, epoch, examples)
 
     logger.close()
+    system.close()
 
 
 def _window_stats(loss_sum, steps: int, samples: int, t0: float, scheduler) -> dict:

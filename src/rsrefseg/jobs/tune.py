@@ -40,6 +40,11 @@ def trial_config(base: Config, setting: dict) -> Config:
     return base.replace({**resources, **setting})
 
 
+def setting_key(setting: dict) -> str:
+    """A setting as a dict key (Tune hands each trial its setting, not its index)."""
+    return json.dumps(setting, sort_keys=True, default=str)
+
+
 def sweep_trial(config: dict) -> None:
     """The Tune trainable: one trial = one distributed training run."""
     import ray.tune
@@ -49,13 +54,15 @@ def sweep_trial(config: dict) -> None:
     base = Config.from_dict(config["base"])
     setting = config["train_loop_config"]["overrides"]
     cfg = trial_config(base, setting)
+    run_name = config.get("run_names", {}).get(setting_key(setting), "trial")  # sweeps begun before names: "trial"
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{config['sweep_name']}/trials/{trial_id}"
     try:
         outcome = run_train(cfg, name=name, parent_run_id=config["parent_run_id"],
-                            callbacks=[_report_all_but_last_epoch(cfg.train.epochs)])
+                            callbacks=[_report_all_but_last_epoch(cfg.train.epochs)],
+                            run_name=run_name, tags={"rsrefseg.trial_id": trial_id})
     except Exception as exc:
-        _record_failed_trial(cfg, name, config["parent_run_id"], exc)
+        _record_failed_trial(cfg, name, config["parent_run_id"], exc, run_name=run_name, trial_id=trial_id)
         raise
     if outcome.already_finished:
         # Its training ended just before the sweep was interrupted, before Tune recorded the
@@ -84,7 +91,8 @@ def _report_all_but_last_epoch(last_epoch: int):
     return ReportAllButLast()
 
 
-def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception) -> None:
+def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception, *, run_name: str,
+                         trial_id: str) -> None:
     """A trial that failed before its MLflow run existed still shows up, as FAILED, in the UI."""
     from rsrefseg.jobs.train import RUN_INFO, storage_root
 
@@ -93,8 +101,8 @@ def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc:
     run_dir = storage_root(tracking.resolved(cfg)) / name
     if (run_dir / RUN_INFO).is_file():
         return  # run_train created the run and already marked it FAILED
-    run_id = tracking.start_run(cfg, run_name=name.replace("/", "-"), parent_run_id=parent_run_id,
-                                tags={"rsrefseg.job": "train", "rsrefseg.error": str(exc)[:4000]})
+    run_id = tracking.start_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
+                                tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]})
     tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
 
 
@@ -165,6 +173,7 @@ def run_tune(
                 "base": cfg.to_dict(),
                 "sweep_name": name,
                 "parent_run_id": parent_run_id,
+                "run_names": {setting_key(s): sweep.run_name(s) for s in settings},
                 "train_loop_config": {"overrides": ray.tune.grid_search(settings)},
             },
             tune_config=ray.tune.TuneConfig(

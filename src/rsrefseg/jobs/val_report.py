@@ -6,8 +6,13 @@ may already be in MLflow; those are skipped, so the run's history has each step 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rsrefseg.platform import tracking
 from rsrefseg.platform.config import Config
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EpochLogger:
@@ -59,7 +64,7 @@ class Gallery:
         self.k = k
         self.kept: list[dict] = []
 
-    def offer(self, batch: dict, pred: "torch.Tensor", ious: list[float]) -> None:
+    def offer(self, batch: dict, pred: torch.Tensor, ious: list[float]) -> None:
         if not self.k:
             return
         for i, iou in enumerate(ious):
@@ -80,6 +85,32 @@ class Gallery:
             return f"IoU {e['iou']:.2f}" + ((" (worst)" if j < self.k else " (best)") if ranked else "")
 
         return [{**e, "note": note(j, e)} for j, e in enumerate(self.kept)]
+
+
+class SystemMetrics:
+    """MLflow's own system-metrics monitor (a sampling thread) for one node of a train run: the
+    node's first worker logs `system/<host>/...` (CPU, memory, disk, network, and GPU utilization
+    and memory through NVML where there is a GPU), so an input-bound run can be told from a
+    compute-bound one."""
+
+    def __init__(self, cfg: Config, run_id: str | None, *, enabled: bool, resume: bool = False):
+        self.monitor = None
+        if not (enabled and run_id and cfg.tracking.enabled and cfg.tracking.system_metrics_s > 0):
+            return
+        import socket
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=cfg.tracking.system_metrics_s, node_id=socket.gethostname(),
+            resume_logging=resume, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking),
+        )
+        self.monitor.start()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
 
 def prediction_figure(examples: list[dict], *, title: str = ""):

@@ -173,6 +173,8 @@ class TrainConfig:
     storage_path: str = "runs"
     # Validation figures: how many samples to draw in the per-epoch prediction figure.
     figure_samples: int = 4
+    # Register the best checkpoint as this MLflow model name when the run finishes ("" = don't).
+    register_as: str = ""
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
@@ -242,6 +244,9 @@ class TrackingConfig:
     artifact_location: str = ""
     run_name: str = ""
     enabled: bool = True
+    # Seconds between system-metric samples (CPU, memory, disk, network; GPU utilization and
+    # memory where there is a GPU), logged by one train worker per node; 0 = off.
+    system_metrics_s: float = 10.0
 
 
 @dataclass
