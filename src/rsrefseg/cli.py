@@ -12,7 +12,7 @@ import logging
 import sys
 
 from rsrefseg.platform.config import ConfigError
-from rsrefseg.jobs.train import TrainingFailed, TrainingInterrupted
+from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:

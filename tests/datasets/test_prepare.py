@@ -349,3 +349,19 @@ def test_synthetic_categories_are_the_generators(prepared_synthetic):
     categories = load_manifest(prepared_synthetic)["categories"]
     assert sum(sum(per.values()) for per in categories.values()) == len(rows)
     assert len(categories["train"]) >= 4  # the demo learns several categories, not two
+
+
+def test_prepare_and_demo_data_do_not_import_ray_or_torch(tmp_path):
+    """Light commands stay light: a fresh interpreter runs them without importing Ray or torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rsrefseg.cli import main\n"
+        f"assert main(['demo-data', '--out', {str(tmp_path / 'raw')!r}, '--size', '6']) == 0\n"
+        f"assert main(['prepare', '--format', 'synthetic', '--root', {str(tmp_path / 'raw')!r}, '--out', {str(tmp_path / 'out')!r}]) == 0\n"
+        "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -17,18 +17,11 @@ from pathlib import Path
 
 from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted  # noqa: F401 (raised here, caught by the CLI)
 from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
 
 RUN_INFO = "rsrefseg_run.json"  # beside Ray Train's run folder: the MLflow run id and config
 BEST_DIR = "best"  # the best trainable-weights checkpoint, copied out of Ray's folder
-
-
-class TrainingFailed(RuntimeError):
-    """The run failed after exhausting `train.max_failures`; its checkpoints are kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C or a stopped job: the MLflow run is KILLED; its checkpoints are kept."""
 
 
 @dataclass
