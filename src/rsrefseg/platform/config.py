@@ -240,7 +240,8 @@ class TrackingConfig:
     # Empty = the project-local SQLite store, sqlite:///<project>/mlflow.db.
     uri: str = ""
     experiment: str = "rsrefseg"
-    # Artifact root for new experiments; empty = <project>/mlartifacts.
+    # Artifact root for new experiments; empty = mlartifacts/ beside a SQLite store (<project>/mlartifacts
+    # for the default store), the server's own for an http:// store.
     artifact_location: str = ""
     run_name: str = ""
     enabled: bool = True

@@ -42,15 +42,18 @@ def resolve_tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> 
 
 
 def resolve_artifact_location(tracking: TrackingConfig, root: Path | None = None) -> str | None:
-    """Artifact root for new experiments; only set for the local store (a server has its own)."""
+    """Artifact root for new experiments; only set for a local SQLite store (a server has its
+    own): `mlartifacts/` beside the database file, so a store and its artifacts stay together
+    (the default store: <project>/mlflow.db and <project>/mlartifacts)."""
     root = root or project_root()
     if tracking.artifact_location:
         loc = tracking.artifact_location
         if "://" not in loc:
             loc = (root / loc).resolve().as_uri()
         return loc
-    if resolve_tracking_uri(tracking, root).startswith("sqlite:"):
-        return (root / "mlartifacts").as_uri()
+    uri = resolve_tracking_uri(tracking, root)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     return None
 
 
