@@ -165,7 +165,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rsrefseg.models.checkpoint import CheckpointError
     from rsrefseg.models.presets import ModelLoadError
 
-    return (DatasetError, CheckpointError, ModelLoadError, FileNotFoundError)
+    errors = (DatasetError, CheckpointError, ModelLoadError, FileNotFoundError)
+    if "ray" in sys.modules:  # a cluster that wants a token we could not find: Ray's message says where to put it
+        from ray.exceptions import AuthenticationError
+
+        errors += (AuthenticationError,)
+    return errors
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

@@ -77,9 +77,28 @@ def entrypoint(job: list[str]) -> str:
 
 
 def _client(address: str | None):
+    """A Jobs API client that authenticates where the cluster wants it. Ray 2.59+ starts local
+    heads with token authentication on, but its client sends the token only when RAY_AUTH_MODE
+    is "token" in the client's own environment; so send it whenever one is found."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(dashboard_address(address))
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(dashboard_address(address), headers=headers)
+
+
+def auth_token(environ=os.environ) -> str:
+    """Ray's token, where Ray's docs say it lives, in Ray's order: $RAY_AUTH_TOKEN, the file
+    $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token. "" when there is none."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(environ["RAY_AUTH_TOKEN_PATH"]) if environ.get("RAY_AUTH_TOKEN_PATH") else Path.home() / ".ray" / "auth_token"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        if environ.get("RAY_AUTH_TOKEN_PATH"):
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token file") from None
+        return ""
 
 
 def run_submit(job: list[str], *, address: str | None = None, wait: bool = True, root: str | None = None) -> int:

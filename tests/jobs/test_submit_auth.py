@@ -1,0 +1,38 @@
+"""`rsrefseg submit` / `rsrefseg jobs` find Ray's token where Ray's docs say it lives."""
+
+from __future__ import annotations
+
+import pytest
+
+from rsrefseg.jobs.submit import auth_token
+from rsrefseg.platform.config import ConfigError
+
+
+def test_token_order_env_then_path_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_token({}) == ""  # none anywhere: no header, Ray's own error explains
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert auth_token({}) == "home-token"
+    (tmp_path / "t").write_text("path-token")
+    assert auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "t")}) == "path-token"
+    assert auth_token({"RAY_AUTH_TOKEN": "env-token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "t")}) == "env-token"
+    with pytest.raises(ConfigError, match="RAY_AUTH_TOKEN_PATH=.*missing.*cannot read"):
+        auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_the_client_sends_the_token_as_a_bearer_header(tmp_path, monkeypatch):
+    from rsrefseg.jobs import submit
+
+    seen = {}
+
+    class FakeClient:
+        def __init__(self, address, headers=None):
+            seen.update(address=address, headers=headers)
+
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret")
+    submit._client("http://127.0.0.1:8265")
+    assert seen == {"address": "http://127.0.0.1:8265", "headers": {"Authorization": "Bearer s3cret"}}
