@@ -166,7 +166,7 @@ def deepspeed_path(cfg: Config, device: torch.device, batch: int):
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     model = cast_for_precision(build_on(device, cfg), precision)
-    train = cfg.replace({"train.batch_size": batch, "train.num_workers": 1, "train.use_gpu": device.type == "cuda"}).train
+    train = cfg.replace({"train.batch_size": batch, "train.num_workers": 1, "train.use_gpu": device.type == "cuda"}).resolved().train
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(train, 1, precision),
                                       dist_init_required=False)

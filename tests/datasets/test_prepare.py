@@ -365,3 +365,30 @@ def test_prepare_and_demo_data_do_not_import_ray_or_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_refsegrs_categories_come_from_the_phrase_rule_and_are_counted(tmp_path):
+    make_refsegrs(tmp_path / "src", counts=(("train", 3), ("val", 1), ("test", 1)), repeat_mask=False)
+    phrases = {"train": ["vehicle in the parking area", "building along the road", "white cars"],
+               "val": ["low vegetation"], "test": ["the river bank"]}
+    ids = iter(range(5))
+    for split, lines in phrases.items():
+        (tmp_path / "src" / f"output_phrase_{split}.txt").write_text("".join(f"{next(ids)} {p}\n" for p in lines))
+    manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
+    rows = read_rows(tmp_path / "out")
+    assert {r["phrase"]: r["category"] for r in rows.values()} == {
+        "vehicle in the parking area": "vehicle", "building along the road": "building", "white cars": "car",
+        "low vegetation": "low vegetation", "the river bank": "other"}
+    assert manifest["categories"] == {"train": {"vehicle": 1, "building": 1, "car": 1},
+                                      "val": {"low vegetation": 1}, "test": {"other": 1}}
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_a_split_empty_in_the_source_does_not_suggest_skipping(tmp_path, skip_invalid):
+    make_refsegrs(tmp_path / "src")
+    (tmp_path / "src" / "output_phrase_val.txt").write_text("")
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out", skip_invalid=skip_invalid)
+    message = str(info.value)
+    assert "val" in message and "needs samples in every split" in message
+    assert "--skip-invalid" not in message and "Skipping" not in message

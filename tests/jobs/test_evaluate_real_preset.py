@@ -45,6 +45,7 @@ def test_rsrefseg_b_evaluates_two_samples_on_cpu(ray_session, official_weights, 
     sam, siglip = official_weights
     cfg = load_config(str(REPO / "configs/rsrefseg-b-refsegrs.yaml"), [
         f"model.sam_checkpoint={sam}", f"model.siglip_path={siglip}", f"data.path={prepared_dataset}", "data.limit=2",
+        "data.label_size=256",  # the loss's resolution; scoring must still happen at 512 px
     ])
     model = build_model(cfg.model, cfg.data.label_size)
     save_checkpoint(model, cfg, tmp_path / "best")
@@ -54,7 +55,7 @@ def test_rsrefseg_b_evaluates_two_samples_on_cpu(ray_session, official_weights, 
                           overrides=["tracking.enabled=false"], gallery=0)
     assert result["metrics"]["count"] == 2
     assert json.loads(out.read_text())["metrics"] == result["metrics"]
-    # scored at the images' own size (512 px synthetic scenes), not the model's label size
+    # scored at the images' own size (512 px synthetic scenes), not the label size (256)
     import pyarrow.parquet as pq
 
     assert pq.read_table(result["samples"]).column("pixels").to_pylist() == [512 * 512] * 2

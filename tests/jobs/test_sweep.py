@@ -30,6 +30,19 @@ def test_grid_is_the_cross_product():
     assert len(sw.trials()) == 3 * 3 * 3 * 2
 
 
+def test_variants_sweep_moves_the_whole_group_per_trial():
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/variants.yaml", BASE)
+    trials = sw.trials()
+    assert len(trials) == 4
+    names = [sw.run_name(t) for t in trials]
+    assert names[0] == "variant=paper, dice_weight=0" and len(set(names)) == 4
+    for t in trials:
+        cfg = BASE.replace(t).resolved()
+        assert cfg.model.prompter.sparse_branch == t["model.variant"]
+        assert cfg.train.weight_decay == (0.05 if t["model.variant"] == "official" else 0.01)
+        assert cfg.model.dice_weight == t["model.dice_weight"]
+
+
 def test_any_config_key_can_be_swept(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text(yaml.safe_dump({"mode": "grid", "axes": [{"key": "train.lr", "values": [1e-4, 3e-4]}],

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config, warmup_cosine
+from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config, lr_schedule, warmup_cosine
 from rsrefseg.models.rsrefseg import build_model
 from tests.models.helpers import forward, make_batch, tiny_config
 
@@ -18,7 +18,7 @@ def test_fused_adamw_trains_like_the_plain_one():
     batch = make_batch(2)
     params = {}
     for fused in (True, False):
-        cfg = tiny_config([f"train.fused_adamw={str(fused).lower()}", "train.lr=0.01"])
+        cfg = tiny_config([f"train.fused_adamw={str(fused).lower()}", "train.lr=0.01"]).resolved()
         model = build_model(cfg.model)
         opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
         assert opt.defaults["fused"] is fused
@@ -39,6 +39,22 @@ def test_warmup_then_cosine():
     assert f(0) == 0.1 and f(9) == 1.0
     assert math.isclose(f(55), 0.5, abs_tol=1e-9)  # half way through the decay
     assert f(100) == 0.0 and f(1000) == 0.0
+
+
+def test_the_variants_schedules():
+    # paper: warm-up from nothing, cosine every step down to zero.
+    paper = lr_schedule(tiny_config(["train.epochs=10", "train.warmup_epochs=2"]).resolved().train, steps_per_epoch=5)
+    assert paper(0) == 0.1 and paper(9) == 1.0 and paper(49) < 0.01
+    assert paper(20) != paper(21)  # moves every step
+    # official (the authors' code): warm-up from 0.01 x lr, then a per-epoch cosine down to 0.001 x lr.
+    official = lr_schedule(
+        tiny_config(["model.variant=official", "train.epochs=10", "train.warmup_epochs=2"]).resolved().train,
+        steps_per_epoch=5,
+    )
+    assert math.isclose(official(0), 0.01 + 0.99 / 10) and official(9) == 1.0
+    assert official(10) == official(14) == 1.0 and official(15) == official(19) < 1.0  # steps once per epoch
+    assert math.isclose(official(10**6), 0.001)
+    assert all(official(s) > official(s + 5) for s in range(10, 45, 5))  # decays epoch by epoch
 
 
 def test_deepspeed_config_is_zero2_with_the_precision_asked():
@@ -80,7 +96,7 @@ def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precisio
     """The train worker's engine set-up (its optimizer and ZeRO-2 config), a few steps, the weights."""
     import deepspeed
 
-    cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides])
+    cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides]).resolved()
     model = cast_for_precision(build_model(cfg.model), precision)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False,

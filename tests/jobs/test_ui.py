@@ -64,6 +64,14 @@ def test_mlflow_server_on_a_taken_port_fails_instead_of_exiting_0(project_home, 
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
 
 
+def test_the_printed_tracking_uri_is_an_address_clients_can_reach():
+    from rsrefseg.jobs.ui import client_uri
+
+    assert client_uri("0.0.0.0", 5000) == f"http://{socket.gethostname()}:5000"
+    assert client_uri("::", 5000) == f"http://{socket.gethostname()}:5000"
+    assert client_uri("10.0.0.5", 5001) == "http://10.0.0.5:5001"
+
+
 def _status_with_host(port: int, host_header: str) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
                                  headers={"Host": host_header})

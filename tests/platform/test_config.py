@@ -60,6 +60,7 @@ def test_overrides_are_typed_and_applied():
         ("train.precision=bf16", "train.precision"),  # bf16 without a GPU
         ("train.lr=-1", "train.lr"),
         ("model.lora=4", "model.lora"),
+        ("tune.metric=val/loss", "tune.metric"),  # not a figure that ranks epochs
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -113,3 +114,8 @@ def test_replace_validates():
     assert cfg.replace({"train.epochs": 3}).train.epochs == 3
     with pytest.raises(ConfigError, match="train.epochs"):
         cfg.replace({"train.epochs": 0})
+
+
+def test_registering_without_mlflow_is_refused_before_training():
+    with pytest.raises(ConfigError, match=r"^train\.register_as: .*tracking\.enabled=false"):
+        load_config(REPO / "configs/demo.yaml", ["train.register_as=demo", "tracking.enabled=false"])

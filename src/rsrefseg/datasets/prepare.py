@@ -276,8 +276,12 @@ def _summary(issues: list[Issue], fmt: str, root: Path, skip_invalid: bool) -> s
     lines += [f"  - {issue}" for issue in issues[:MAX_LISTED_ISSUES]]
     if len(issues) > MAX_LISTED_ISSUES:
         lines.append(f"  ... and {len(issues) - MAX_LISTED_ISSUES} more")
-    if skip_invalid:
-        lines.append("Skipping invalid samples would leave a split empty, and a prepared dataset needs every split.")
+    skippable = any(issue.kind == "sample" for issue in issues)
+    every_split = f"A prepared dataset needs samples in every split ({', '.join(EXPECTED_SPLITS)})."
+    if not skippable:  # only empty splits in the source: skipping cannot help
+        lines.append(every_split)
+    elif skip_invalid:
+        lines.append("Skipping invalid samples would leave a split empty. " + every_split)
     else:
         lines.append("Fix them, or prepare with --skip-invalid (skip_invalid=True in Python) to leave those samples "
                      "out (they are listed in manifest.json).")

@@ -156,7 +156,7 @@ def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest
             failure_config=FailureConfig(max_failures=t.max_failures),
             # The best by val gIoU is kept; Ray Train always keeps the latest too (for resume).
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val/gIoU", checkpoint_score_order="max"
+                num_to_keep=1, checkpoint_score_attribute=cfg.tune.metric, checkpoint_score_order="max"
             ),
             callbacks=callbacks,
         ),
@@ -236,14 +236,14 @@ def run_train(
         raise TrainingInterrupted(
             f"run {name} was interrupted ({type(exc).__name__})"
             + (f"; its MLflow run {run_id} is KILLED" if run_id else "")
-            + f".\nIts last checkpoint is kept; continue with: rsrefseg train --resume {root / name}"
+            + f".\nContinue with: rsrefseg train --resume {root / name}{RESUME_FROM}"
         ) from None
     except Exception as exc:
         if run_id:
             tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
         raise TrainingFailed(
             f"run {name} failed: {type(exc).__name__}: {exc}\n"
-            f"Its last checkpoint is kept; continue with: rsrefseg train --resume {root / name}"
+            f"Continue with: rsrefseg train --resume {root / name}{RESUME_FROM}"
         ) from exc
     outcome = finish_run(cfg, result, name=name, run_dir=root / name, mlflow_run_id=run_id)
     if cfg.train.register_as:
@@ -253,13 +253,17 @@ def run_train(
     return outcome
 
 
+# Where a --resume starts: the run's epoch checkpoints are kept in its folder.
+RESUME_FROM = " (it starts after the last finished epoch; from the beginning if none finished)"
+
+
 def finish_run(cfg: Config, result, *, name: str, run_dir: Path, mlflow_run_id: str | None) -> TrainOutcome:
     """Copy the best trainable weights out of Ray's folder and record them in MLflow."""
     from rsrefseg.jobs.train_loop import MODEL_DIR, STATE_FILE
 
     if result.error:
         raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/gIoU", float("-inf")))
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.tune.metric, float("-inf")))
     with result.checkpoint.as_directory() as latest:
         history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
     best = run_dir / BEST_DIR

@@ -95,16 +95,33 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=train.fused_adamw)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LambdaLR factor: linear warm-up to the base lr, then cosine decay to zero."""
+def warmup_cosine(
+    total_steps: int, warmup_steps: int, *, start_factor: float = 0.0, min_factor: float = 0.0,
+    steps_per_epoch: int = 0,
+):
+    """LambdaLR factor: linear warm-up from `start_factor` to the base lr, then cosine decay to
+    `min_factor`. With `steps_per_epoch`, the cosine moves once per epoch (the authors' recipe:
+    per-epoch cosine after a per-step warm-up); without, every step."""
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return start_factor + (1.0 - start_factor) * (step + 1) / warmup_steps
+        at = (step // steps_per_epoch) * steps_per_epoch if steps_per_epoch else step
+        progress = max(0.0, (at - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def lr_schedule(train: TrainConfig, steps_per_epoch: int):
+    """The LambdaLR factor of a resolved train config."""
+    return warmup_cosine(
+        steps_per_epoch * train.epochs,
+        int(round(train.warmup_epochs * steps_per_epoch)),
+        start_factor=train.warmup_start_factor,
+        min_factor=train.min_lr_factor,
+        steps_per_epoch=steps_per_epoch if train.cosine_per == "epoch" else 0,
+    )
 
 
 def train_func(loop_config: dict) -> None:
@@ -121,7 +138,7 @@ def train_func(loop_config: dict) -> None:
     from rsrefseg.jobs.progress import Progress, say
     from rsrefseg.jobs.val_report import EpochLogger, SystemMetrics
 
-    cfg = Config.from_dict(loop_config["config"])
+    cfg = Config.from_dict(loop_config["config"]).resolved()  # model.variant's keys filled in
     train = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -133,10 +150,8 @@ def train_func(loop_config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     steps_per_epoch = int(loop_config["steps_per_epoch"])
-    total_steps = steps_per_epoch * train.epochs
-    warmup_steps = int(round(train.warmup_epochs * steps_per_epoch))
     optimizer = build_optimizer(trainable, train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(train, steps_per_epoch))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -165,7 +165,10 @@ def run_tune(
     else:
         scheduler = None
         if cfg.tune.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+            # max_t: the longest trial's epochs (a sweep may vary train.epochs); a trial that ends
+            # sooner reports its own last epoch when its run is complete.
+            max_t = max(trial_config(cfg, s).train.epochs for s in settings)
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.tune.grace_period,
                                       reduction_factor=cfg.tune.reduction_factor)
         tuner = ray.tune.Tuner(
             trainable,

@@ -53,6 +53,9 @@ def check_port_free(host: str, port: int) -> None:
     """Fail with a clear message when host:port is taken (MLflow's server would print the bind
     error and still exit 0)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the server's own socket does: a port left in TIME_WAIT by a server just stopped is
+        # free to listen on; one with a listener still fails on Linux.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

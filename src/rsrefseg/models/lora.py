@@ -9,8 +9,13 @@ so what gets adapted is readable from the pattern and `patch_embed.proj` can nev
 - SigLIP vision and text towers: `encoder.layers.{i}.self_attn.q_proj|k_proj|v_proj|out_proj`
   (anchored at `encoder.`, so the vision pooling head's own `attention.out_proj` is left alone).
 
-Layer choice: "full" = every block, "half" = the later half (blocks depth//2 .. depth-1),
-"zero" = no LoRA on that backbone.
+Layer choice: "full" = every block, "half" = the later half, "zero" = no LoRA on that
+backbone. For an odd depth, "half" is the last ceil(depth/2) blocks (paper variant: 14 of
+SigLIP's 27) or the last floor(depth/2) (`lora.half_depth=floor`, the authors' code: 13 of 27).
+With `lora.text_head`, the SigLIP text tower's `head` (the projection that gives t_global) is
+adapted too, as in the authors' code.
+
+`cfg` must be resolved (`LoraConfig` of `ModelConfig.resolved()`): its variant keys are set.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ SAM_NECK_TARGETS = ("neck.0", "neck.2")
 SIGLIP_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def layer_indices(num_layers: int, choice: str) -> list[int]:
-    """Indices of the layers that get LoRA: all, the later half, or none."""
+def layer_indices(num_layers: int, choice: str, half_depth: str = "ceil") -> list[int]:
+    """Indices of the layers that get LoRA: all, the later half (ceil or floor of depth/2
+    layers), or none."""
     if choice == "full":
         return list(range(num_layers))
     if choice == "half":
-        return list(range(num_layers // 2, num_layers))
+        count = num_layers - num_layers // 2 if half_depth == "ceil" else num_layers // 2
+        return list(range(num_layers - count, num_layers))
     if choice == "zero":
         return []
     raise ValueError(f"layer choice must be full, half or zero, got {choice!r}")
@@ -43,21 +50,23 @@ def _alternatives(items: list) -> str:
     return "(" + "|".join(str(i).replace(".", r"\.") for i in items) + ")"
 
 
-def sam_target_regex(depth: int, choice: str) -> Optional[str]:
+def sam_target_regex(depth: int, choice: str, half_depth: str = "ceil") -> Optional[str]:
     """Regex over SAM image-encoder module names, or None for no LoRA."""
-    layers = layer_indices(depth, choice)
+    layers = layer_indices(depth, choice, half_depth)
     if not layers:
         return None
     blocks = rf"blocks\.{_alternatives(layers)}\.{_alternatives(list(SAM_BLOCK_TARGETS))}"
     return rf"{blocks}|{_alternatives(list(SAM_NECK_TARGETS))}"
 
 
-def siglip_target_regex(num_layers: int, choice: str) -> Optional[str]:
-    """Regex over a SigLIP tower's module names (vision_model or text_model), or None."""
-    layers = layer_indices(num_layers, choice)
+def siglip_target_regex(num_layers: int, choice: str, half_depth: str = "ceil", *, head: bool = False) -> Optional[str]:
+    """Regex over a SigLIP tower's module names (vision_model or text_model), or None.
+    `head`: the tower's `head` projection too (the text tower's t_global projection)."""
+    layers = layer_indices(num_layers, choice, half_depth)
     if not layers:
         return None
-    return rf"encoder\.layers\.{_alternatives(layers)}\.self_attn\.{_alternatives(list(SIGLIP_ATTENTION_TARGETS))}"
+    regex = rf"encoder\.layers\.{_alternatives(layers)}\.self_attn\.{_alternatives(list(SIGLIP_ATTENTION_TARGETS))}"
+    return rf"{regex}|head" if head else regex
 
 
 def inject_lora(module: nn.Module, *, target_regex: Optional[str], rank: int, cfg: LoraConfig) -> nn.Module:
@@ -69,7 +78,7 @@ def inject_lora(module: nn.Module, *, target_regex: Optional[str], rank: int, cf
         return module
     peft_cfg = PeftLoraConfig(
         r=rank,
-        lora_alpha=cfg.alpha_over_rank * rank,
+        lora_alpha=cfg.alpha_for(rank),
         lora_dropout=cfg.dropout,
         target_modules=target_regex,
         bias="none",
@@ -81,19 +90,21 @@ def apply_lora(*, sam_image_encoder: nn.Module, siglip_vision: nn.Module, siglip
     """Put LoRA on the three backbones as `cfg` says (ranks and layer choice per backbone)."""
     inject_lora(
         sam_image_encoder,
-        target_regex=sam_target_regex(len(sam_image_encoder.blocks), cfg.sam_layers),
+        target_regex=sam_target_regex(len(sam_image_encoder.blocks), cfg.sam_layers, cfg.half_depth),
         rank=cfg.sam_rank,
         cfg=cfg,
     )
     inject_lora(
         siglip_vision,
-        target_regex=siglip_target_regex(len(siglip_vision.encoder.layers), cfg.siglip_vision_layers),
+        target_regex=siglip_target_regex(len(siglip_vision.encoder.layers), cfg.siglip_vision_layers, cfg.half_depth),
         rank=cfg.siglip_vision_rank,
         cfg=cfg,
     )
     inject_lora(
         siglip_text,
-        target_regex=siglip_target_regex(len(siglip_text.encoder.layers), cfg.siglip_text_layers),
+        target_regex=siglip_target_regex(
+            len(siglip_text.encoder.layers), cfg.siglip_text_layers, cfg.half_depth, head=cfg.text_head
+        ),
         rank=cfg.siglip_text_rank,
         cfg=cfg,
     )

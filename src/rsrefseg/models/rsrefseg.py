@@ -14,7 +14,7 @@ from rsrefseg.models.compiled_backbones import compile_backbones
 from rsrefseg.models.errors import state_dict_problems
 from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
-from rsrefseg.models.loss import mask_bce_loss
+from rsrefseg.models.loss import mask_loss
 from rsrefseg.models.presets import build_backbones, get_preset, input_sizes
 from rsrefseg.models.prompter import AttnPrompter
 from rsrefseg.models.sam import BatchedSam
@@ -34,6 +34,8 @@ class RSRefSeg(nn.Module):
         prompter: AttnPrompter,
         sizes: InputSizes,
         bce_pos_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        dice_weight: float = 0.0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -42,6 +44,8 @@ class RSRefSeg(nn.Module):
         self.prompter = prompter
         self.sizes = sizes
         self.bce_pos_weight = bce_pos_weight
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
         self.channels_last = channels_last
         self._weights_channels_last = False
 
@@ -83,8 +87,11 @@ class RSRefSeg(nn.Module):
         return logits[:, 0]
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """logits: float [B, H, W]; mask: uint8/bool [B, H, W] (> 0 = foreground) -> scalar BCE."""
-        return mask_bce_loss(logits, mask, pos_weight=self.bce_pos_weight)
+        """logits: float [B, H, W]; mask: uint8/bool [B, H, W] (> 0 = foreground) -> scalar
+        bce_weight * BCE + dice_weight * Dice."""
+        return mask_loss(
+            logits, mask, bce_weight=self.bce_weight, dice_weight=self.dice_weight, pos_weight=self.bce_pos_weight
+        )
 
     # -- trainable weights ----------------------------------------------------------------------
 
@@ -129,8 +136,9 @@ def build_model(
     `label_size` overrides the preset's mask resolution (0 = preset default); `random_init`
     skips the weight files of the real presets (for speed measurements, never for training).
     `gpu` says where the model will run, which decides the `auto` speed switches.
+    The keys `model.variant` decides (paper text or the authors' code) are resolved here.
     """
-    model_cfg = model_cfg.on_device(gpu)
+    model_cfg = model_cfg.resolved().on_device(gpu)
     preset = get_preset(model_cfg.preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)
@@ -153,11 +161,19 @@ def build_model(
         sam.mask_decoder.requires_grad_(True)
         for p in sam.unused_decoder_parameters():
             p.requires_grad_(False)
+        if model_cfg.train_prompt_encoder:
+            # The authors' code trains SAM's prompt encoder. Our prompts never pass through its
+            # point embeddings, so only the dense-prompt path the forward takes can learn.
+            encoder = sam.prompt_encoder
+            used = encoder.mask_downscaling if model_cfg.prompter.dense_prompt else encoder.no_mask_embed
+            used.requires_grad_(True)
         prompter = AttnPrompter(
             in_dim=preset.siglip.hidden_size,
             prompt_dim=preset.sam.prompt_embed_dim,
             downsample_rate=model_cfg.prompter.downsample_rate,
             dense_prompt=model_cfg.prompter.dense_prompt,
+            sparse_branch=model_cfg.prompter.sparse_branch,
+            gating=model_cfg.prompter.gating,
         )
     return RSRefSeg(
         siglip=SiglipEncoder(model=siglip_model),
@@ -165,5 +181,7 @@ def build_model(
         prompter=prompter,
         sizes=input_sizes(model_cfg, label_size),
         bce_pos_weight=model_cfg.bce_pos_weight,
+        bce_weight=model_cfg.bce_weight,
+        dice_weight=model_cfg.dice_weight,
         channels_last=model_cfg.channels_last,
     )

@@ -35,7 +35,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
-    """LoRA placement and ranks, one rank per component (paper default r=16 everywhere)."""
+    """LoRA placement and ranks, one rank per component (paper default r=16 everywhere).
+
+    Keys left empty (None) take the value of `model.variant` (VARIANTS below)."""
 
     sam_rank: int = 16
     siglip_vision_rank: int = 16
@@ -43,14 +45,30 @@ class LoraConfig:
     sam_layers: Literal["full", "half", "zero"] = "full"
     siglip_vision_layers: Literal["full", "half", "zero"] = "full"
     siglip_text_layers: Literal["full", "half", "zero"] = "full"
+    # LoRA scale alpha/r: alpha = alpha_over_rank * rank, unless `alpha` is set (> 0).
     alpha_over_rank: float = 1.0
-    dropout: float = 0.0
+    # A fixed alpha for every rank (the authors' code: 16, so r=8 scales by 2 and r=32 by 0.5);
+    # 0 = alpha_over_rank * rank (paper variant: alpha = r).
+    alpha: Optional[float] = None
+    # Dropout on the LoRA input (paper variant 0.0; the authors' code 0.1).
+    dropout: Optional[float] = None
+    # Also put LoRA on the SigLIP text tower's `head`, the projection that gives t_global
+    # (paper variant: no; the authors' code: yes). Never with siglip_text_layers=zero.
+    text_head: Optional[bool] = None
+    # Which layers "half" adapts: the last ceil(depth/2) (paper variant: 14 of SigLIP's 27) or
+    # the last floor(depth/2) (the authors' code: 13 of 27).
+    half_depth: Optional[Literal["ceil", "floor"]] = None
 
     def validate(self, key: str) -> None:
         for name in ("sam_rank", "siglip_vision_rank", "siglip_text_rank"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1 (use *_layers=zero to turn LoRA off)")
         _check(self.alpha_over_rank > 0, f"{key}.alpha_over_rank", "must be > 0")
+        _check(self.alpha >= 0, f"{key}.alpha", "must be >= 0 (0 = alpha_over_rank * rank)")
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+
+    def alpha_for(self, rank: int) -> float:
+        """The LoRA alpha of an adapter of this rank."""
+        return self.alpha if self.alpha else self.alpha_over_rank * rank
 
 
 @dataclass
@@ -59,6 +77,14 @@ class PrompterConfig:
 
     downsample_rate: int = 4
     dense_prompt: bool = True
+    # Sparse branch (models/prompter.py). paper: 1x1 conv, then k x [3x3 stride-2 Conv-BN-GELU],
+    # tokens leave a GELU. official (the authors' code): 1x1 conv-BN-GELU, plus SAM's dense
+    # positional encoding on the SigLIP grid, the k blocks, then a plain 1x1 conv, so tokens are
+    # unrestricted like SAM's point embeddings.
+    sparse_branch: Optional[Literal["paper", "official"]] = None
+    # Gating. paper: v_global = v*s_g + v, v_local = v*mean(s_l) + v, cat(global, local, v).
+    # official: v_global = v*s_g, v_local = (v + v*mean(s_l)) / 2, cat(local, global, v).
+    gating: Optional[Literal["paper", "official"]] = None
 
     def validate(self, key: str) -> None:
         _check(
@@ -80,8 +106,21 @@ class ModelConfig:
     init_seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
+    # Which reading of RSRefSeg the keys left empty (None) follow: `paper` (the paper's text) or
+    # `official` (the authors' code, KyanChen/RSRefSeg, which produced the published numbers).
+    # A key given explicitly always wins. The table is VARIANTS below; README lists every key.
+    # Default paper: run configs written before this key existed rebuild the model they trained.
+    variant: Literal["paper", "official"] = "paper"
     # Positive-class weight of the binary cross-entropy (1.0 = plain BCE, as in the paper).
     bce_pos_weight: float = 1.0
+    # Loss = bce_weight * BCE + dice_weight * Dice. paper variant: BCE weight 1; the authors' code
+    # 5. dice_weight 0 = the paper's plain BCE; RSRefSeg-2 adds Dice (weight 1).
+    bce_weight: Optional[float] = None
+    dice_weight: float = 0.0
+    # SAM's prompt encoder trains (the authors' code) or stays frozen (paper variant). Of it,
+    # only what the forward uses gets gradients: the mask-prompt convs that embed the dense
+    # prompt (or the no-mask embedding with dense_prompt off).
+    train_prompt_encoder: Optional[bool] = None
     # SAM's ViT attention through fused scaled_dot_product_attention (same math, less memory).
     sdpa_attention: bool = True
     # With sdpa_attention (ignored without it): fold SAM's relative-position bias into q/k, so no
@@ -98,6 +137,10 @@ class ModelConfig:
     # Convolution weights and input images in channels-last (NHWC) memory format; auto = on GPU.
     channels_last: Literal["auto", True, False] = "auto"
 
+    def resolved(self) -> "ModelConfig":
+        """This section with the keys left empty filled in from `variant` (Config.resolved)."""
+        return Config(model=self).resolved().model
+
     def on_device(self, gpu: bool) -> "ModelConfig":
         """This config with the `auto` switches decided for a model that runs on a GPU or not."""
         def decide(value):
@@ -111,6 +154,9 @@ class ModelConfig:
         self.lora.validate(f"{key}.lora")
         self.prompter.validate(f"{key}.prompter")
         _check(self.bce_pos_weight > 0, f"{key}.bce_pos_weight", "must be > 0")
+        _check(self.bce_weight >= 0, f"{key}.bce_weight", "must be >= 0")
+        _check(self.dice_weight >= 0, f"{key}.dice_weight", "must be >= 0 (0 = no Dice term)")
+        _check(self.bce_weight + self.dice_weight > 0, f"{key}.bce_weight", "and model.dice_weight are both 0: no loss")
 
 
 @dataclass
@@ -141,8 +187,16 @@ class TrainConfig:
     # Global batch size, split evenly over the workers (paper: 32).
     batch_size: int = 32
     lr: float = 1e-4
-    weight_decay: float = 0.01
+    # AdamW weight decay (paper variant 0.01, torch's default; the authors' code 0.05).
+    weight_decay: Optional[float] = None
+    # Linear warm-up over warmup_epochs from warmup_start_factor * lr (paper variant 0: from
+    # nothing; the authors' code 0.01), then cosine down to min_lr_factor * lr (paper variant 0;
+    # the authors' code 0.001), the cosine stepping every step (paper variant) or once per epoch
+    # (the authors' code).
     warmup_epochs: float = 1.0
+    warmup_start_factor: Optional[float] = None
+    min_lr_factor: Optional[float] = None
+    cosine_per: Optional[Literal["step", "epoch"]] = None
     num_workers: int = 2
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
@@ -191,6 +245,8 @@ class TrainConfig:
         _check(self.ingest_cpus >= 1, f"{key}.ingest_cpus", "must be >= 1 (each preprocessing task takes a CPU)")
         _check(self.batch_timeout_s >= 0, f"{key}.batch_timeout_s", "must be >= 0 (0 = wait forever)")
         _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
+        _check(0 <= self.warmup_start_factor <= 1, f"{key}.warmup_start_factor", "must be in [0, 1]")
+        _check(0 <= self.min_lr_factor <= 1, f"{key}.min_lr_factor", "must be in [0, 1]")
         _check(self.gpus_per_worker > 0, f"{key}.gpus_per_worker", "must be > 0")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.zero_stage in (0, 1, 2), f"{key}.zero_stage", "must be 0, 1 or 2")
@@ -213,11 +269,15 @@ class TuneConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     num_workers: int = 0  # 0 = train.num_workers
-    # Early stopping for wide grids: none, or ASHA on val gIoU.
+    # Early stopping for wide grids: none, or ASHA on `metric`.
     scheduler: Literal["none", "asha"] = "none"
     grace_period: int = 1
     reduction_factor: int = 3
-    metric: str = "val/gIoU"
+    # The one selection metric (higher is better): it picks every run's best epoch (the `best/`
+    # checkpoint, train and tune alike), the sweep's best trial, and what ASHA compares.
+    metric: Literal[
+        "val/gIoU", "val/cIoU", "val/Pr@0.5", "val/Pr@0.6", "val/Pr@0.7", "val/Pr@0.8", "val/Pr@0.9"
+    ] = "val/gIoU"
     # Retries of a failed trial before it is marked failed (workers inside a trial restart on
     # their own per train.max_failures).
     max_failures: int = 0
@@ -232,7 +292,6 @@ class TuneConfig:
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = retry forever)")
         _check(self.grace_period >= 1, f"{key}.grace_period", "must be >= 1")
         _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be >= 2")
-        _check(bool(self.metric), f"{key}.metric", "must name a metric such as val/gIoU")
 
 
 @dataclass
@@ -306,11 +365,32 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
+        resolved = self.resolved()
+        for f in dataclasses.fields(resolved):
+            section = getattr(resolved, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        _check(
+            not resolved.train.register_as or resolved.tracking.enabled,
+            "train.register_as",
+            "registers the model in MLflow, which tracking.enabled=false turns off",
+        )
         return self
+
+    def resolved(self) -> "Config":
+        """A copy with every key left empty (None) filled in from `model.variant` (VARIANTS).
+
+        The config itself keeps the empty keys, so `model.variant=official` given later (an
+        override, a sweep axis) still moves the whole group; what runs reads `resolved()`."""
+        data = self.to_dict()
+        for key, value in VARIANTS[self.model.variant].items():
+            section, *path = key.split(".")
+            node = data[section]
+            for part in path[:-1]:
+                node = node[part]
+            if node[path[-1]] is None:
+                node[path[-1]] = value
+        return _build(Config, data, prefix="", source=f"model.variant={self.model.variant}")
 
     # -- conversion ---------------------------------------------------------------------------
 
@@ -323,8 +403,9 @@ class Config:
         return cfg.validate()
 
     def flat(self) -> dict[str, Any]:
-        """Dotted names to values: the MLflow params of a run (the same names for every run)."""
-        return flatten(self.to_dict())
+        """Dotted names to values, variant keys resolved: the MLflow params of a run (the same
+        names for every run)."""
+        return flatten(self.resolved().to_dict())
 
     def dump(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as YAML (write, then rename)."""
@@ -343,6 +424,44 @@ class Config:
         data = self.to_dict()
         apply_overrides(data, overrides)
         return Config.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# model.variant: what each reading of RSRefSeg sets. `paper` is this platform's model as first
+# built from the paper's text; `official` is the authors' code (KyanChen/RSRefSeg,
+# rsris/models/models.py and configs_RSRefSeg/RSRefSeg-b.py). Optimizer and schedule keys sit in
+# `train` but belong to the recipe that produced the numbers, so the variant sets them too.
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "model.prompter.sparse_branch": "paper",
+        "model.prompter.gating": "paper",
+        "model.train_prompt_encoder": False,
+        "model.lora.text_head": False,
+        "model.lora.dropout": 0.0,
+        "model.lora.alpha": 0.0,
+        "model.lora.half_depth": "ceil",
+        "model.bce_weight": 1.0,
+        "train.weight_decay": 0.01,
+        "train.warmup_start_factor": 0.0,
+        "train.min_lr_factor": 0.0,
+        "train.cosine_per": "step",
+    },
+    "official": {
+        "model.prompter.sparse_branch": "official",
+        "model.prompter.gating": "official",
+        "model.train_prompt_encoder": True,
+        "model.lora.text_head": True,
+        "model.lora.dropout": 0.1,
+        "model.lora.alpha": 16.0,
+        "model.lora.half_depth": "floor",
+        "model.bce_weight": 5.0,
+        "train.weight_decay": 0.05,
+        "train.warmup_start_factor": 0.01,
+        "train.min_lr_factor": 0.001,
+        "train.cosine_per": "epoch",
+    },
+}
 
 
 # --------------------------------------------------------------------------------------------
