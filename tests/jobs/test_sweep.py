@@ -112,3 +112,15 @@ def test_trial_runs_are_named_by_what_they_vary():
     names = [sweep.run_name(s) for s in sweep.trials()]
     assert names == ["sam_rank=8", "default", "sam_rank=32", "siglip_text_layers=zero", "siglip_text_layers=half",
                      "downsample_rate=2", "downsample_rate=8", "dense_prompt=false"]
+
+
+def test_trials_take_the_train_sections_resources_unless_tune_sets_them():
+    from rsrefseg.jobs.tune import trial_config
+
+    trial = trial_config(BASE, {"model.lora.sam_rank": 8}).train  # a GPU recipe, nothing repeated
+    assert (trial.use_gpu, trial.gpus_per_worker, trial.cpus_per_worker, trial.num_workers) == (
+        True, BASE.train.gpus_per_worker, BASE.train.cpus_per_worker, BASE.train.num_workers)
+    shared = trial_config(BASE.replace(["tune.gpus_per_worker=0.5", "tune.cpus_per_worker=2", "tune.num_workers=1"]), {})
+    assert (shared.train.gpus_per_worker, shared.train.cpus_per_worker, shared.train.num_workers) == (0.5, 2, 1)
+    on_cpu = trial_config(BASE.replace(["tune.gpus_per_worker=0", "train.precision=fp32"]), {}).train
+    assert not on_cpu.use_gpu

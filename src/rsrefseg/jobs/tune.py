@@ -28,15 +28,18 @@ TRIAL_DRIVER_CPU = 0.01  # see run_tune
 
 
 def trial_config(base: Config, setting: dict) -> Config:
-    """A trial's config: the base, the trial's overrides, and the tune section's resources."""
+    """A trial's config: the base, the trial's overrides, and its resources: the train section's,
+    unless tune.* sets them (a GPU recipe's trials train on GPUs with nothing repeated)."""
     t = base.tune
-    resources = {
-        "train.num_workers": t.num_workers or base.train.num_workers,
-        "train.cpus_per_worker": t.cpus_per_worker,
-        "train.use_gpu": t.gpus_per_worker > 0,
-    }
-    if t.gpus_per_worker > 0:
-        resources["train.gpus_per_worker"] = t.gpus_per_worker
+    resources: dict = {}
+    if t.num_workers:
+        resources["train.num_workers"] = t.num_workers
+    if t.cpus_per_worker:
+        resources["train.cpus_per_worker"] = t.cpus_per_worker
+    if t.gpus_per_worker >= 0:
+        resources["train.use_gpu"] = t.gpus_per_worker > 0
+        if t.gpus_per_worker > 0:
+            resources["train.gpus_per_worker"] = t.gpus_per_worker
     return base.replace({**resources, **setting})
 
 
@@ -155,7 +158,7 @@ def run_tune(
     print(f"[rsrefseg] sweep {name}: {len(settings)} trials ({sweep.mode}) -> {sweep_dir}", flush=True)
 
     # A trial is only the driver of its TorchTrainer, which reserves the workers' resources itself
-    # (tune.cpus_per_worker / gpus_per_worker); the driver holds a token share of a CPU (Ray
+    # (train.* or tune.* cpus_per_worker / gpus_per_worker); the driver holds a token share of a CPU (Ray
     # refuses an empty request), so trials in parallel are bounded by tune.max_concurrent_trials
     # and by what the cluster can give their workers, not by driver slots.
     trainable = ray.tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPU})

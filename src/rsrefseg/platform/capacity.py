@@ -67,7 +67,7 @@ def concurrent_trials(cfg: Config, cluster_cpus: float, *, driver_cpu: float, wh
         return asked
     print(
         f"[rsrefseg] running {fit} trial(s) at a time: each needs {per_trial:g} CPUs "
-        f"(train.num_workers x tune.cpus_per_worker, plus its driver) and Ray Data keeps "
+        f"(train.num_workers x train.cpus_per_worker, or tune.* where set, plus its driver) and Ray Data keeps "
         f"train.ingest_cpus={cfg.train.ingest_cpus} of the {cluster_cpus:g} CPUs of {where}"
         + (f" (tune.max_concurrent_trials={asked} would starve it)" if asked else ""),
         flush=True,

@@ -265,10 +265,12 @@ class TrainConfig:
 class TuneConfig:
     # Trials running at once (0 = as many as the cluster fits).
     max_concurrent_trials: int = 1
-    # Resources of one trial's workers; fractions are allowed (several trials per GPU).
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    num_workers: int = 0  # 0 = train.num_workers
+    # Resources of one trial's workers, when they differ from the train section's (a trial is one
+    # train run): 0 CPUs / -1 GPUs / 0 workers = as train.* says. Fractions are allowed (several
+    # trials per GPU); a GPU count > 0 trains on GPUs, 0 on CPUs.
+    cpus_per_worker: float = 0.0
+    gpus_per_worker: float = -1.0
+    num_workers: int = 0
     # Early stopping for wide grids: none, or ASHA on `metric`.
     scheduler: Literal["none", "asha"] = "none"
     grace_period: int = 1
@@ -286,8 +288,9 @@ class TuneConfig:
 
     def validate(self, key: str) -> None:
         _check(self.max_concurrent_trials >= 0, f"{key}.max_concurrent_trials", "must be >= 0")
-        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
-        _check(self.gpus_per_worker >= 0, f"{key}.gpus_per_worker", "must be >= 0")
+        _check(self.cpus_per_worker >= 0, f"{key}.cpus_per_worker", "must be >= 0 (0 = train.cpus_per_worker)")
+        _check(self.gpus_per_worker == -1 or self.gpus_per_worker >= 0, f"{key}.gpus_per_worker",
+               "must be >= 0, or -1 (= train.gpus_per_worker with train.use_gpu, else 0)")
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = retry forever)")
         _check(self.grace_period >= 1, f"{key}.grace_period", "must be >= 1")
