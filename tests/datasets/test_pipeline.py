@@ -173,6 +173,10 @@ def test_iter_batches_moves_tensors_to_the_requested_device(small, tokenizer):
     assert batch["sam_image"].device.type == "cpu" and isinstance(batch["id"], list)
     batch = next(iter_batches(ds, 2, device="auto"))  # outside Ray Train: CPU
     assert batch["mask"].device.type == "cpu"
+    # A device other than the CPU is honoured (the meta device stands in for a GPU here).
+    batch = next(iter_batches(ds, 2, device="meta"))
+    assert {batch[k].device.type for k in ("sam_image", "siglip_image", "input_ids", "mask")} == {"meta"}
+    assert isinstance(batch["phrase"], list)
 
 
 def test_tokenize_without_an_attention_mask_falls_back_to_ones():

@@ -162,3 +162,17 @@ def test_categories_stay_apart_at_low_resolution():
                 continue
             for name, ref in stuff.items():
                 assert np.linalg.norm(colour - ref) > 30, (seed, obj.kind, obj.colour, name)
+
+
+def test_objects_are_drawn_at_refsegrs_scale():
+    # About 13 cm per pixel: a car (4.5 x 2 m) covers ~35 x 16 px, a truck over twice its length.
+    areas = defaultdict(list)
+    for seed in range(10):
+        scene = make_scene(seed)
+        for obj in scene.objects:
+            areas[obj.kind].append(int((scene.instances == obj.id).sum()))
+    cars = sorted(areas["car"])
+    assert len(cars) >= 20
+    assert 480 <= cars[len(cars) // 2] <= 650  # median: whole cars (32-38 x 15-17 px)
+    assert np.median(areas["truck"]) > 2.5 * np.median(cars)
+    assert np.median(areas["building"]) > 5 * np.median(cars)

@@ -61,6 +61,7 @@ def test_overrides_are_typed_and_applied():
         ("train.lr=-1", "train.lr"),
         ("model.lora=4", "model.lora"),
         ("tune.metric=val/loss", "tune.metric"),  # not a figure that ranks epochs
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -40,7 +40,10 @@ from .refsegrs import read_refsegrs
 from .triplet import DatasetError, Triplet
 
 SIZE = 512
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# Object sizes follow RefSegRS's ground sampling (SkyScapes imagery, about 13 cm per pixel): a car
+# (4.5 x 2 m) is about 35 x 16 px, a tree crown 4-7 m across 28-52 px, a lane 3.5 m ~ 27 px.
+# (Version 1 drew objects at about two thirds of that: too small for the tiny preset to learn.)
 PHRASES_PER_SCENE = 4
 SPLIT_SHARES = (("train", 0.6), ("val", 0.1), ("test", 0.3))
 MARKER_FILE = "synthetic.json"
@@ -221,10 +224,10 @@ def make_scene(rng: np.random.Generator | int) -> Scene:
 def _draw_roads(canvas: _Canvas) -> list[_Road]:
     rng = canvas.rng
     first_angle = rng.choice([0.0, math.pi / 2]) if rng.random() < 0.7 else rng.uniform(0, math.pi)
-    roads = [_Road(*rng.uniform(140, 372, 2), angle=float(first_angle), width=float(rng.uniform(38, 56)))]
+    roads = [_Road(*rng.uniform(140, 372, 2), angle=float(first_angle), width=float(rng.uniform(52, 72)))]
     if rng.random() < 0.5:
         angle = first_angle + math.pi / 2 + rng.uniform(-0.2, 0.2)
-        roads.append(_Road(*rng.uniform(100, 412, 2), angle=float(angle), width=float(rng.uniform(34, 50))))
+        roads.append(_Road(*rng.uniform(100, 412, 2), angle=float(angle), width=float(rng.uniform(48, 64))))
     for road in roads:
         offset = road.offset(canvas.xx, canvas.yy)
         surface = np.abs(offset) <= road.width / 2
@@ -253,7 +256,7 @@ class _Parking:
 def _draw_parking(canvas: _Canvas) -> Optional[_Parking]:
     rng = canvas.rng
     for _ in range(40):
-        w, h = int(rng.integers(120, 190)), int(rng.integers(84, 120))
+        w, h = int(rng.integers(150, 240)), int(rng.integers(104, 140))
         x0, y0 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
         region = (slice(max(y0 - 4, 0), y0 + h + 4), slice(max(x0 - 4, 0), x0 + w + 4))
         if (canvas.classes[region] != BACKGROUND).any():
@@ -261,7 +264,7 @@ def _draw_parking(canvas: _Canvas) -> Optional[_Parking]:
         area = (slice(y0, y0 + h), slice(x0, x0 + w))
         canvas.rgb[area] = canvas.jitter(PARKING_RGB, 6)
         canvas.classes[area] = PARKING
-        stall_w, depth = 19, (h - 6) // 2
+        stall_w, depth = 24, (h - 6) // 2
         n = (w - 6) // stall_w
         stalls = []
         for row_y in (y0 + 3, y0 + 3 + depth):
@@ -338,9 +341,9 @@ def _draw_trees(canvas: _Canvas, roads: list[_Road], buildings: list[tuple]) -> 
             cx, cy = bx + reach * math.cos(a), by + reach * math.sin(a)
         else:
             cx, cy = rng.uniform(0, SIZE, 2)
-        for _ in range(int(rng.integers(2, 8))):
-            x, y = cx + rng.normal(0, 18), cy + rng.normal(0, 18)
-            r = float(rng.uniform(8, 16))
+        for _ in range(int(rng.integers(2, 6))):
+            x, y = cx + rng.normal(0, 24), cy + rng.normal(0, 24)
+            r = float(rng.uniform(14, 26))
             _draw_crown(canvas, x, y, r, roads, buildings)
 
 
@@ -374,10 +377,10 @@ def _vehicle_kind(rng, allow_truck: bool) -> tuple[str, float, float, str]:
     kind = rng.choice(["car", "van", "truck"], p=[0.5, 0.2, 0.3] if allow_truck else [0.8, 0.2, 0.0])
     if kind == "car":
         colour = str(rng.choice(list(CAR_COLOUR_P), p=list(CAR_COLOUR_P.values())))
-        return "car", float(rng.uniform(22, 28)), float(rng.uniform(11, 13)), colour
+        return "car", float(rng.uniform(32, 38)), float(rng.uniform(15, 17)), colour
     if kind == "van":
-        return "van", float(rng.uniform(30, 36)), float(rng.uniform(14, 16)), str(rng.choice(["white", "white", "blue"]))
-    return "truck", float(rng.uniform(50, 70)), float(rng.uniform(16, 19)), str(rng.choice(list(TRAILER_RGB)))
+        return "van", float(rng.uniform(42, 48)), float(rng.uniform(18, 20)), str(rng.choice(["white", "white", "blue"]))
+    return "truck", float(rng.uniform(70, 90)), float(rng.uniform(21, 24)), str(rng.choice(list(TRAILER_RGB)))
 
 
 def _place_vehicle(canvas: _Canvas, cx, cy, angle, kind, length, width, colour, ground: int, tags) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config
 
-DEFAULT_SIZE = 400
+DEFAULT_SIZE = 1200  # 720 train / 120 val / 360 test triplets
 
 
 def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: bool = False) -> dict:

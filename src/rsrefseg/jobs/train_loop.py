@@ -190,6 +190,7 @@ def train_func(loop_config: dict) -> None:
         window_loss = torch.zeros((), device=device)
         window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
         for batch in iter_batches(train_shard, micro_batch, shuffle_seed=train.seed + epoch, drop_last=True,
+                                  local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                   timeout_s=train.batch_timeout_s, on_timeout=describe_resources):
             batch = to_device(batch, device)
             logits = engine(**model_inputs(batch))

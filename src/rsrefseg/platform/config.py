@@ -172,6 +172,11 @@ class DataConfig:
     augment: bool = False
     # Control experiment: shuffle phrases across images, so the model cannot use the text.
     shuffle_phrases: bool = False
+    # Rows of each train worker's local shuffle buffer (0 = 4 x its batch). Shards hold the
+    # phrases of one image next to each other (as RefSegRS and RRSIS-D list them), so a small
+    # buffer fills batches with one image under several phrases; a larger one mixes images, at
+    # the memory of that many preprocessed rows (~30 KiB each at `tiny`, ~3.5 MiB at rsrefseg-b).
+    shuffle_buffer: int = 0
     # Cap on samples per split (0 = all); handy for smoke runs on a real dataset.
     limit: int = 0
 
@@ -179,6 +184,7 @@ class DataConfig:
         _check(bool(self.path), f"{key}.path", "must name a prepared dataset folder")
         _check(self.label_size >= 0, f"{key}.label_size", "must be >= 0")
         _check(self.limit >= 0, f"{key}.limit", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0 (0 = 4 x the batch)")
 
 
 @dataclass
