@@ -70,3 +70,22 @@ def test_predict_input_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys
     assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path),
                  "--text", "road", "--out", str(tmp_path / "m")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_gsd_resamples_by_metres_per_pixel_and_refuses_degrees():
+    import pytest
+    from rasterio.crs import CRS
+
+    from rsrefseg.jobs.predict import Scene, _to_training_scale
+    from rsrefseg.platform.config import ConfigError
+
+    rgb = np.zeros((100, 200, 3), np.uint8)
+    utm = Scene(rgb, {"crs": CRS.from_epsg(32633), "transform": None, "res": (0.3, 0.3)})
+    scaled, factor = _to_training_scale(utm, 0.6, where="utm.tif")  # 30 cm pixels to the model's 60 cm
+    assert factor == 0.5 and scaled.shape == (50, 100, 3)
+    feet = Scene(rgb, {"crs": CRS.from_epsg(2263), "transform": None, "res": (1.0, 1.0)})  # US survey feet
+    assert _to_training_scale(feet, 0.6096)[1] == pytest.approx(0.5, rel=1e-3)
+    assert _to_training_scale(utm, 0)[1] == 1.0  # no --gsd: as it is
+    degrees = Scene(rgb, {"crs": CRS.from_epsg(4326), "transform": None, "res": (1e-5, 1e-5)})
+    with pytest.raises(ConfigError, match=r"--gsd: wgs\.tif is in a geographic CRS"):
+        _to_training_scale(degrees, 0.5, where="wgs.tif")

@@ -89,7 +89,7 @@ class ScenePredictor:
     def predict_file(self, path: Path) -> list[dict]:
         """Rows (image, phrase, mask file, share of the image covered) of one scene's masks."""
         scene = read_scene(path)
-        rgb, factor = _to_training_scale(scene, self.options.gsd)
+        rgb, factor = _to_training_scale(scene, self.options.gsd, where=path)
         rows = []
         for phrase in self.texts:
             mask = segment(self.model, self.sizes, self.tokenizer, rgb, phrase, tile=self.options.tile,
@@ -250,11 +250,18 @@ def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> 
     os.replace(tmp, target)
 
 
-def _to_training_scale(scene: Scene, gsd: float) -> tuple[np.ndarray, float]:
+def _to_training_scale(scene: Scene, gsd: float, *, where: Path | str = "") -> tuple[np.ndarray, float]:
     """The scene resampled so that a pixel covers `gsd` metres (0: as it is), and the factor."""
     if not gsd or not scene.georeferenced:
         return scene.rgb, 1.0
-    factor = float(scene.profile["res"][0]) / gsd
+    crs = scene.profile["crs"]
+    if not crs.is_projected:  # degrees per pixel are no ground sampling
+        raise ConfigError(
+            f"--gsd: {where} is in a geographic CRS ({crs.to_string()}), whose pixels are not a fixed "
+            "number of metres; reproject it to a projected CRS first (e.g. gdalwarp -t_srs EPSG:<UTM zone>)"
+        )
+    metres_per_unit = float(crs.linear_units_factor[1])  # 1 for metres, 0.3048 for feet
+    factor = float(scene.profile["res"][0]) * metres_per_unit / gsd
     if abs(factor - 1.0) < 1e-3:
         return scene.rgb, 1.0
     height, width = scene.rgb.shape[:2]
