@@ -86,7 +86,8 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
     for key in ("val/cIoU", "val/Pr_0.5", "val/Pr_0.9", "train/lr", "train/samples_per_s", "best/gIoU"):
         assert client.get_metric_history(run.info.run_id, key), key
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
-    assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
+    third = max(1, len(losses) // 3)  # windows of two steps are noisy: compare the first and last thirds
+    assert sum(losses[-third:]) < sum(losses[:third]), f"loss did not decrease: {losses}"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
     assert "checkpoints/best/weights.safetensors" in names
     assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/epochs.csv"}
@@ -104,7 +105,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
     assert f"system/{socket.gethostname()}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
     # train.register_as: the best checkpoint is version 1 of the registered model, linked to this run.
     (version,) = client.search_model_versions("name='e2e-model'")
-    assert version.version == "1"
+    assert str(version.version) == "1"  # an int in newer MLflow clients
     assert client.get_run(version.run_id).data.tags["rsrefseg.source_run"] == run.info.run_id
     # The resolved config and the recipe file as the user wrote it.
     assert {"config/resolved.yaml", "config/demo.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
@@ -226,6 +227,10 @@ def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path / 'empty'}",
                  f"train.storage_path={tmp_path}"]) == 2
     assert "manifest.json" in capsys.readouterr().err  # a folder that is not a prepared dataset
+    # A run that would register its model with MLflow turned off fails now, not after training.
+    assert main(["train", "--config", "configs/demo.yaml", "train.register_as=demo", "tracking.enabled=false",
+                 f"train.storage_path={tmp_path}"]) == 2
+    assert "train.register_as" in capsys.readouterr().err
     assert ray.is_initialized() == was
 
 

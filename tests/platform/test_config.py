@@ -115,8 +115,3 @@ def test_replace_validates():
     assert cfg.replace({"train.epochs": 3}).train.epochs == 3
     with pytest.raises(ConfigError, match="train.epochs"):
         cfg.replace({"train.epochs": 0})
-
-
-def test_registering_without_mlflow_is_refused_before_training():
-    with pytest.raises(ConfigError, match=r"^train\.register_as: .*tracking\.enabled=false"):
-        load_config(REPO / "configs/demo.yaml", ["train.register_as=demo", "tracking.enabled=false"])

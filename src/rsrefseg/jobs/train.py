@@ -52,10 +52,15 @@ def storage_root(cfg: Config) -> Path:
 
 
 def preflight(cfg: Config) -> dict:
-    """Checks that need no Ray: the prepared dataset and the model files. Returns the manifest."""
+    """Checks that need no Ray: the prepared dataset, the model files, what the run must do at
+    its end. Returns the manifest."""
     from rsrefseg.datasets.prepare import load_manifest
     from rsrefseg.models.presets import check_model_files, get_preset
 
+    if cfg.train.register_as and not cfg.tracking.enabled:
+        # Checked here, not in the schema: evaluate and predict read a trained run's config
+        # (register_as included) with MLflow off, which is fine for them.
+        raise ConfigError("train.register_as: registers the model in MLflow, which tracking.enabled=false turns off")
     weights = ("model.sam_checkpoint", "model.siglip_path") if get_preset(cfg.model.preset).pretrained else ()
     paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
     check_model_files(cfg.model)

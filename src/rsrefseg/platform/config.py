@@ -379,11 +379,6 @@ class Config:
             section = getattr(resolved, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
-        _check(
-            not resolved.train.register_as or resolved.tracking.enabled,
-            "train.register_as",
-            "registers the model in MLflow, which tracking.enabled=false turns off",
-        )
         return self
 
     def resolved(self) -> "Config":
