@@ -50,10 +50,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config
+from rsrefseg.training.engine import build_engine, train_step
+from rsrefseg.models.inference import model_inputs
 from rsrefseg.models.presets import get_preset
 from rsrefseg.models.rsrefseg import build_model
-from rsrefseg.platform.config import Config
+from rsrefseg.platform.config import Config, ConfigError
 
 
 def device_name(device: torch.device) -> str:
@@ -111,17 +112,13 @@ def model_config(preset: str, rank: int, overrides: list[str] = ()) -> Config:
     ])
 
 
-def step_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("sam_image", "siglip_image", "input_ids", "attention_mask")}
-
-
 def count_flops(model, batch: dict) -> float:
     """FLOPs of one forward + backward, per sample."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = model.loss(model(**step_inputs(batch)).float(), batch["mask"])
+        loss = model.loss(model(**model_inputs(batch)).float(), batch["mask"])
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["mask"].shape[0]
@@ -153,7 +150,7 @@ def eager_path(cfg: Config, device: torch.device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):
-        loss = model.loss(model(**step_inputs(batch)).float(), batch["mask"])
+        loss = model.loss(model(**model_inputs(batch)).float(), batch["mask"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -161,21 +158,21 @@ def eager_path(cfg: Config, device: torch.device):
     return model, step
 
 
-def deepspeed_path(cfg: Config, device: torch.device, batch: int):
-    import deepspeed
+def engine_train_config(cfg: Config, device: torch.device, batch: int):
+    """The train section a one-process benchmark engine runs (validated: a bad --batch or --set
+    fails here, before any work)."""
+    return cfg.replace({"train.batch_size": batch, "train.num_workers": 1,
+                        "train.use_gpu": device.type == "cuda"}).resolved().train
 
+
+def deepspeed_path(cfg: Config, device: torch.device, batch: int):
+    """What a train worker runs: the train job's engine (build_engine) and step (train_step)."""
     precision = "bf16" if device.type == "cuda" else "fp32"
-    model = cast_for_precision(build_on(device, cfg), precision)
-    train = cfg.replace({"train.batch_size": batch, "train.num_workers": 1, "train.use_gpu": device.type == "cuda"}).resolved().train
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(train, 1, precision),
-                                      dist_init_required=False)
+    engine, _, _ = build_engine(build_on(device, cfg), engine_train_config(cfg, device, batch), world_size=1,
+                                steps_per_epoch=10**6, precision=precision)
 
     def step(b):
-        logits = engine(**step_inputs(b))
-        loss = engine.module.loss(logits.float(), b["mask"])
-        engine.backward(loss)
-        engine.step()
+        train_step(engine, b)
 
     return engine, step, precision
 
@@ -265,6 +262,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.batch == 0 and device.type != "cuda":
         raise SystemExit("--batch 0 searches GPU memory; give a batch on CPU")
+    # Every row's config, checked before any work (building models, counting FLOPs).
+    configs = [[*args.overrides, *(v for v in variant.split(",") if v)] for variant in ["", *args.variants]]
+    try:
+        for overrides in configs:
+            engine_train_config(model_config(args.preset, args.lora_rank, overrides), device, max(args.batch, 1))
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
     torch.manual_seed(0)
     init_process_group(device)
     peak, peak_dtype = matmul_tflops(device)
@@ -320,7 +324,6 @@ def main() -> None:
         return result
 
     rows = [] if args.no_eager else [run_row("eager-fp32", build_eager, search=True)]
-    configs = [[*args.overrides, *(v for v in variant.split(",") if v)] for variant in ["", *args.variants]]
     gpu = device.type == "cuda"
     compiles = [bool(model_config(args.preset, args.lora_rank, o).model.on_device(gpu).compile_backbones) for o in configs]
     measured: dict[int, dict] = {}

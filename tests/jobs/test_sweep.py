@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.training import sweep as sweeps
 from rsrefseg.platform.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsrefseg.jobs.train_loop import build_optimizer, cast_for_precision, deepspeed_config, lr_schedule, warmup_cosine
+from rsrefseg.training.engine import (build_engine, build_optimizer, deepspeed_config,
+                                      lr_schedule, train_step, warmup_cosine)
 from rsrefseg.models.rsrefseg import build_model
 from tests.models.helpers import forward, make_batch, tiny_config
 
@@ -93,18 +94,16 @@ def one_process_group():
 
 
 def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precision: str = "fp32"):
-    """The train worker's engine set-up (its optimizer and ZeRO-2 config), a few steps, the weights."""
-    import deepspeed
-
+    """The train worker's engine (build_engine: its optimizer, schedule and ZeRO-2 config), a few
+    of its steps (train_step), the weights."""
     cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides]).resolved()
-    model = cast_for_precision(build_model(cfg.model), precision)
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False,
-                                      config=deepspeed_config(cfg.train, world_size=1, precision=precision))
+    engine, _, used = build_engine(build_model(cfg.model), cfg.train, world_size=1, steps_per_epoch=steps,
+                                   precision=precision)
+    assert used == precision
     for _ in range(steps):
-        engine.backward(model.loss(forward(engine, batch), batch["mask"]))
-        engine.step()
-    return model
+        loss = train_step(engine, batch)
+        assert loss.requires_grad is False and torch.isfinite(loss)
+    return engine.module
 
 
 @pytest.mark.slow

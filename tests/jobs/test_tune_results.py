@@ -3,7 +3,6 @@ pending; and the trials' MLflow runs after the sweep loop. No Ray."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -11,10 +10,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs import tune
-from rsrefseg.jobs.train import RUN_INFO
-from rsrefseg.platform import tracking
+from rsrefseg.platform import runs, tracking
 from tests.models.helpers import tiny_config
 
 
@@ -71,7 +69,7 @@ def test_no_trial_run_is_left_running_after_the_sweep_loop(tmp_path):
     c = tracking.client(cfg.tracking)
     # trial: (its result's status, its run folder's "finished" record, its MLflow status before)
     trials = {
-        "a": ("finished", {"best_metrics": {}, "history": []}, "RUNNING"),  # finish_run's business: untouched
+        "a": ("finished", {"best_metrics": {}, "history": []}, "RUNNING"),  # its own lifecycle's business: untouched
         "b": ("stopped", None, "RUNNING"),
         "c": ("interrupted", None, "FAILED"),  # its actor stopped mid-fit
         "d": (None, None, "RUNNING"),  # interrupted before its first epoch: no result to name it
@@ -82,12 +80,13 @@ def test_no_trial_run_is_left_running_after_the_sweep_loop(tmp_path):
         ids[trial] = tracking.start_run(cfg, run_name=trial)
         if before != "RUNNING":
             c.set_terminated(ids[trial], status=before)
-        info = {"mlflow_run_id": ids[trial], **({"finished": finished} if finished else {})}
-        (tmp_path / "trials" / trial).mkdir(parents=True)
-        (tmp_path / "trials" / trial / RUN_INFO).write_text(json.dumps(info))
+        run_dir = tmp_path / runs.trial_name("sweep", trial)
+        runs.create_run(run_dir, cfg, ids[trial])
+        if finished:
+            runs.finish_run(run_dir, cfg, ids[trial], **finished)
     results = [sweeps.TrialResult(setting={}, status=status, trial_id=trial)
                for trial, (status, _, _) in trials.items() if status]
-    tune._settle_trial_runs(cfg, tmp_path, results)
+    tune._settle_trial_runs(cfg, tmp_path / "sweep", results)
     after = {trial: c.get_run(run_id) for trial, run_id in ids.items()}
     assert {t: r.info.status for t, r in after.items()} == {
         "a": "RUNNING", "b": "KILLED", "c": "KILLED", "d": "KILLED", "e": "FAILED"}

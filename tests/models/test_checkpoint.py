@@ -96,3 +96,29 @@ def test_weights_of_another_model_shape_raise(tmp_path, edit, needle):
     with pytest.raises(CheckpointError, match=needle) as info:
         load_checkpoint(path)
     assert str(path / WEIGHTS_FILE) in str(info.value)
+
+
+def test_checkpoint_names_no_folder_of_the_training_machine(tmp_path, monkeypatch):
+    # What a train worker saves: the driver's config with every path made absolute on its host.
+    from rsrefseg.platform.runs import resolve_paths
+
+    trainer_home, other_home = tmp_path / "trainer", tmp_path / "elsewhere"
+    outside = tmp_path / "shared" / "prepared"
+    config = resolve_paths(tiny_config([f"paths.root={trainer_home}", "data.path=data/demo/prepared",
+                                        "train.storage_path=runs", "model.sam_checkpoint=weights/sam.pth"]))
+    assert config.data.path == f"{trainer_home}/data/demo/prepared" and config.tracking.uri.endswith("mlflow.db")
+    path = save_checkpoint(build_model(config.model), config.replace({"model.siglip_path": str(outside)}),
+                           tmp_path / "ckpt")
+    text = (path / CONFIG_FILE).read_text()
+    assert str(trainer_home) not in text
+    saved = yaml.safe_load(text)
+    assert saved["data"]["path"] == "data/demo/prepared" and saved["model"]["sam_checkpoint"] == "weights/sam.pth"
+    assert saved["train"]["storage_path"] == "runs" and saved["paths"]["root"] == ""
+    assert saved["tracking"]["uri"] == "" and saved["tracking"]["artifact_location"] == ""
+    assert saved["model"]["siglip_path"] == str(outside)  # given outside the project: kept as given
+
+    # Loaded on another machine: its paths resolve against that machine's project folder.
+    monkeypatch.setenv("RSREFSEG_HOME", str(other_home))
+    _, loaded = load_checkpoint(path)
+    assert resolve_paths(loaded).data.path == f"{other_home}/data/demo/prepared"
+    assert resolve_paths(loaded).tracking.uri == f"sqlite:///{other_home}/mlflow.db"

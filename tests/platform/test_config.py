@@ -91,7 +91,7 @@ def test_resolved_config_round_trips_unchanged(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["resolved.yaml"]  # no temporary left
 
 
 def test_flat_params_have_the_same_names_for_every_run():

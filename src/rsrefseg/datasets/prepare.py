@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ._atomic import staging_dir, swap_into_place
+from rsrefseg.platform.atomic import atomic_dir
+
 from .fiftyone import read_fiftyone
 from .imagefiles import DEFAULT_MASK_THRESHOLD, encode_png
 from .refsegrs import read_refsegrs
@@ -132,8 +132,7 @@ def prepare_dataset(
     by_split: dict[str, list[Triplet]] = {}
     for t in sorted(valid, key=lambda t: (t.split, natural_key(t.id))):
         by_split.setdefault(t.split, []).append(t)
-    staging = staging_dir(out)
-    try:
+    with atomic_dir(out) as staging:
         shards: dict[str, list[dict]] = {}
         digests: list[str] = []
         with ThreadPoolExecutor(workers) as pool:
@@ -156,10 +155,6 @@ def prepare_dataset(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         _check_replaceable(out)  # again: someone may have created it meanwhile
-        swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("prepared %s: %s", out, manifest["counts"])
     return manifest
 

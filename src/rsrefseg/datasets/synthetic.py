@@ -34,7 +34,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from ._atomic import staging_dir, swap_into_place
+from rsrefseg.platform.atomic import atomic_dir
+
 from .categories import phrase_category
 from .refsegrs import read_refsegrs
 from .triplet import DatasetError, Triplet
@@ -499,8 +500,7 @@ def generate(out_dir: str | os.PathLike, size: int = 300, seed: int = 0) -> Path
     if out.exists() and not (out.is_dir() and ((out / MARKER_FILE).is_file() or not any(out.iterdir()))):
         raise DatasetError(f"refusing to overwrite {out}: it exists and is not a synthetic dataset (no {MARKER_FILE})")
     sizes = split_sizes(size)
-    staging = staging_dir(out)
-    try:
+    with atomic_dir(out) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         next_id, scene_index = 0, 0
@@ -529,10 +529,6 @@ def generate(out_dir: str | os.PathLike, size: int = 300, seed: int = 0) -> Path
         (staging / "README.txt").write_text(_readme(size, seed, sizes), encoding="utf-8")
         marker = {"generator": "rsrefseg.datasets.synthetic", "version": GENERATOR_VERSION, "size": size, "seed": seed, "counts": sizes, "scenes": scene_index}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,8 +14,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from rsrefseg.platform.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset on disk is missing, malformed or inconsistent.
 
     The message always says where: the file (and line, for text files) and the sample id.

@@ -8,13 +8,14 @@ one Parquet row per sample beside it; all logged to an MLflow run of its own.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from pathlib import Path
 
 from rsrefseg.platform import paths, tracking
+from rsrefseg.platform.atomic import atomic_file, write_json
+from rsrefseg.platform import runs
+from rsrefseg.platform.runs import resolve_checkpoint
 from rsrefseg.platform.config import ConfigError
 from rsrefseg.platform.ray_session import init_ray
 
@@ -26,23 +27,6 @@ HEADERS = {"cIoU": "cIoU (=oIoU)", "gIoU": "gIoU (=mIoU)"}
 CONVENTIONS = ("gIoU = mIoU = mean of per-sample IoU; cIoU = oIoU = total intersection / total union; "
                "Pr@X = share of samples with IoU > X")
 SAMPLE_COLUMNS = ("id", "phrase", "category", "size", "iou", "intersection", "union", "gt_area", "pred_area", "pixels")
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a model checkpoint folder, a train run folder (its best/) or a Ray checkpoint (model/)."""
-    from rsrefseg.jobs.train import BEST_DIR
-    from rsrefseg.jobs.train_loop import MODEL_DIR
-
-    p = Path(path)
-    for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
-        if (candidate / "weights.safetensors").is_file() or (candidate / "config.yaml").is_file():
-            return candidate
-    if not p.exists():
-        raise ConfigError(f"--checkpoint {p}: no such file or folder")
-    raise ConfigError(
-        f"--checkpoint {p}: not a checkpoint; expected weights.safetensors and config.yaml in it, "
-        f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)"
-    )
 
 
 def format_row(metrics: dict, label: str = "") -> str:
@@ -85,7 +69,7 @@ def run_evaluate(
     """
     from rsrefseg.datasets.batch_inference import score_split
     from rsrefseg.datasets.prepare import load_manifest
-    from rsrefseg.jobs.train import build_datasets, resolve_paths
+    from rsrefseg.training.ingest import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
 
     ckpt_dir = resolve_checkpoint(checkpoint)
@@ -97,7 +81,7 @@ def run_evaluate(
                               "paths.* and evaluate.* overrides")
     # Relative paths on this command line resolve here (paths.root as given now), not against
     # the root of the machine that trained the checkpoint.
-    cfg = resolve_paths(cfg.replace(["paths.root=", *(overrides or [])]))
+    cfg = runs.resolve_paths(cfg.replace(["paths.root=", *(overrides or [])]))
     paths.require(cfg, ["data.path"])
     manifest = load_manifest(cfg.data.path)
     if split not in manifest["counts"]:
@@ -123,7 +107,7 @@ def run_evaluate(
         parquet = Path(out).with_suffix(".samples.parquet")
         _write_parquet(parquet, samples)
         result["samples"] = str(parquet)
-        _write_json(Path(out), result)
+        write_json(Path(out), result)
         print(f"[rsrefseg] wrote {out} and {parquet} (one row per sample)")
     if cfg.tracking.enabled:
         examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
@@ -137,7 +121,7 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
     from ray.data.expressions import col
 
     from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split
-    from rsrefseg.jobs.val_report import Gallery
+    from rsrefseg.training.reporting import Gallery
     from rsrefseg.models.inference import predict_logits, score_batch
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.tokenizer import load_tokenizer
@@ -207,30 +191,29 @@ def _samples_table(rows: dict[str, list]):
 def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict], manifest: dict) -> str:
     import tempfile
 
-    from rsrefseg.jobs.val_report import close_figure, prediction_figure
+    from rsrefseg.training.reporting import close_figure, prediction_figure
 
     run_id = tracking.start_run(
         cfg, run_name=f"evaluate-{split}",
         tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": str(ckpt_dir),
               "rsrefseg.dataset_hash": result["dataset_hash"]},
     )
-    c = tracking.client(cfg.tracking)
-    tracking.log_dataset(c, run_id, manifest, cfg.data.path, {"evaluation": split})
-    metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
-    for group in ("by_category", "by_size"):
-        for name, m in result[group].items():
-            metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]
-    tracking.log_metrics(c, run_id, metrics, step=0)
-    c.log_dict(run_id, {k: v for k, v in result.items() if k != "samples"}, f"evaluation/{split}.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{split}.samples.parquet"
-        _write_parquet(path, samples)
-        c.log_artifact(run_id, str(path), "evaluation")
-    if examples:
-        fig = prediction_figure(examples, title=f"{split}: worst and best samples by IoU")
-        c.log_figure(run_id, fig, f"evaluation/{split}_gallery.png")
-        close_figure(fig)
-    c.set_terminated(run_id, "FINISHED")
+    with tracking.run_lifecycle(cfg.tracking, run_id) as c:
+        tracking.log_dataset(c, run_id, manifest, cfg.data.path, {"evaluation": split})
+        metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
+        for group in ("by_category", "by_size"):
+            for name, m in result[group].items():
+                metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]
+        tracking.log_metrics(c, run_id, metrics, step=0)
+        c.log_dict(run_id, {k: v for k, v in result.items() if k != "samples"}, f"evaluation/{split}.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{split}.samples.parquet"
+            _write_parquet(path, samples)
+            c.log_artifact(run_id, str(path), "evaluation")
+        if examples:
+            fig = prediction_figure(examples, title=f"{split}: worst and best samples by IoU")
+            c.log_figure(run_id, fig, f"evaluation/{split}_gallery.png")
+            close_figure(fig)
     return run_id
 
 
@@ -243,14 +226,5 @@ def _metric_safe(name: str) -> str:
 def _write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)

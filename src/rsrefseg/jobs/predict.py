@@ -14,7 +14,6 @@ checkpoint is safetensors + YAML, so loading it never unpickles arbitrary object
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from rsrefseg.platform.atomic import atomic_file, write_text
 from rsrefseg.platform.config import ConfigError
 
 LARGE = 2048  # px: a longer side above this is tiled (default tile: DEFAULT_TILE)
@@ -140,7 +140,7 @@ def run_predict(
     out: the mask file for one image and one phrase, else a folder of `<stem>.<phrase>.<ext>`.
     gsd: metres per pixel of the training data; a georeferenced scene is resampled to it first.
     """
-    from rsrefseg.jobs.evaluate import resolve_checkpoint
+    from rsrefseg.platform.runs import resolve_checkpoint
     from rsrefseg.models.checkpoint import load_checkpoint
     from rsrefseg.models.inference import inference_device
 
@@ -220,18 +220,17 @@ def read_scene(path: Path) -> Scene:
 def write_mask(mask: np.ndarray, target: Path, scene: Scene) -> None:
     """0/255 mask: a GeoTIFF with the scene's CRS and transform for a georeferenced scene, else
     an image file (PNG unless `target` says otherwise). Written, then renamed into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if scene.georeferenced and target.suffix.lower() in GEO_SUFFIXES:
-        import rasterio
+    with atomic_file(target) as tmp:
+        if scene.georeferenced and target.suffix.lower() in GEO_SUFFIXES:
+            import rasterio
 
-        height, width = mask.shape
-        with rasterio.open(tmp, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
-                           crs=scene.profile["crs"], transform=scene.profile["transform"], compress="deflate") as dst:
-            dst.write(mask.astype(np.uint8) * 255, 1)
-    else:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format=_pil_format(target))
-    os.replace(tmp, target)
+            height, width = mask.shape
+            with rasterio.open(tmp, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                               crs=scene.profile["crs"], transform=scene.profile["transform"],
+                               compress="deflate") as dst:
+                dst.write(mask.astype(np.uint8) * 255, 1)
+        else:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format=_pil_format(target))
 
 
 def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> None:
@@ -245,9 +244,7 @@ def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> 
     ]
     collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": scene.profile["crs"].to_string()}},
                   "features": polygons}
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(collection))
-    os.replace(tmp, target)
+    write_text(target, json.dumps(collection))
 
 
 def _to_training_scale(scene: Scene, gsd: float, *, where: Path | str = "") -> tuple[np.ndarray, float]:
@@ -295,7 +292,5 @@ def _pil_format(target: Path) -> str:
 
 
 def _save_image(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format=_pil_format(path))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        img.save(tmp, format=_pil_format(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsrefseg.platform import tracking
+from rsrefseg.platform.runs import resolve_checkpoint
 from rsrefseg.platform.config import Config, ConfigError
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_model.py"
@@ -20,7 +21,6 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
     """Register the checkpoint folder as a new version of the MLflow model `name`; return the version."""
     import mlflow
 
-    from rsrefseg.jobs.evaluate import resolve_checkpoint
 
     if not name.strip():
         raise ConfigError("--name: the registered model needs a name")
@@ -32,8 +32,7 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
         tags["rsrefseg.source_run"] = source_run_id
     run_id = tracking.start_run(cfg, run_name=f"register-{name}", tags=tags)
     # log_model works on the fluent API's active run: open exactly this run, and close it.
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(cfg.tracking))
-    with mlflow.start_run(run_id=run_id):
+    with tracking.fluent_store(cfg.tracking, run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_FILE),
@@ -48,7 +47,6 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
 
 def run_register(checkpoint: str, name: str, *, overrides: list[str] | None = None) -> int:
     """The CLI: the checkpoint's own config, with tracking.* overrides naming the store."""
-    from rsrefseg.jobs.evaluate import resolve_checkpoint
     from rsrefseg.models.checkpoint import load_config_file
 
     for item in overrides or []:

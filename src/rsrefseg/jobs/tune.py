@@ -11,18 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
-import time
 from pathlib import Path
 
-from rsrefseg.jobs import sweep as sweeps
+from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs.train import TrainingInterrupted
 from rsrefseg.platform import tracking
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform import runs
+from rsrefseg.platform.atomic import atomic_file, write_text
+from rsrefseg.platform.config import Config
 
-SWEEP_INFO = "rsrefseg_sweep.json"
 DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
 TRIAL_DRIVER_CPU = 0.01  # see run_tune
 
@@ -59,7 +58,7 @@ def sweep_trial(config: dict) -> None:
     cfg = trial_config(base, setting)
     run_name = config.get("run_names", {}).get(setting_key(setting), "trial")  # sweeps begun before names: "trial"
     trial_id = ray.tune.get_context().get_trial_id()
-    name = f"{config['sweep_name']}/trials/{trial_id}"
+    name = runs.trial_name(config['sweep_name'], trial_id)
     try:
         outcome = run_train(cfg, name=name, parent_run_id=config["parent_run_id"],
                             callbacks=[_report_all_but_last_epoch(cfg.train.epochs)],
@@ -81,7 +80,7 @@ def sweep_trial(config: dict) -> None:
 def _report_all_but_last_epoch(last_epoch: int):
     """Ray Train's TuneReportCallback (every epoch's metrics to Tune, for ASHA), minus the last
     epoch. A scheduler stops a trial as soon as it reports its final epoch (ASHA's max_t), and
-    Tune then kills the trial's actor within seconds, in the middle of finish_run: sweep_trial
+    Tune then kills the trial's actor within seconds, in the middle of its finishing: sweep_trial
     reports that epoch itself once the run is complete."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -97,16 +96,13 @@ def _report_all_but_last_epoch(last_epoch: int):
 def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc: Exception, *, run_name: str,
                          trial_id: str) -> None:
     """A trial that failed before its MLflow run existed still shows up, as FAILED, in the UI."""
-    from rsrefseg.jobs.train import RUN_INFO, storage_root
-
     if not parent_run_id or not cfg.tracking.enabled:
         return
-    run_dir = storage_root(tracking.resolved(cfg)) / name
-    if (run_dir / RUN_INFO).is_file():
-        return  # run_train created the run and already marked it FAILED
+    if runs.find_run(runs.storage_root(tracking.resolved(cfg)), name):
+        return  # run_train created the run and its lifecycle already marked it FAILED
     run_id = tracking.start_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
                                 tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]})
-    tracking.client(cfg.tracking).set_terminated(run_id, status="FAILED")
+    tracking.client(cfg.tracking).set_terminated(run_id, status=tracking.FAILED)
 
 
 def run_tune(
@@ -120,22 +116,20 @@ def run_tune(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rsrefseg.jobs.train import preflight, resolve_paths, start_ray_with_ingest_cpus, storage_root
+    from rsrefseg.jobs.train import preflight, start_ray_with_ingest_cpus
     from rsrefseg.platform.capacity import concurrent_trials
 
-    cfg = resolve_paths(cfg)
-    root = storage_root(cfg)
+    cfg = runs.resolve_paths(cfg)
+    root = runs.storage_root(cfg)
     if resume:
-        info_path = sweep_folder(root, resume) / SWEEP_INFO
-        sweep_dir = info_path.parent
-        info = json.loads(info_path.read_text())
-        cfg = Config.from_dict(info["base"], source=str(info_path))
-        sweep = sweeps.load_sweep(info["sweep_file_copy"], cfg)
-        name, parent_run_id = sweep_dir.name, info["parent_run_id"]
+        saved = runs.open_sweep(root, resume)
+        cfg, sweep_dir, parent_run_id = saved.base, saved.sweep_dir, saved.parent_run_id
+        sweep = sweeps.load_sweep(str(saved.sweep_file_copy), cfg)
+        name = saved.name
     else:
         sweep_file = sweep_file or DEFAULT_SWEEP
         sweep = sweeps.load_sweep(sweep_file, cfg)
-        name = cfg.tune.name or f"sweep-{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = runs.new_sweep_name(cfg, sweep_file)
         sweep_dir = root / name
         parent_run_id = None
     preflight(cfg)  # the shared dataset and model files, before any Ray resource
@@ -149,11 +143,7 @@ def run_tune(
             parent_run_id = tracking.start_run(cfg, run_name=name, config_file=config_file,
                                                tags={"rsrefseg.job": "tune", "rsrefseg.sweep": sweep.source})
             tracking.client(cfg.tracking).log_artifact(parent_run_id, sweep.source, artifact_path="config")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        copy = sweep_dir / "sweep.yaml"
-        copy.write_text(Path(sweep.source).read_text())
-        _write_json(sweep_dir / SWEEP_INFO, {"base": cfg.to_dict(), "parent_run_id": parent_run_id,
-                                             "sweep_file": sweep.source, "sweep_file_copy": str(copy)})
+        runs.create_sweep(sweep_dir, cfg, sweep.source, parent_run_id)
     settings = sweep.trials()
     print(f"[rsrefseg] sweep {name}: {len(settings)} trials ({sweep.mode}) -> {sweep_dir}", flush=True)
 
@@ -193,23 +183,23 @@ def run_tune(
                 failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
             ),
         )
-    if resume and parent_run_id and cfg.tracking.enabled:
-        tracking.client(cfg.tracking).update_run(parent_run_id, status="RUNNING")  # KILLED when interrupted
-    with _ctrl_c_stops_the_sweep():
-        grid = tuner.fit()
-    results = collect_results(grid, cfg)
-    _settle_trial_runs(cfg, sweep_dir, results)
-    rows = sweeps.table_rows(sweep, results)
-    # Tune ends its loop early only when interrupted (Ctrl-C, a stopped job): trials not done.
-    interrupted = len(results) < len(settings) or any(r.status in ("interrupted", "pending") for r in results)
-    _publish_table(cfg, parent_run_id, sweep_dir, rows, status="KILLED" if interrupted else "FINISHED")
-    if interrupted:
-        raise SweepInterrupted(
-            f"sweep {name} was interrupted"
-            + (f"; its MLflow run {parent_run_id} and its unfinished trials' runs are KILLED" if parent_run_id else "")
-            + f".\nFinished trials are kept and unfinished ones continue from their last epoch with: "
-            f"rsrefseg tune --resume {sweep_dir}"
-        )
+    # The parent run: KILLED when the sweep is interrupted (SweepInterrupted), FAILED on an error.
+    parent = parent_run_id if cfg.tracking.enabled else None
+    with tracking.run_lifecycle(cfg.tracking, parent, continued=bool(resume)) as client:
+        with _ctrl_c_stops_the_sweep():
+            grid = tuner.fit()
+        results = collect_results(grid, cfg)
+        _settle_trial_runs(cfg, sweep_dir, results)
+        rows = sweeps.table_rows(sweep, results)
+        _publish_table(client, parent, sweep_dir, rows)
+        # Tune ends its loop early only when interrupted (Ctrl-C, a stopped job): trials not done.
+        if len(results) < len(settings) or any(r.status in ("interrupted", "pending") for r in results):
+            raise SweepInterrupted(
+                f"sweep {name} was interrupted"
+                + (f"; its MLflow run {parent} and its unfinished trials' runs are KILLED" if parent else "")
+                + f".\nFinished trials are kept and unfinished ones continue from their last epoch with: "
+                f"rsrefseg tune --resume {sweep_dir}"
+            )
     return rows
 
 
@@ -242,18 +232,6 @@ def _ctrl_c_stops_the_sweep():
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         tune_log.removeFilter(hint_filter)
-
-
-def sweep_folder(root: Path, resume: str) -> Path:
-    """The sweep folder `--resume` names (a path as typed, or a sweep name under `root`)."""
-    from rsrefseg.jobs.train import named_folder
-
-    sweep_dir = named_folder(root, resume, SWEEP_INFO)
-    if not (sweep_dir / SWEEP_INFO).is_file():
-        known = sorted(p.parent.name for p in root.glob(f"*/{SWEEP_INFO}")) if root.is_dir() else []
-        raise ConfigError(f"--resume {resume}: {sweep_dir / SWEEP_INFO} not found; "
-                          f"sweeps under {root}: {', '.join(known) or 'none'}")
-    return sweep_dir
 
 
 def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
@@ -289,45 +267,38 @@ def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
 
 def _settle_trial_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialResult]) -> None:
     """Once Tune's loop is over no trial's MLflow run is left RUNNING. A trial the scheduler stopped
-    never reached finish_run: KILLED, tagged with why. A trial cut short by an interruption (its
-    actor killed mid-epoch, so its run may still say RUNNING): KILLED; resuming it sets it running."""
-    from rsrefseg.jobs.train import RUN_INFO
-
+    never finished: KILLED, tagged with why. A trial cut short by an interruption (its actor
+    killed mid-epoch, so its run may still say RUNNING): KILLED; resuming it sets it running.
+    (These trials' processes are gone, so their own run lifecycle could not end them.)"""
     if not cfg.tracking.enabled:
         return
     c = tracking.client(cfg.tracking)
     by_trial = {r.trial_id: r for r in results if r.trial_id}
-    for info in sorted(sweep_dir.glob(f"trials/*/{RUN_INFO}")):  # sweep_trial's run folders
-        data = json.loads(info.read_text())
-        run_id = data.get("mlflow_run_id")
-        if not run_id or data.get("finished"):
+    for trial_id, info in runs.trial_runs(sweep_dir).items():
+        run_id = info.get("mlflow_run_id")
+        if not run_id or info.get("finished"):
             continue
-        result = by_trial.get(info.parent.name)
+        result = by_trial.get(trial_id)
         status = result.status if result else "pending"
         if status == "stopped":
             c.set_tag(run_id, tracking.STOPPED_EARLY_TAG, f"by the {cfg.tune.scheduler} scheduler")
-            c.set_terminated(run_id, status="KILLED")
+            c.set_terminated(run_id, status=tracking.KILLED)
         elif status == "interrupted" or c.get_run(run_id).info.status == "RUNNING":
-            c.set_terminated(run_id, status="KILLED")
+            c.set_terminated(run_id, status=tracking.KILLED)
 
 
-def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows: list[dict], *,
-                   status: str = "FINISHED") -> None:
+def _publish_table(client, parent_run_id: str | None, sweep_dir: Path, rows: list[dict]) -> None:
     markdown, csv_text = sweeps.to_markdown(rows), sweeps.to_csv(rows)
-    _write_text(sweep_dir / "ablation.md", markdown + "\n")
-    _write_text(sweep_dir / "ablation.csv", csv_text)
+    write_text(sweep_dir / "ablation.md", markdown + "\n")
+    write_text(sweep_dir / "ablation.csv", csv_text)
     fig = sweeps.ablation_figure(rows)
-    tmp_png = sweep_dir / "ablation.png.tmp"
-    fig.savefig(tmp_png, dpi=120, format="png")
-    os.replace(tmp_png, sweep_dir / "ablation.png")
-    if parent_run_id and cfg.tracking.enabled:
-        c = tracking.client(cfg.tracking)
-        c.log_text(parent_run_id, markdown + "\n", "ablation/ablation.md")
-        c.log_text(parent_run_id, csv_text, "ablation/ablation.csv")
-        c.log_figure(parent_run_id, fig, "ablation/ablation.png")
-        failed = sum(r["status"] == "failed" for r in rows)
-        c.set_tag(parent_run_id, "rsrefseg.failed_rows", str(failed))
-        c.set_terminated(parent_run_id, status=status)
+    with atomic_file(sweep_dir / "ablation.png") as tmp_png:
+        fig.savefig(tmp_png, dpi=120, format="png")
+    if client is not None:
+        client.log_text(parent_run_id, markdown + "\n", "ablation/ablation.md")
+        client.log_text(parent_run_id, csv_text, "ablation/ablation.csv")
+        client.log_figure(parent_run_id, fig, "ablation/ablation.png")
+        client.set_tag(parent_run_id, "rsrefseg.failed_rows", str(sum(r["status"] == "failed" for r in rows)))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -335,12 +306,3 @@ def _publish_table(cfg: Config, parent_run_id: str | None, sweep_dir: Path, rows
     print(markdown)
     print(f"\n[rsrefseg] table: {sweep_dir / 'ablation.md'} (also in the sweep's MLflow parent run)")
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2))

@@ -1,13 +1,13 @@
 """Model checkpoints: a folder with `weights.safetensors` (trainable weights only) and
-`config.yaml` (the resolved Config). The frozen backbones are rebuilt from the config (pretrained
-files, or `model.init_seed` for `tiny`), which keeps checkpoints small. No pickle anywhere.
+`config.yaml` (the Config, variant keys resolved, paths relative to the project folder: no path of
+the machine that trained it). The frozen backbones are rebuilt from the config (pretrained files
+resolved against the loading machine's project folder, or `model.init_seed` for `tiny`), which
+keeps checkpoints small. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,13 +16,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rsrefseg.models.rsrefseg import RSRefSeg, build_model
+from rsrefseg.platform.atomic import atomic_dir
 from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.errors import UserError
+from rsrefseg.platform import paths
+from rsrefseg.platform.runs import CONFIG_FILE, WEIGHTS_FILE, portable
 
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.yaml"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
 
 
@@ -32,24 +34,12 @@ def save_checkpoint(model: RSRefSeg, config: Config, directory: str | os.PathLik
     An existing checkpoint at `directory` is replaced; readers never see a half-written one.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         # safetensors refuses shared or non-contiguous storage; trainable tensors are plain, but
         # clone on CPU anyway so GPU/ZeRO-owned memory is never aliased.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": config.model.preset})
-        config.dump(tmp / CONFIG_FILE)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        portable(config).dump(tmp / CONFIG_FILE)
     return directory
 
 
@@ -68,8 +58,10 @@ def load_config_file(directory: str | os.PathLike) -> Config:
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RSRefSeg, Config]:
     """Rebuild the model from the checkpoint's config and load its trainable weights.
 
-    Raises `CheckpointError` naming the file when it is missing, corrupt, or holds weights of a
-    different model shape.
+    The model's pretrained files resolve against the project folder here (paths.root, else
+    $RSREFSEG_HOME, else the working directory); the config comes back as saved, so a caller's
+    paths.root still applies to its relative paths. Raises `CheckpointError` naming the file when
+    it is missing, corrupt, or holds weights of a different model shape.
     """
     directory = Path(directory)
     config = load_config_file(directory)
@@ -80,7 +72,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    model = build_model(config.model, config.data.label_size)
+    model = build_model(paths.absolute(config).model, config.data.label_size)
     try:
         model.load_trainable_state_dict(state)
     except ValueError as exc:

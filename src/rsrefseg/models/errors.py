@@ -1,7 +1,9 @@
 """Errors of the model package that callers catch by type."""
 
+from rsrefseg.platform.errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
     """Pretrained backbone weights are unset, missing, unreadable, or of the wrong model.
 
     The message names the config key, the expected file and where users get it.

@@ -20,13 +20,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from rsrefseg.platform.errors import ConfigError  # noqa: F401 (raised here; importers take it from here too)
+
 PRESETS = ("tiny", "rsrefseg-b", "rsrefseg-l")
 LAYER_CHOICES = ("full", "half", "zero")
 DOWNSAMPLE_RATES = (2, 4, 8)
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or impossible. The message names the key."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,12 +411,9 @@ class Config:
 
     def dump(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as YAML (write, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
-        return path
+        from rsrefseg.platform.atomic import write_text
+
+        return write_text(path, self.to_yaml())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -54,6 +54,17 @@ def resolve(value: str, root: Path) -> str:
     return str(root / value)
 
 
+def relative(value: str, root: Path) -> str:
+    """The inverse of `resolve`: an absolute path under `root` made relative to it; anything else
+    unchanged."""
+    if not value or is_uri(value) or not os.path.isabs(value):
+        return value
+    try:
+        return Path(value).relative_to(root).as_posix()
+    except ValueError:
+        return value
+
+
 def absolute(cfg: Config) -> Config:
     """The config with every path key absolute, and paths.root itself absolute (so a process
     that resolves the same config again, such as a Tune trial, gets the same answer)."""

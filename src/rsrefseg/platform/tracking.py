@@ -7,13 +7,15 @@ the same code works in a Ray worker, a Tune trial and the driver).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import subprocess
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rsrefseg.platform.config import Config, TrackingConfig
+from rsrefseg.platform.errors import TrainingInterrupted
 from rsrefseg.platform.paths import project_root
 
 # Set on a Tune trial's run that the scheduler (ASHA) stopped before its last epoch.
@@ -69,12 +71,58 @@ def resolved(cfg: Config) -> Config:
 
 
 def client(tracking: TrackingConfig):
-    import mlflow
+    """A client of the configured store. Everything here goes through a client bound to its URI,
+    never through MLflow's process-global tracking URI or active run, so the same code works in a
+    Ray worker, a Tune trial and the driver, and two stores in one process do not mix."""
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(tracking)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
+
+
+# The terminal states of an MLflow run, by how the block it covers ended.
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+
+
+@contextlib.contextmanager
+def run_lifecycle(tracking: TrackingConfig, run_id: str | None, *, continued: bool = False) -> Iterator[Any]:
+    """The one place an MLflow run changes state. Inside the block the run is RUNNING (a
+    continued run, e.g. a resume, is set RUNNING again and loses an earlier scheduler's
+    `stopped early` tag); it ends FINISHED when the block completes, KILLED when it is left by
+    Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt), SystemExit or a
+    `TrainingInterrupted`, and FAILED on any other exception. Yields the client (None without a
+    run: tracking off)."""
+    if run_id is None:
+        yield None
+        return
+    c = client(tracking)
+    if continued:
+        c.update_run(run_id, status="RUNNING")
+        if STOPPED_EARLY_TAG in c.get_run(run_id).data.tags:
+            c.delete_tag(run_id, STOPPED_EARLY_TAG)
+    try:
+        yield c
+    except (KeyboardInterrupt, SystemExit, TrainingInterrupted):
+        c.set_terminated(run_id, status=KILLED)
+        raise
+    except BaseException:
+        c.set_terminated(run_id, status=FAILED)
+        raise
+    c.set_terminated(run_id, status=FINISHED)
+
+
+@contextlib.contextmanager
+def fluent_store(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
+    """For the few MLflow calls that only exist in its fluent API (`pyfunc.log_model`): the
+    store and run are set for the block and put back after it."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None: unset again, as before
 
 
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses, and

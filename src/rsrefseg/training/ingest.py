@@ -1,4 +1,5 @@
-"""How Ray Train hands the Ray Data streams to workers.
+"""How Ray Data feeds a job: the streams of a config's splits, and how Ray Train hands them to
+its workers.
 
 Ray Train's default `DataConfig` splits every dataset with `streaming_split(equal=True)`, which
 may drop up to `world_size - 1` rows to even the shards out. That is right for training (every
@@ -10,6 +11,8 @@ collective (only the final metric all-reduce), so uneven shards are safe there.
 from __future__ import annotations
 
 from ray.train import DataConfig
+
+from rsrefseg.platform.config import Config
 
 
 class ExactEvalDataConfig(DataConfig):
@@ -36,3 +39,29 @@ class ExactEvalDataConfig(DataConfig):
             for i, split in enumerate(splits):
                 output[i][name] = split
         return output
+
+
+def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
+    """Ray Data streams for the named splits ({"train": "train", "val": "val"})."""
+    from rsrefseg.datasets.pipeline import preprocess, read_split
+    from rsrefseg.models.presets import input_sizes
+    from rsrefseg.models.tokenizer import load_tokenizer
+
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    tokenizer = load_tokenizer(cfg.model)
+    out = {}
+    for name, split in splits.items():
+        is_train = name == "train"
+        # Training reads its shards in a new order every epoch; evaluation reads them in order.
+        ds = read_split(cfg.data.path, split, limit=cfg.data.limit,
+                        shuffle_seed=cfg.train.seed if is_train else None)
+        out[name] = preprocess(
+            ds,
+            sizes,
+            tokenizer,
+            augment=cfg.data.augment and is_train,
+            shuffle_phrases=cfg.data.shuffle_phrases and is_train,
+            seed=cfg.train.seed,
+            original_masks=not is_train,  # val/eval score at each image's own size
+        )
+    return out

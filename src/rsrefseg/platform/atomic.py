@@ -1,0 +1,76 @@
+"""Write-then-rename: the one way this project writes a file or folder that a reader may expect
+to be complete (a run's info, a checkpoint, a prepared dataset, a mask, a table).
+
+Everything is built under a hidden sibling name (`.NAME.tmp-XXXXXXXX`, same filesystem, so the
+rename is atomic) and renamed over the target at the end. A reader sees the old version or the
+new one, never half of one; a crash leaves at most a hidden `.NAME.tmp-*` behind, and an error
+inside the block removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; the caller writes it (any writer: PIL, pyarrow,
+    rasterio, matplotlib, with an explicit format, since the name has no real suffix); on a
+    clean exit it replaces `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    with atomic_file(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | os.PathLike, data: Any) -> Path:
+    return write_text(target, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; on a clean exit it replaces `target` (an
+    existing one is moved aside first and removed after; the caller decides whether it may go)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = _sibling(target, "old")
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_dir(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy the folder `src` to `target`, atomically."""
+    with atomic_dir(target) as staging:
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+    return Path(target)

@@ -1,0 +1,240 @@
+"""Run and sweep folders: the one owner of their layout, of resuming them, and of the checkpoint
+layout inside them. Jobs and tests use this API; nothing else spells these names.
+
+    <train.storage_path>/
+      <run>/                          one `rsrefseg train` run (Ray Train's run folder)
+        rsrefseg_run.json             RUN_INFO: the run's config, its MLflow run id, `finished`
+        checkpoint_*/                 Ray Train's epoch checkpoints (kept: the best and the latest)
+          deepspeed/state/...         DeepSpeed engine state of every rank (resume)
+          model/                      a model checkpoint (weights.safetensors + config.yaml)
+          state.json                  epoch, step and metric history (resume)
+        best/                         the best epoch's model checkpoint, copied out when it ends
+      <sweep>/                        one `rsrefseg tune` sweep (Ray Tune's experiment folder)
+        rsrefseg_sweep.json           SWEEP_INFO: base config, sweep file copy, MLflow parent run
+        sweep.yaml, ablation.{md,csv,png}
+        trials/<trial id>/            each trial's run folder, laid out as above
+
+No Ray, no torch: the CLI and light commands import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsrefseg.platform import paths
+from rsrefseg.platform.atomic import copy_dir, write_json
+from rsrefseg.platform.config import Config, ConfigError
+
+RUN_INFO = "rsrefseg_run.json"
+SWEEP_INFO = "rsrefseg_sweep.json"
+SWEEP_FILE_COPY = "sweep.yaml"
+BEST_DIR = "best"
+TRIALS_DIR = "trials"
+
+# Inside one reported Ray Train checkpoint.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+MODEL_DIR = "model"
+STATE_FILE = "state.json"
+
+# A model checkpoint folder (models/checkpoint.py writes it).
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+
+
+def storage_root(cfg: Config) -> Path:
+    """Where the config's runs and sweeps live (train.storage_path, against paths.root)."""
+    return Path(paths.resolve(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
+
+
+def new_run_name(cfg: Config) -> str:
+    return f"{cfg.tracking.run_name or 'train'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def new_sweep_name(cfg: Config, sweep_file: str) -> str:
+    return cfg.tune.name or f"sweep-{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def trial_name(sweep_name: str, trial_id: str) -> str:
+    """A Tune trial's run folder, relative to the storage root."""
+    return f"{sweep_name}/{TRIALS_DIR}/{trial_id}"
+
+
+@dataclass
+class SavedRun:
+    """What a run folder's RUN_INFO records."""
+
+    cfg: Config
+    name: str  # relative to the config's storage root, e.g. `<sweep>/trials/<trial id>`
+    mlflow_run_id: str | None
+    finished: dict | None  # {"best_metrics", "history"} once the run has ended
+
+    @property
+    def run_dir(self) -> Path:
+        return storage_root(self.cfg) / self.name
+
+
+def create_run(run_dir: Path, cfg: Config, mlflow_run_id: str | None) -> None:
+    """Record a (new or continued) run in its folder."""
+    _write_run_info(run_dir, cfg, mlflow_run_id)
+
+
+def finish_run(run_dir: Path, cfg: Config, mlflow_run_id: str | None, *, best_metrics: dict,
+               history: list[dict]) -> None:
+    """Mark the run finished: it is never trained again (the last thing a run writes)."""
+    _write_run_info(run_dir, cfg, mlflow_run_id, finished={"best_metrics": dict(best_metrics), "history": history})
+
+
+def save_best(model_dir: str | os.PathLike, run_dir: Path) -> Path:
+    """Copy the best epoch's model checkpoint to `<run>/best` (atomically)."""
+    return copy_dir(model_dir, run_dir / BEST_DIR)
+
+
+def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
+    info = {"mlflow_run_id": run_id, "config": cfg.to_dict()}
+    if finished is not None:
+        info["finished"] = finished
+    write_json(run_dir / RUN_INFO, info)
+
+
+def find_run(root: Path, name: str) -> SavedRun | None:
+    """The run folder `name` under `root` when it exists (a Tune trial restarted by its sweep)."""
+    return open_run(root, name) if (root / name / RUN_INFO).is_file() else None
+
+
+def open_run(root: Path, ref: str) -> SavedRun:
+    """The run a `--resume REF` names: a folder path as typed, or a name under `root`."""
+    run_dir = named_folder(root, ref, RUN_INFO)
+    info = run_dir / RUN_INFO
+    if not info.is_file():
+        raise ConfigError(
+            f"--resume {ref}: no run folder {run_dir} (expected {info}); "
+            f"runs under {root}: {', '.join(known_runs(root)) or 'none'}"
+        )
+    data = json.loads(info.read_text())
+    cfg = Config.from_dict(data["config"], source=str(info))
+    try:
+        # The name relative to the saved storage root, nested parts kept (a Tune trial is
+        # `<sweep>/trials/<id>`): Ray Train finds the run's checkpoints at storage_path/name.
+        name = run_dir.resolve().relative_to(storage_root(cfg).resolve()).as_posix()
+    except ValueError:  # the folder was moved: continue it where it is now
+        cfg = cfg.replace({"train.storage_path": str(run_dir.resolve().parent)})
+        name = run_dir.name
+    return SavedRun(cfg=cfg, name=name, mlflow_run_id=data.get("mlflow_run_id"), finished=data.get("finished"))
+
+
+def known_runs(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob(f"*/{RUN_INFO}")) if root.is_dir() else []
+
+
+def trial_runs(sweep_dir: Path) -> dict[str, dict]:
+    """Trial id -> what its run folder records (`mlflow_run_id`, `finished`), for the trials of a
+    sweep whose training started."""
+    return {info.parent.name: json.loads(info.read_text())
+            for info in sorted(sweep_dir.glob(f"{TRIALS_DIR}/*/{RUN_INFO}"))}
+
+
+# -- sweeps -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SavedSweep:
+    sweep_dir: Path
+    base: Config
+    parent_run_id: str | None
+    sweep_file: str  # the sweep file as given
+    sweep_file_copy: Path  # the copy kept in the sweep folder (what a resume reads)
+
+    @property
+    def name(self) -> str:
+        return self.sweep_dir.name
+
+
+def create_sweep(sweep_dir: Path, base: Config, sweep_file: str, parent_run_id: str | None) -> SavedSweep:
+    """Record a new sweep: its base config, a copy of its sweep file, its MLflow parent run."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    copy = sweep_dir / SWEEP_FILE_COPY
+    copy.write_text(Path(sweep_file).read_text())
+    write_json(sweep_dir / SWEEP_INFO, {"base": base.to_dict(), "parent_run_id": parent_run_id,
+                                        "sweep_file": sweep_file, "sweep_file_copy": str(copy)})
+    return SavedSweep(sweep_dir, base, parent_run_id, sweep_file, copy)
+
+
+def open_sweep(root: Path, ref: str) -> SavedSweep:
+    """The sweep a `tune --resume REF` names: a folder path as typed, or a name under `root`."""
+    sweep_dir = named_folder(root, ref, SWEEP_INFO)
+    info_path = sweep_dir / SWEEP_INFO
+    if not info_path.is_file():
+        known = sorted(p.parent.name for p in root.glob(f"*/{SWEEP_INFO}")) if root.is_dir() else []
+        raise ConfigError(f"--resume {ref}: {info_path} not found; "
+                          f"sweeps under {root}: {', '.join(known) or 'none'}")
+    info = json.loads(info_path.read_text())
+    copy = Path(info.get("sweep_file_copy") or sweep_dir / SWEEP_FILE_COPY)
+    if not copy.is_file():  # the folder was moved: its copy is beside the info
+        copy = sweep_dir / SWEEP_FILE_COPY
+    return SavedSweep(sweep_dir, Config.from_dict(info["base"], source=str(info_path)), info.get("parent_run_id"),
+                      info.get("sweep_file", str(copy)), copy)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Every path and the tracking store made absolute on this machine, against paths.root
+    (Ray workers and Tune trials run in other working directories, or on other machines)."""
+    from rsrefseg.platform import tracking
+
+    return tracking.resolved(paths.absolute(cfg))
+
+
+def portable(cfg: Config) -> Config:
+    """The inverse of resolve_paths, for what is kept with a checkpoint: paths under paths.root
+    relative to it again, paths.root and the default MLflow store left empty. The checkpoint then
+    names no folder of the machine that trained it; whoever loads it resolves the paths against
+    their own project folder. (A path given outside the project stays as it was given.)"""
+    from rsrefseg.platform import tracking
+
+    root = paths.project_root(cfg.paths.root)
+    flat = cfg.flat()
+    updates: dict = {key: paths.relative(flat[key], root) for key in paths.PATH_KEYS if flat[key]}
+    updates["paths.root"] = ""
+    uri = flat["tracking.uri"]
+    if uri == tracking.resolve_tracking_uri(tracking.TrackingConfig(), root):  # the default store
+        uri = ""
+    elif uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + paths.relative(uri[len("sqlite:///"):], root)
+    updates["tracking.uri"] = uri
+    default_artifacts = tracking.resolve_artifact_location(tracking.TrackingConfig(uri=uri), root)
+    artifacts = flat["tracking.artifact_location"]
+    updates["tracking.artifact_location"] = "" if artifacts == default_artifacts else artifacts
+    return cfg.replace(updates)
+
+
+# -- names as typed -----------------------------------------------------------------------------
+
+
+def named_folder(root: Path, ref: str, marker: str) -> Path:
+    """The folder a `--resume REF` names: a path as typed (absolute, or relative to here or to
+    the project folder, as in `runs/<name>`) when it holds `marker`, else the name REF under the
+    storage root `root`. (A submitted job runs in Ray's copy of the code, not the project folder.)"""
+    for path in (Path(ref), paths.project_root() / ref):
+        if (path / marker).is_file():
+            return path.resolve()
+    return root / ref
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The model checkpoint a `--checkpoint PATH` names: a model checkpoint folder, a run folder
+    (its best/) or a Ray Train checkpoint (its model/)."""
+    p = Path(path)
+    for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
+        if any((candidate / f).is_file() for f in CHECKPOINT_FILES):
+            return candidate
+    if not p.exists():
+        raise ConfigError(f"--checkpoint {p}: no such file or folder")
+    raise ConfigError(
+        f"--checkpoint {p}: not a checkpoint; expected {' and '.join(CHECKPOINT_FILES)} in it, "
+        f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)"
+    )
