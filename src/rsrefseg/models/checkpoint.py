@@ -11,13 +11,12 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rsrefseg.models.rsrefseg import RSRefSeg, build_model
 from rsrefseg.platform.atomic import atomic_dir
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config, ConfigError, read_yaml
 from rsrefseg.platform.errors import UserError
 from rsrefseg.platform import paths
 from rsrefseg.platform.runs import CONFIG_FILE, WEIGHTS_FILE, portable
@@ -49,9 +48,8 @@ def load_config_file(directory: str | os.PathLike) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {Path(directory)} a checkpoint folder?)")
     try:
-        data = yaml.safe_load(path.read_text())
-        return Config.from_dict(data, source=str(path))
-    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as exc:
+        return Config.from_dict(read_yaml(path), source=str(path))
+    except ConfigError as exc:
         raise CheckpointError(f"{path}: not a valid config ({exc})") from exc
 
 

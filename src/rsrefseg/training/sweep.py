@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config, ConfigError, read_yaml
 
 METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
 
@@ -84,10 +83,7 @@ def load_sweep(path: str | Path, base: Config) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--sweep {path}: no such file (see configs/sweeps/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, what="a mapping (mode, axes, fixed)")
     unknown = set(data) - {"mode", "axes", "fixed"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: mode, axes, fixed)")
