@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,18 @@ def cluster(tmp_path_factory):
     # Ray's socket paths must stay short: a temp dir of its own under /tmp.
     ray_tmp = Path(f"/tmp/rsr-{os.getpid()}")
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Ray 2.60's `ray start --head` turns on token auth, but a joining node only looks for the
-    # token when told to; a loopback test cluster runs without it (the README shows token setup).
-    env["RAY_AUTH_MODE"] = "disabled"
+    # Token authentication on, as Ray 2.60 starts a head on a user's machine: a first local
+    # `ray.init()` (any local `rsrefseg train`) leaves a token in ~/.ray/auth_token, and
+    # `ray start --head` with RAY_AUTH_MODE unset turns token auth on when it finds one. A joining
+    # node is told to use it (RAY_AUTH_MODE=token), as Ray's docs say. The home folder is the
+    # test's own (the machine's token is left alone); the test process reads it from there too.
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                          "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(home)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
+    assert (home / ".ray" / "auth_token").is_file()
     # Job entrypoints run `python` from the node's PATH, as on a real node with an activated env.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     # The project folder on the nodes, as cluster.yaml starts Ray: jobs resolve relative paths there.
@@ -58,7 +68,7 @@ def cluster(tmp_path_factory):
         subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
              "--node-ip-address=127.0.0.1", *node_ports(), *common],
-            check=True, env=env, capture_output=True,
+            check=True, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
         )
         store = tmp / "mlflow"
         store.mkdir()
@@ -69,11 +79,23 @@ def cluster(tmp_path_factory):
         ))
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")
         wait_http(f"http://127.0.0.1:{dash}/api/version")
+        # The head does want the token: a request without it is refused.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
+        assert refused.value.code in (401, 403)
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setenv("HOME", str(home))  # `rsrefseg submit` and `jobs` find ~/.ray/auth_token there
+        for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(key, raising=False)
+        procs.append(monkeypatch)
         yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp,
                "project": project}
     finally:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+            if isinstance(p, pytest.MonkeyPatch):
+                p.undo()
+            else:
+                os.killpg(p.pid, signal.SIGKILL)
         kill_tree_using(str(ray_tmp))
         subprocess.run(["rm", "-rf", str(ray_tmp)])
 

@@ -36,3 +36,25 @@ def test_the_client_sends_the_token_as_a_bearer_header(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret")
     submit._client("http://127.0.0.1:8265")
     assert seen == {"address": "http://127.0.0.1:8265", "headers": {"Authorization": "Bearer s3cret"}}
+
+
+@pytest.mark.parametrize("token, says", [("", "no token was found here"), ("stale", "refused the Ray token found here")])
+def test_a_refused_client_says_what_to_do(token, says, tmp_path, monkeypatch):
+    from ray.exceptions import AuthenticationError
+
+    from rsrefseg.jobs import submit
+    from rsrefseg.platform.errors import UserError
+
+    class RefusingClient:
+        def __init__(self, address, headers=None):
+            raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", RefusingClient)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    with pytest.raises(UserError, match=says) as err:
+        submit._client("http://head:8265")
+    assert "ray get-auth-token" in str(err.value) and "~/.ray/auth_token" in str(err.value)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import rsrefseg
 from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import UserError
 from rsrefseg.platform.paths import HOME_ENV
 
 SUBMITTABLE = ("train", "evaluate", "tune", "predict", "prepare", "demo-data")
@@ -80,11 +81,30 @@ def _client(address: str | None):
     """A Jobs API client that authenticates where the cluster wants it. Ray 2.59+ starts local
     heads with token authentication on, but its client sends the token only when RAY_AUTH_MODE
     is "token" in the client's own environment; so send it whenever one is found."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    token = auth_token()
+    token, address = auth_token(), dashboard_address(address)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(dashboard_address(address), headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        raise ClusterAuthError(_auth_advice(address, sent=bool(token), ray_says=str(exc))) from None
+
+
+class ClusterAuthError(UserError):
+    """The cluster refused our token, or wants one and none was found here."""
+
+
+def _auth_advice(address: str, *, sent: bool, ray_says: str) -> str:
+    first = ray_says.strip().splitlines()[0] if ray_says.strip() else "authentication failed"
+    if sent:
+        return (f"{address} refused the Ray token found here ({first}). It is not the cluster's token: "
+                "copy the head's (run `ray get-auth-token` on the head) into ~/.ray/auth_token here, or "
+                "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it")
+    return (f"{address} has Ray token authentication on and no token was found here ({first}). "
+            "Run `ray get-auth-token` on the head and put what it prints into ~/.ray/auth_token here "
+            "(or set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it); then run this again")
 
 
 def auth_token(environ=os.environ) -> str:

@@ -64,14 +64,16 @@ def start_ray_with_ingest_cpus(cfg: Config) -> float:
     """Start or join Ray, refusing a job whose train workers would leave Ray Data no CPU (one
     run's workers; Tune then fits its trials to what is left). A local Ray's size is known before
     it starts, so that is checked first and nothing starts in vain; a joined cluster's after.
-    Returns the cluster's CPUs."""
+    On several nodes, train.storage_path must be shared by all of them. Returns the cluster's CPUs."""
     from rsrefseg.platform.capacity import check_ingest_capacity, cluster_cpus, local_cpus
+    from rsrefseg.platform.shared_storage import check_shared_storage
 
     if not joins_existing_ray(cfg.cluster):
         check_ingest_capacity(cfg, local_cpus(cfg), where="the local Ray this job starts (cluster.num_cpus)")
     where = init_ray(cfg.cluster)
     cpus = cluster_cpus()  # a joined Ray's own CPUs, whatever cluster.num_cpus says
     check_ingest_capacity(cfg, cpus, where=where)
+    check_shared_storage(str(runs.storage_root(cfg)))  # several nodes: one storage for all of them
     return cpus
 
 
