@@ -200,3 +200,28 @@ def test_scoring_streams_carry_each_mask_at_its_own_size(small, tokenizer):
     assert got["mask"][0].shape == (8, 8)
     with pytest.raises(ValueError, match="never augmented"):
         preprocess(read_split(path, "train"), sizes, tokenizer, augment=True, original_masks=True)
+
+
+def test_a_train_job_preprocesses_a_split_that_fits_once(prepared_synthetic, tmp_path):
+    # data.cache_mib: what fits is decoded and resized once, before training; every epoch then
+    # reads the kept rows (the shards could be gone). What does not fit streams every epoch.
+    import shutil
+
+    from rsrefseg.training.ingest import build_datasets
+    from tests.models.helpers import tiny_config
+
+    data = tmp_path / "prepared"
+    shutil.copytree(prepared_synthetic, data)
+    cfg = tiny_config([f"data.path={data}", "data.augment=true"])
+    cached = build_datasets(cfg, splits={"train": "train", "val": "val"}, epochs=True)
+    streamed = build_datasets(cfg.replace({"data.cache_mib": 0}), splits={"train": "train"}, epochs=True)
+    for shard in data.glob("**/*.parquet"):
+        shard.unlink()
+    first, second = (collect(cached["train"]) for _ in range(2))
+    assert sorted(first["id"]) == sorted(second["id"]) and len(first["id"]) > 4
+    # Flips are drawn afresh on every pass over the kept rows.
+    by_id = [{i: m.numpy().tobytes() for i, m in zip(run["id"], run["mask"])} for run in (first, second)]
+    assert any(by_id[0][i] != by_id[1][i] for i in by_id[0])
+    assert len(collect(cached["val"])["id"]) > 0
+    with pytest.raises(Exception):
+        collect(streamed["train"])

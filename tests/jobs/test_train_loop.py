@@ -93,12 +93,17 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precision: str = "fp32"):
+def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precision: str = "fp32",
+                     watch: list | None = None):
     """The train worker's engine (build_engine: its optimizer, schedule and ZeRO-2 config), a few
-    of its steps (train_step), the weights."""
+    of its steps (train_step), the weights. `watch`: gets, per forward of SAM's first block,
+    whether it ran under torch.compile."""
     cfg = tiny_config(["train.batch_size=2", "train.lr=0.01", *overrides]).resolved()
-    engine, _, used = build_engine(build_model(cfg.model), cfg.train, world_size=1, steps_per_epoch=steps,
-                                   precision=precision)
+    model = build_model(cfg.model)
+    if watch is not None:
+        model.sam.image_encoder.blocks[0].register_forward_hook(
+            lambda *_: watch.append(torch.compiler.is_compiling()))
+    engine, _, used = build_engine(model, cfg.train, world_size=1, steps_per_epoch=steps, precision=precision)
     assert used == precision
     for _ in range(steps):
         loss = train_step(engine, batch)
@@ -110,10 +115,20 @@ def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precisio
 def test_speed_switches_train_under_deepspeed_like_the_plain_path(one_process_group):
     # channels-last used to break deepspeed.initialize (its broadcast views parameters as bytes);
     # compile and checkpointing must also pass through ZeRO-2's gradient hooks.
+    # Also the test of torch.compile itself (Inductor compiles the three towers' C++ kernels on
+    # the first call: most of a minute on 2 cores, paid once here): the towers are compiled in
+    # place, dynamo runs them, and the weights after two steps match the eager path's.
     batch = make_batch(2)
     plain = _deepspeed_steps(["model.channels_last=false", "model.compile_backbones=false"], batch)
+    compiling: list[bool] = []
     fast = _deepspeed_steps(["model.channels_last=true", "model.compile_backbones=true",
-                             "model.activation_checkpointing=true"], batch)
+                             "model.activation_checkpointing=true"], batch, watch=compiling)
+    towers = [fast.sam.image_encoder, fast.siglip.model.vision_model, fast.siglip.model.text_model]
+    assert all(t._compiled_call_impl is not None for t in towers)
+    assert plain.sam.image_encoder._compiled_call_impl is None
+    assert any(compiling)  # SAM's first block ran under dynamo (a checkpointed recompute may not)
+    # Compiled in place: checkpoints of a compiled model load into an eager one and back.
+    assert fast.trainable_state_dict().keys() == plain.trainable_state_dict().keys()
     patch_embed = fast.sam.image_encoder.patch_embed.proj.weight
     assert patch_embed.is_contiguous(memory_format=torch.channels_last) and not patch_embed.is_contiguous()
     start = build_model(tiny_config().model).trainable_state_dict()

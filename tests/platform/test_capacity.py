@@ -89,6 +89,7 @@ def test_a_starved_training_job_fails_with_the_watchdog_message_not_a_hang(ray_s
         f"data.path={prepared_dataset}", f"train.num_workers={cpus}", "train.cpus_per_worker=1",
         f"train.batch_size={cpus}", "train.epochs=1", "tracking.enabled=false", "cluster.check_capacity=false",
         "train.batch_timeout_s=15", "train.figure_samples=0",
+        "data.cache_mib=0",  # streamed, as a real dataset is: a cached split needs no CPU to read
     ])
     with pytest.raises(TrainingFailed) as err:
         run_train(starved)

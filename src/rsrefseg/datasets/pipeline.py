@@ -132,6 +132,7 @@ def preprocess(
     seed: int = 0,
     batch_size: int = PREPROCESS_BATCH_SIZE,
     original_masks: bool = False,
+    cache: bool = False,
 ):
     """Decode, resize and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
@@ -146,8 +147,11 @@ def preprocess(
     sizes: an `rsrefseg.models.sizes.InputSizes`.
     tokenizer: a Hugging Face tokenizer (or any picklable callable with its call signature);
         it travels to the workers inside the map function.
-    augment: random horizontal/vertical flips, the same for image and mask; drawn afresh on
-        every pass, so each epoch sees new flips (and they are not reproducible).
+    augment: random horizontal/vertical flips of the resized image and mask together; drawn
+        afresh on every pass, so each epoch sees new flips (and they are not reproducible).
+    cache: decode, resize and tokenize once, now (`materialize`, in the object store), so that
+        every later pass (epoch) only reads the results; flips still change every pass. For
+        splits whose preprocessed rows fit in memory (see `cache_fits`), e.g. `tiny`'s.
     original_masks: also pass each mask at its own size, so that scoring compares the logits
         resized to the image with the true mask, as the field's evaluation code does.
     shuffle_phrases: control experiment; each sample gets the phrase of another sample of the
@@ -161,10 +165,25 @@ def preprocess(
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
     if original_masks and augment:
         raise ValueError("original_masks is for scoring (val/eval splits), which are never augmented")
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, augment=augment, phrases=phrase_map, original_masks=original_masks)
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, original_masks=original_masks)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
-    return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
+    if cache:
+        ds = ds.materialize()
+    if augment:
+        ds = ds.map_batches(flip_batch, batch_size=batch_size, batch_format="numpy")
+    return ds
+
+
+def row_bytes(sizes, *, original_masks: bool = False) -> int:
+    """About how many bytes one preprocessed row holds (what a cached split costs per sample)."""
+    pixels = 3 * sizes.sam_image**2 + 3 * sizes.siglip_image**2 + sizes.label**2
+    return pixels + 2 * 8 * sizes.max_text_len + (64 << 10 if original_masks else 0) + 256
+
+
+def cache_fits(rows: int, sizes, budget_bytes: int, *, original_masks: bool = False) -> bool:
+    return rows * row_bytes(sizes, original_masks=original_masks) <= budget_bytes
 
 
 def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[str, str]:
@@ -180,11 +199,9 @@ def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[s
 class Preprocessor:
     """The map_batches function: one batch of Parquet rows -> one batch of model inputs."""
 
-    def __init__(self, *, sizes, tokenizer, augment: bool = False, phrases: Optional[dict[str, str]] = None,
-                 original_masks: bool = False):
+    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, original_masks: bool = False):
         self.sizes = sizes
         self.tokenizer = tokenizer
-        self.augment = augment
         self.phrases = phrases
         self.original_masks = original_masks
 
@@ -198,11 +215,8 @@ class Preprocessor:
         sam = np.empty((n, 3, sizes.sam_image, sizes.sam_image), np.uint8)
         siglip = np.empty((n, 3, sizes.siglip_image, sizes.siglip_image), np.uint8)
         masks = np.empty((n, sizes.label, sizes.label), np.uint8)
-        rng = np.random.default_rng() if self.augment else None
         for k in range(n):
             image, mask = open_png(batch["image"][k]), open_png(batch["mask"][k])
-            if rng is not None:
-                image, mask = _flip(image, mask, rng)
             sam[k] = resize_image(image, sizes.sam_image)
             siglip[k] = resize_image(image, sizes.siglip_image)
             masks[k] = resize_mask(mask, sizes.label)
@@ -221,13 +235,23 @@ class Preprocessor:
         }
 
 
-def _flip(image: Image.Image, mask: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    # Flips only: aerial images have no "up", and a flip keeps every phrase true ("vehicle in the
-    # parking area" stays so). Left/right words would break, but RefSegRS-style phrases have none.
-    for flip in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM):
-        if rng.random() < 0.5:
-            image, mask = image.transpose(flip), mask.transpose(flip)
-    return image, mask
+def flip_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Random horizontal and vertical flips, each row's own, the same for its images and mask.
+
+    Flips only: aerial images have no "up", and a flip keeps every phrase true ("vehicle in the
+    parking area" stays so). Left/right words would break, but RefSegRS-style phrases have none.
+    Applied to the resized arrays (after a cache), so every pass draws new flips."""
+    rng = np.random.default_rng()
+    out = dict(batch)
+    columns = ("sam_image", "siglip_image", "mask")
+    for name in columns:
+        out[name] = np.array(batch[name])  # a writable copy: cached blocks are read-only
+    for k in range(len(batch["mask"])):
+        for axis in (-1, -2):  # width, height
+            if rng.random() < 0.5:
+                for name in columns:
+                    out[name][k] = np.flip(out[name][k], axis=axis)
+    return out
 
 
 def open_png(data: bytes) -> Image.Image:

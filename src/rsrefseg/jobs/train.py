@@ -121,7 +121,7 @@ def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest
             ),
             callbacks=callbacks,
         ),
-        datasets=build_datasets(cfg, splits={"train": cfg.data.train_split, "val": cfg.data.val_split}),
+        datasets=build_datasets(cfg, splits={"train": cfg.data.train_split, "val": cfg.data.val_split}, epochs=True),
         dataset_config=ExactEvalDataConfig(split_equal=["train"]),
     )
 

@@ -175,6 +175,11 @@ class DataConfig:
     # buffer fills batches with one image under several phrases; a larger one mixes images, at
     # the memory of that many preprocessed rows (~30 KiB each at `tiny`, ~3.5 MiB at rsrefseg-b).
     shuffle_buffer: Annotated[Int, Field(ge=0, description="0 = 4 x the batch")] = 0
+    # A train job preprocesses a split (decode, resize, tokenize) once and keeps the rows in Ray's
+    # object store when they fit in this many MiB (0 = never): every epoch then only reads them.
+    # `tiny`'s rows are ~30 KiB (a 1,200-triplet demo: ~30 MiB); rsrefseg-b's ~3.5 MiB, so real
+    # datasets stream from the shards every epoch, in flat memory.
+    cache_mib: Annotated[Int, Field(ge=0, description="0 = never")] = 512
     # Cap on samples per split (0 = all); handy for smoke runs on a real dataset.
     limit: Annotated[Int, Field(ge=0)] = 0
 

@@ -41,9 +41,11 @@ class ExactEvalDataConfig(DataConfig):
         return output
 
 
-def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
-    """Ray Data streams for the named splits ({"train": "train", "val": "val"})."""
-    from rsrefseg.datasets.pipeline import preprocess, read_split
+def build_datasets(cfg: Config, *, splits: dict[str, str], epochs: bool = False) -> dict:
+    """Ray Data streams for the named splits ({"train": "train", "val": "val"}). `epochs`: the
+    streams are read once per epoch (a train job), so a split whose preprocessed rows fit in
+    data.cache_mib is preprocessed once, up front, and kept in the object store."""
+    from rsrefseg.datasets.pipeline import cache_fits, preprocess, read_split, split_size
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.tokenizer import load_tokenizer
 
@@ -52,7 +54,10 @@ def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
     out = {}
     for name, split in splits.items():
         is_train = name == "train"
-        # Training reads its shards in a new order every epoch; evaluation reads them in order.
+        rows = split_size(cfg.data.path, split, limit=cfg.data.limit)
+        cache = epochs and cache_fits(rows, sizes, cfg.data.cache_mib << 20, original_masks=not is_train)
+        # Training reads its shards in a new order every epoch (or once, when cached: then the
+        # workers' shuffle buffers mix the rows); evaluation reads them in order.
         ds = read_split(cfg.data.path, split, limit=cfg.data.limit,
                         shuffle_seed=cfg.train.seed if is_train else None)
         out[name] = preprocess(
@@ -63,5 +68,6 @@ def build_datasets(cfg: Config, *, splits: dict[str, str]) -> dict:
             shuffle_phrases=cfg.data.shuffle_phrases and is_train,
             seed=cfg.train.seed,
             original_masks=not is_train,  # val/eval score at each image's own size
+            cache=cache,
         )
     return out
