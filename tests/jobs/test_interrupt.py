@@ -28,27 +28,43 @@ def _run_status(db: Path) -> list[tuple[str, str]]:
             return []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "stop"])
 @pytest.mark.timeout(600)
-def test_interrupted_training_is_killed_in_mlflow_and_says_how_to_resume(prepared_dataset, tmp_path, sig):
-    # A fresh process with its own local Ray, as a user's terminal (SIGINT) or `jobs stop` (SIGTERM).
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RSREFSEG_HOME"] = str(tmp_path)
-    proc = subprocess.Popen(
-        [str(BIN / "rsrefseg"), "train", "--config", str(REPO / "configs/demo.yaml"), f"data.path={prepared_dataset}",
-         "train.epochs=50", "train.figure_samples=0"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not _run_status(tmp_path / "mlflow.db") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _run_status(tmp_path / "mlflow.db"), "the run never started"
-    time.sleep(20)  # into the training proper: workers up, batches flowing
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=240)
-    # Ctrl-C exits 130. After SIGTERM, Ray's own C++ signal handler ends the process (SIGABRT)
-    # once the run is closed; what a stopped job needs is the MLflow state and the log line.
-    assert proc.returncode == 130 if sig == signal.SIGINT else proc.returncode != 0, err[-3000:]
-    assert "was interrupted" in err and "rsrefseg train --resume" in err, err[-3000:]
-    ((_, status),) = _run_status(tmp_path / "mlflow.db")
-    assert status == "KILLED"
+def test_interrupted_training_is_killed_in_mlflow_and_says_how_to_resume(prepared_dataset, tmp_path):
+    # Two fresh processes, each with its own local Ray, as a user's terminal (SIGINT, Ctrl-C) and
+    # `rsrefseg jobs stop` (SIGTERM) leave them; run side by side, so their start-ups overlap.
+    runs = {}
+    for name, sig in (("ctrl-c", signal.SIGINT), ("stop", signal.SIGTERM)):
+        home = tmp_path / name
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RSREFSEG_HOME"] = str(home)
+        log = open(home / "stderr.log", "w")
+        proc = subprocess.Popen(
+            [str(BIN / "rsrefseg"), "train", "--config", str(REPO / "configs/demo.yaml"),
+             f"data.path={prepared_dataset}", "train.epochs=50", "train.figure_samples=0"],
+            cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+        )
+        runs[name] = (home, sig, proc, log)
+    try:
+        deadline = time.monotonic() + 300
+        while not all(_run_status(home / "mlflow.db") for home, *_ in runs.values()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert all(_run_status(home / "mlflow.db") for home, *_ in runs.values()), "a run never started"
+        time.sleep(20)  # into the training proper: workers up, batches flowing
+        for home, sig, proc, _ in runs.values():
+            proc.send_signal(sig)
+        for home, sig, proc, log in runs.values():
+            proc.wait(timeout=240)
+            log.close()
+            err = (home / "stderr.log").read_text()
+            # Ctrl-C exits 130. After SIGTERM, Ray's own C++ signal handler ends the process
+            # (SIGABRT) once the run is closed; what a stopped job needs is the MLflow state and
+            # the log line.
+            assert proc.returncode == 130 if sig == signal.SIGINT else proc.returncode != 0, err[-3000:]
+            assert "was interrupted" in err and "rsrefseg train --resume" in err, err[-3000:]
+            ((_, status),) = _run_status(home / "mlflow.db")
+            assert status == "KILLED", (sig, status)
+    finally:
+        for _, _, proc, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
