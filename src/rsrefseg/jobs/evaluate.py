@@ -15,7 +15,6 @@ from pathlib import Path
 from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.atomic import atomic_file, write_json
 from rsrefseg.platform import runs
-from rsrefseg.platform.runs import resolve_checkpoint
 from rsrefseg.platform.config import ConfigError
 from rsrefseg.platform.ray_session import init_ray
 
@@ -72,7 +71,7 @@ def run_evaluate(
     from rsrefseg.training.ingest import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
 
-    ckpt_dir = resolve_checkpoint(checkpoint)
+    ckpt_dir = runs.resolve_checkpoint(checkpoint)
     model, cfg = load_checkpoint(ckpt_dir)
     # Only data/tracking/cluster/paths may change at evaluation time; the model is the checkpoint's.
     for item in overrides or []:

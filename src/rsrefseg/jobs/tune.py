@@ -283,7 +283,7 @@ def _settle_trial_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialR
         if status == "stopped":
             c.set_tag(run_id, tracking.STOPPED_EARLY_TAG, f"by the {cfg.tune.scheduler} scheduler")
             c.set_terminated(run_id, status=tracking.KILLED)
-        elif status == "interrupted" or c.get_run(run_id).info.status == "RUNNING":
+        elif status == "interrupted" or c.get_run(run_id).info.status == tracking.RUNNING:
             c.set_terminated(run_id, status=tracking.KILLED)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsrefseg.platform import paths
-from rsrefseg.platform.atomic import copy_dir, write_json
+from rsrefseg.platform.atomic import copy_dir, write_json, write_text
 from rsrefseg.platform.config import Config, ConfigError
 
 RUN_INFO = "rsrefseg_run.json"
@@ -114,7 +114,7 @@ def open_run(root: Path, ref: str) -> SavedRun:
     if not info.is_file():
         raise ConfigError(
             f"--resume {ref}: no run folder {run_dir} (expected {info}); "
-            f"runs under {root}: {', '.join(known_runs(root)) or 'none'}"
+            f"runs under {root}: {', '.join(_known(root, RUN_INFO)) or 'none'}"
         )
     data = json.loads(info.read_text())
     cfg = Config.from_dict(data["config"], source=str(info))
@@ -128,8 +128,9 @@ def open_run(root: Path, ref: str) -> SavedRun:
     return SavedRun(cfg=cfg, name=name, mlflow_run_id=data.get("mlflow_run_id"), finished=data.get("finished"))
 
 
-def known_runs(root: Path) -> list[str]:
-    return sorted(p.parent.name for p in root.glob(f"*/{RUN_INFO}")) if root.is_dir() else []
+def _known(root: Path, marker: str) -> list[str]:
+    """The run (RUN_INFO) or sweep (SWEEP_INFO) folders directly under `root`, by name."""
+    return sorted(p.parent.name for p in root.glob(f"*/{marker}")) if root.is_dir() else []
 
 
 def trial_runs(sweep_dir: Path) -> dict[str, dict]:
@@ -157,9 +158,7 @@ class SavedSweep:
 
 def create_sweep(sweep_dir: Path, base: Config, sweep_file: str, parent_run_id: str | None) -> SavedSweep:
     """Record a new sweep: its base config, a copy of its sweep file, its MLflow parent run."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    copy = sweep_dir / SWEEP_FILE_COPY
-    copy.write_text(Path(sweep_file).read_text())
+    copy = write_text(sweep_dir / SWEEP_FILE_COPY, Path(sweep_file).read_text())
     write_json(sweep_dir / SWEEP_INFO, {"base": base.to_dict(), "parent_run_id": parent_run_id,
                                         "sweep_file": sweep_file, "sweep_file_copy": str(copy)})
     return SavedSweep(sweep_dir, base, parent_run_id, sweep_file, copy)
@@ -170,9 +169,8 @@ def open_sweep(root: Path, ref: str) -> SavedSweep:
     sweep_dir = named_folder(root, ref, SWEEP_INFO)
     info_path = sweep_dir / SWEEP_INFO
     if not info_path.is_file():
-        known = sorted(p.parent.name for p in root.glob(f"*/{SWEEP_INFO}")) if root.is_dir() else []
         raise ConfigError(f"--resume {ref}: {info_path} not found; "
-                          f"sweeps under {root}: {', '.join(known) or 'none'}")
+                          f"sweeps under {root}: {', '.join(_known(root, SWEEP_INFO)) or 'none'}")
     info = json.loads(info_path.read_text())
     copy = Path(info.get("sweep_file_copy") or sweep_dir / SWEEP_FILE_COPY)
     if not copy.is_file():  # the folder was moved: its copy is beside the info

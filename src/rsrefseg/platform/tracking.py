@@ -79,8 +79,8 @@ def client(tracking: TrackingConfig):
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
 
 
-# The terminal states of an MLflow run, by how the block it covers ended.
-FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+# The states of an MLflow run: RUNNING inside run_lifecycle, then one by how its block ended.
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 
 
 @contextlib.contextmanager
@@ -96,7 +96,7 @@ def run_lifecycle(tracking: TrackingConfig, run_id: str | None, *, continued: bo
         return
     c = client(tracking)
     if continued:
-        c.update_run(run_id, status="RUNNING")
+        c.update_run(run_id, status=RUNNING)
         if STOPPED_EARLY_TAG in c.get_run(run_id).data.tags:
             c.delete_tag(run_id, STOPPED_EARLY_TAG)
     try:
