@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+# DeepSpeed's CPU communication op is compiled here, not by the first training run.
+	$(PY) -m rsrefseg.training.native_ops
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -45,6 +45,9 @@ def cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
                                                           "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(home)
+    # Only the token moves: the nodes keep the machine's caches (DeepSpeed's compiled CPU op among
+    # them), as a real node keeps its own between jobs.
+    env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
     assert (home / ".ray" / "auth_token").is_file()
     # Job entrypoints run `python` from the node's PATH, as on a real node with an activated env.

@@ -31,17 +31,25 @@ def train_args(prepared: Path, home: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, prepared_dataset, tmp_path_factory):
-    # The one training run of this module, and not an easy one: a worker is killed once the
-    # first checkpoint exists, and with train.max_failures=1 the group restarts from it. Every
-    # test below asserts on a run that lived through that.
+    # The one training run of this module, and not an easy one. A worker is killed once the first
+    # checkpoint exists: with train.max_failures=1 the group restarts from it. Another is killed
+    # once the second exists: one failure too many, so the run fails (FAILED in MLflow) and
+    # `rsrefseg train --resume` finishes it. Every test below asserts on a run that lived
+    # through that.
+    from mlflow.tracking import MlflowClient
+
     home = tmp_path_factory.mktemp("train-home")
     args = train_args(prepared_dataset, home, "tracking.run_name=e2e", "train.register_as=e2e-model",
                       "train.max_failures=1")
-    rc, killed = _run_and_kill_a_worker_after_first_checkpoint(args, home / "runs")
-    assert killed, "training ended before a worker could be killed"
-    assert rc == 0
+    rc, kills = _run_and_kill_a_worker_after_checkpoints(args, home / "runs", epochs=(1, 2))
+    assert kills == 2, "training ended before two workers could be killed"
+    assert rc != 0
     (run_dir,) = [p for p in (home / "runs").iterdir() if p.name.startswith("e2e-")]
-    return home, run_dir
+    run_id = json.loads((run_dir / "rsrefseg_run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    failed = {"status": client.get_run(run_id).info.status, "epochs": _val_steps(home, run_id)}
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    return home, run_dir, failed
 
 
 def context(dataset_input) -> str:
@@ -58,7 +66,7 @@ def mlflow_run(home: Path):
 
 
 def test_training_uses_deepspeed_zero2_on_two_workers(trained):
-    _, run_dir = trained
+    _, run_dir, _ = trained
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert ckpts, "no checkpoint reported to Ray Train"
     ds_dir = ckpts[-1] / "deepspeed" / "state"
@@ -72,7 +80,7 @@ def test_training_uses_deepspeed_zero2_on_two_workers(trained):
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
-    home, _ = trained
+    home, _, _ = trained
     client, run = mlflow_run(home)
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -119,7 +127,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained, prepared_dataset):
 
 
 def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
-    home, run_dir = trained
+    home, run_dir, _ = trained
     out = home / "eval.json"
     assert main(["evaluate", "--checkpoint", str(run_dir), "--split", "test", "--out", str(out),
                  f"tracking.uri=sqlite:///{home / 'mlflow.db'}", "tracking.experiment=e2e"]) == 0
@@ -155,7 +163,7 @@ def test_evaluate_prints_row_and_writes_json(trained, prepared_dataset, capsys):
 
 def test_evaluate_on_val_matches_the_best_epochs_validation(trained, capsys):
     """Ray Data replicas and training's validation share one forward and metric path."""
-    home, run_dir = trained
+    home, run_dir, _ = trained
     result_path = home / "val.json"
     assert main(["evaluate", "--checkpoint", str(run_dir), "--split", "val", "--out", str(result_path),
                  "tracking.enabled=false"]) == 0
@@ -172,7 +180,7 @@ def test_evaluate_on_val_matches_the_best_epochs_validation(trained, capsys):
 
 
 def test_predict_writes_mask_at_image_size(trained, synthetic_root, tmp_path):
-    _, run_dir = trained
+    _, run_dir, _ = trained
     image = tmp_path / "scene.png"
     # A non-square image of another size: resized in, mask resized back out.
     rgb = np.asarray(Image.open(next((synthetic_root / "images").glob("*.tif"))).convert("RGB"))
@@ -189,7 +197,7 @@ def test_predict_writes_mask_at_image_size(trained, synthetic_root, tmp_path):
 def test_corrupt_and_wrong_model_checkpoints_fail_clearly(trained, tmp_path, capsys):
     import shutil
 
-    _, run_dir = trained
+    _, run_dir, _ = trained
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run_dir / "best", corrupt)
     data = (corrupt / "weights.safetensors").read_bytes()
@@ -249,10 +257,22 @@ def _train_worker_pids() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
 
 
-def _run_and_kill_a_worker_after_first_checkpoint(args: list[str], storage: Path):
-    """Run `main(args)` in a thread; SIGKILL one train worker once the first checkpoint exists.
+def _checkpointed_epoch(storage: Path) -> int:
+    """The last epoch of any checkpoint under the run folders in `storage` (0: none yet)."""
+    epochs = [0]
+    for state in storage.glob("*/checkpoint_*/state.json"):
+        try:
+            epochs.append(json.loads(state.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):  # still being written
+            pass
+    return max(epochs)
 
-    Returns (exit code, whether a worker was killed)."""
+
+def _run_and_kill_a_worker_after_checkpoints(args: list[str], storage: Path, epochs: tuple[int, ...]):
+    """Run `main(args)` in a thread; SIGKILL one train worker as soon as a checkpoint of each of
+    `epochs` exists.
+
+    Returns (exit code, how many workers were killed)."""
     import os
     import signal
     import threading
@@ -261,17 +281,17 @@ def _run_and_kill_a_worker_after_first_checkpoint(args: list[str], storage: Path
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", main(args)))
     thread.start()
-    killed = False
+    kills = 0
     deadline = time.time() + 600
-    while thread.is_alive() and not killed and time.time() < deadline:
-        if any(p.is_dir() for p in storage.glob("*/checkpoint_*")):
+    while thread.is_alive() and kills < len(epochs) and time.time() < deadline:
+        if _checkpointed_epoch(storage) >= epochs[kills]:
             pids = _train_worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
-                killed = True
+                kills += 1
         time.sleep(0.1)
     thread.join(timeout=900)
-    return result.get("rc"), killed
+    return result.get("rc"), kills
 
 
 def _val_steps(home: Path, run_id: str) -> list[int]:
@@ -282,7 +302,7 @@ def _val_steps(home: Path, run_id: str) -> list[int]:
 
 
 def test_killed_worker_restarts_from_checkpoint_without_repeating_epochs(trained):
-    home, run_dir = trained
+    home, run_dir, _ = trained
     info = json.loads((run_dir / "rsrefseg_run.json").read_text())
     # Every epoch validated and logged exactly once, although the group restarted mid-run.
     assert _val_steps(home, info["mlflow_run_id"]) == list(range(1, EPOCHS + 1))
@@ -291,25 +311,19 @@ def test_killed_worker_restarts_from_checkpoint_without_repeating_epochs(trained
     assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
 
 
-def test_failed_run_continues_with_resume(ray_session, prepared_dataset, tmp_path, capsys):
+def test_failed_run_continues_with_resume(trained, capsys):
     from mlflow.tracking import MlflowClient
 
-    args = train_args(prepared_dataset, tmp_path, "train.epochs=3", "train.max_failures=0", "data.limit=16",
-                      "tracking.run_name=resume")
-    rc, killed = _run_and_kill_a_worker_after_first_checkpoint(args, tmp_path / "runs")
-    assert killed, "training ended before a worker could be killed"
-    assert rc != 0
-    (run_dir,) = (tmp_path / "runs").glob("resume-*")
+    home, run_dir, failed = trained
+    # The second kill failed the run, as a crash with no restarts left does; epochs done before it
+    # were logged once each.
+    assert failed["status"] == "FAILED"
+    assert failed["epochs"] and failed["epochs"] == list(range(1, len(failed["epochs"]) + 1))
+    assert len(failed["epochs"]) < EPOCHS
+    # `--resume` went on in the same MLflow run: every epoch once, and the run is now finished.
     run_id = json.loads((run_dir / "rsrefseg_run.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_run(run_id).info.status == "FAILED"
-    done_before = _val_steps(tmp_path, run_id)
-    assert done_before and done_before == list(range(1, len(done_before) + 1))
-
-    capsys.readouterr()
-    assert main(["train", "--resume", str(run_dir)]) == 0
-    # The same MLflow run goes on: every epoch once, and the run is now finished.
-    assert _val_steps(tmp_path, run_id) == [1, 2, 3]
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert _val_steps(home, run_id) == list(range(1, EPOCHS + 1))
     assert client.get_run(run_id).info.status == "FINISHED"
     assert (run_dir / "best" / "weights.safetensors").is_file()
 
@@ -319,4 +333,4 @@ def test_failed_run_continues_with_resume(ray_session, prepared_dataset, tmp_pat
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert "had already finished" in capsys.readouterr().out
     assert client.get_run(run_id).info.end_time == end_time
-    assert _val_steps(tmp_path, run_id) == [1, 2, 3]
+    assert _val_steps(home, run_id) == list(range(1, EPOCHS + 1))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import torch.distributed as dist
 from rsrefseg.training.engine import (build_engine, build_optimizer, deepspeed_config,
                                       lr_schedule, train_step, warmup_cosine)
 from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.training.native_ops import use_venv_tools
 from tests.models.helpers import forward, make_batch, tiny_config
 
 
@@ -75,6 +80,16 @@ def test_defaults_skip_the_norm_and_the_nonfinite_checks():
     ds = deepspeed_config(train, world_size=1, precision="bf16")
     assert ds["gradient_clipping"] == 0 and ds["zero_optimization"]["compute_grad_norm"] is False
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+
+
+def test_deepspeed_builds_its_cpu_op_with_the_ninja_beside_this_python(monkeypatch):
+    # Not the system's: two ninjas disagree about the build log, and each switch recompiles.
+    bindir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"]))
+    use_venv_tools()
+    assert shutil.which("ninja") == os.path.join(bindir, "ninja")
+    use_venv_tools()
+    assert os.environ["PATH"].split(os.pathsep).count(bindir) == 1
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Ray Tune sweeps end to end on the synthetic set at `tiny`: a one-at-a-time sweep filling its
-table (with a failing trial), and an interrupted ASHA sweep resumed. Every trial is a real
-2-worker DeepSpeed run."""
+"""A Ray Tune sweep end to end on the synthetic set at `tiny`: a one-at-a-time ablation under ASHA,
+with a failing trial, interrupted and resumed, filling its table. Every trial is a real 2-worker
+DeepSpeed run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsrefseg.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -59,71 +58,23 @@ def runs_of(home: Path):
     return client, parents, children
 
 
-def test_sweep_fills_its_table_from_its_trials_and_survives_a_failing_one(ray_session, prepared_dataset, tmp_path,
-                                                                          capsys):
+def test_an_interrupted_ablation_resumes_its_unfinished_trials_and_fills_its_table(prepared_dataset, tmp_path):
     # A one-at-a-time sweep as the paper's ablation is (configs/sweeps/ablation.yaml: the same
     # machinery over 8 trials; its expansion and table are tested without Ray in test_sweep.py):
-    # the shared default (demo.yaml's SAM rank 8), rank 16, and a dataset that is not there. Two trials at a
-    # time, half a CPU per worker: trial start-up overlaps, and Ray Data keeps CPUs for its tasks.
+    # the shared default (demo.yaml's SAM rank 8), rank 16, and a dataset that is not there; under
+    # ASHA, the scheduler of this suite. It is interrupted (Ctrl-C) once its first trial has
+    # finished, then resumed as the README shows.
+    # ASHA stops a trial the moment it reports its last epoch (max_t; grace_period = max_t here,
+    # so no trial is stopped earlier, which keeps the test deterministic): that must not cut off
+    # the trial's ending (FINISHED, best checkpoint), before and after the resume. ASHA stopping a
+    # trial early: test_tune_results.py.
     missing = tmp_path / "missing"
     sweep = tmp_path / "small-ablation.yaml"
     sweep.write_text(yaml.safe_dump({"mode": "one_at_a_time", "axes": [
         {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [8, 16]},
         {"name": "dataset", "key": "data.path", "values": [str(prepared_dataset), str(missing)],
          "labels": ["synthetic", "missing"]}]}))
-    assert main(tune_args(prepared_dataset, tmp_path, sweep, "tune.name=ablation", "tune.max_concurrent_trials=2",
-                          "tune.cpus_per_worker=0.5")) == 0
-    out = capsys.readouterr().out
-    client, parents, children = runs_of(tmp_path)
-    (parent,) = parents
-    assert parent.info.status == "FINISHED"
-    assert len(children) == 3
-    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    by_setting = {(c.data.params["model.lora.sam_rank"], c.data.params["data.path"]): c for c in children}
-    assert set(by_setting) == {("8", str(prepared_dataset)), ("16", str(prepared_dataset)), ("8", str(missing))}
-    # The failing trial (no such dataset) is reported FAILED; the sweep went on with the others.
-    assert by_setting["8", str(missing)].info.status == "FAILED"
-    assert by_setting["8", str(missing)].data.tags["rsrefseg.error"]
-    finished = [by_setting["8", str(prepared_dataset)], by_setting["16", str(prepared_dataset)]]
-    assert all(c.info.status == "FINISHED" for c in finished)
-    # Every child run has the same flat param names as a train run.
-    assert set(finished[0].data.params) == set(finished[1].data.params)
-    # Child runs are named by what they vary; the trial id is a tag.
-    assert {c.info.run_name for c in finished} == {"default", "sam_rank=16"}
-    assert all(c.data.tags["rsrefseg.trial_id"] for c in children)
-    # The experiment opens in MLflow's model-training view; each run shows the data it trained on.
-    exp = client.get_experiment(parent.info.experiment_id)
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    run = client.get_run(finished[0].info.run_id)
-    inputs = {context(i): i.dataset for i in run.inputs.dataset_inputs}
-    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
-    assert inputs["train"].digest == manifest["content_hash"][:32] and set(inputs) == {"train", "validation"}
-
-    table = (tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()
-    header, rows = table[0].split(","), [line.split(",") for line in table[1:]]
-    assert [(r[0], r[1], r[-1]) for r in rows] == [
-        ("SAM LoRA rank", "8", "finished"), ("SAM LoRA rank", "16", "finished"),
-        ("dataset", "synthetic", "finished"), ("dataset", "missing", "failed")]
-    # Every cell filled from the trials' own runs: the table's gIoU values are the runs' best;
-    # the shared default fills one row on each axis.
-    g = header.index("gIoU")
-    assert {round(float(r[g]), 6) for r in rows[:3]} == {round(c.data.metrics["best/gIoU"], 6) for c in finished}
-    assert rows[0][g] == rows[2][g] and rows[3][g] == ""
-    assert "| SAM LoRA rank | 8 |" in out and "| dataset | missing |" in out
-    assert client.get_run(parent.info.run_id).data.tags["rsrefseg.failed_rows"] == "1"
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
-    assert artifacts == {"ablation/ablation.md", "ablation/ablation.csv", "ablation/ablation.png"}
-
-
-def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_path):
-    sweep = tmp_path / "ranks.yaml"
-    sweep.write_text(yaml.safe_dump({"mode": "grid", "axes": [
-        {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8]}]}))
-    # The ASHA sweep of this suite. ASHA stops a trial the moment it reports its last epoch
-    # (max_t; grace_period = max_t here, so no trial is stopped earlier, which keeps the test
-    # deterministic): that must not cut off the trial's ending (FINISHED, best checkpoint), before
-    # and after the resume. ASHA stopping a trial early: test_tune_results.py.
-    args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=resumable", "train.epochs=2",
+    args = tune_args(prepared_dataset, tmp_path, sweep, "tune.name=ablation", "train.epochs=2",
                      "tune.scheduler=asha", "tune.grace_period=2")
     env = {**os.environ, "RSREFSEG_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     # Create the MLflow store before polling it: two processes creating one SQLite schema at
@@ -149,7 +100,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     first = (tmp_path / "first.log").read_text()
     # Interrupted, as Ctrl-C of `rsrefseg train` is: exit 130, and the command that continues it.
     assert proc.returncode == 130, first[-3000:]
-    assert f"rsrefseg tune --resume {tmp_path / 'runs' / 'resumable'}" in first
+    assert f"rsrefseg tune --resume {tmp_path / 'runs' / 'ablation'}" in first
     assert "Tuner.restore(" not in first
     _, (parent,), before = runs_of(tmp_path)
     assert parent.info.status == "KILLED"
@@ -160,24 +111,56 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(prepared_dataset, tmp_
     assert not any("rsrefseg.stopped_early" in c.data.tags for c in before)
 
     resume = subprocess.run(
-        [sys.executable, "-m", "rsrefseg", "tune", "--resume", "runs/resumable"],  # as README shows it
+        [sys.executable, "-m", "rsrefseg", "tune", "--resume", "runs/ablation"],  # as README shows it
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-    client, (parent,), after = runs_of(tmp_path)
+    client, (parent,), children = runs_of(tmp_path)
     assert parent.info.status == "FINISHED"
-    assert len(after) == 2, [c.info.run_name for c in after]
-    assert all(c.info.status == "FINISHED" for c in after)
-    assert not any("rsrefseg.stopped_early" in c.data.tags for c in after)
-    assert all((tmp_path / "runs" / "resumable" / "trials" / c.data.tags["rsrefseg.trial_id"] / "best").is_dir()
-               for c in after)
+    assert len(children) == 3, [c.info.run_name for c in children]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    by_setting = {(c.data.params["model.lora.sam_rank"], c.data.params["data.path"]): c for c in children}
+    assert set(by_setting) == {("8", str(prepared_dataset)), ("16", str(prepared_dataset)), ("8", str(missing))}
+    # The failing trial (no such dataset) is reported FAILED; the sweep went on with the others.
+    assert by_setting["8", str(missing)].info.status == "FAILED"
+    assert by_setting["8", str(missing)].data.tags["rsrefseg.error"]
+    finished = [by_setting["8", str(prepared_dataset)], by_setting["16", str(prepared_dataset)]]
+    assert all(c.info.status == "FINISHED" for c in finished)
+    assert not any("rsrefseg.stopped_early" in c.data.tags for c in children)
     for run_id, end_time in finished_before.items():
         # Trials that had finished were not run again.
         assert client.get_run(run_id).info.end_time == end_time
-    for c in after:
+    for c in finished:
+        # Every epoch logged once, the interrupted trial's too (it went on in the same MLflow run).
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/gIoU")]
         assert sorted(steps) == [1, 2], (c.info.run_name, steps)
+        assert (tmp_path / "runs" / "ablation" / "trials" / c.data.tags["rsrefseg.trial_id"] / "best").is_dir()
     # Resumed trials continued in their own folders (from their checkpoints), not in new ones.
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["resumable"]
-    rows = (tmp_path / "runs" / "resumable" / "ablation.csv").read_text().splitlines()[1:]
-    assert len(rows) == 2 and all(r.endswith(",finished") for r in rows)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ablation"]
+    # Every child run has the same flat param names as a train run.
+    assert set(finished[0].data.params) == set(finished[1].data.params)
+    # Child runs are named by what they vary; the trial id is a tag.
+    assert {c.info.run_name for c in finished} == {"default", "sam_rank=16"}
+    assert all(c.data.tags["rsrefseg.trial_id"] for c in children)
+    # The experiment opens in MLflow's model-training view; each run shows the data it trained on.
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(finished[0].info.run_id)
+    inputs = {context(i): i.dataset for i in run.inputs.dataset_inputs}
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    assert inputs["train"].digest == manifest["content_hash"][:32] and set(inputs) == {"train", "validation"}
+
+    table = (tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()
+    header, rows = table[0].split(","), [line.split(",") for line in table[1:]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("SAM LoRA rank", "8", "finished"), ("SAM LoRA rank", "16", "finished"),
+        ("dataset", "synthetic", "finished"), ("dataset", "missing", "failed")]
+    # Every cell filled from the trials' own runs: the table's gIoU values are the runs' best;
+    # the shared default fills one row on each axis.
+    g = header.index("gIoU")
+    assert {round(float(r[g]), 6) for r in rows[:3]} == {round(c.data.metrics["best/gIoU"], 6) for c in finished}
+    assert rows[0][g] == rows[2][g] and rows[3][g] == ""
+    assert "| SAM LoRA rank | 8 |" in resume.stdout and "| dataset | missing |" in resume.stdout
+    assert client.get_run(parent.info.run_id).data.tags["rsrefseg.failed_rows"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
+    assert artifacts == {"ablation/ablation.md", "ablation/ablation.csv", "ablation/ablation.png"}

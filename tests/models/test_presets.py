@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from rsrefseg.models.presets import get_preset, input_sizes
@@ -38,3 +41,14 @@ def test_real_presets_follow_the_paper(preset, embed_dim, depth, global_attn):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("huge")
+
+
+def test_sizes_and_file_checks_leave_the_model_libraries_unimported():
+    # Every job's driver and the data pipeline read sizes and check files: importing
+    # segment-anything (torchvision, dynamo) and transformers there costs seconds per process.
+    code = ("import sys; import rsrefseg.jobs.train; from rsrefseg.models import presets; "
+            "from rsrefseg.platform.config import Config; model = Config().model; "
+            "presets.input_sizes(model); presets.check_model_files(model); "
+            "print(sorted(m for m in ('segment_anything', 'torchvision', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -7,14 +7,19 @@ files named in the config (`model.siglip_path`, `model.sam_checkpoint`), never f
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from transformers import SiglipModel
+from typing import TYPE_CHECKING
 
 from rsrefseg.models.errors import ModelLoadError
-from rsrefseg.models.sam import BatchedSam, SamSizes, build_sam, load_sam_checkpoint, require_sam_checkpoint
-from rsrefseg.models.siglip import SiglipSizes, build_random_siglip, load_siglip, require_siglip_dir
-from rsrefseg.models.sizes import InputSizes
+from rsrefseg.models.sizes import InputSizes, SamSizes, SiglipSizes
 from rsrefseg.platform.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import SiglipModel
+
+    from rsrefseg.models.sam import BatchedSam
+
+# The model libraries (segment-anything, transformers: seconds of imports) are imported where
+# models are built, not here: the driver and the data pipeline read sizes and check files only.
 
 __all__ = [
     "ModelLoadError", "Preset", "TINY", "RSREFSEG_B", "RSREFSEG_L",
@@ -97,6 +102,9 @@ def check_model_files(model_cfg: ModelConfig) -> None:
     preset = get_preset(model_cfg.preset)
     if not preset.pretrained:
         return
+    from rsrefseg.models.sam import require_sam_checkpoint
+    from rsrefseg.models.siglip import require_siglip_dir
+
     require_sam_checkpoint(
         model_cfg.sam_checkpoint, config_key="model.sam_checkpoint", expected_file=preset.sam_checkpoint_file
     )
@@ -107,6 +115,9 @@ def build_backbones(model_cfg: ModelConfig, *, random_init: bool = False) -> tup
     """SigLIP and SAM of the preset: random for `tiny` (seed the torch RNG around the call),
     loaded from `model.siglip_path` / `model.sam_checkpoint` for the real presets.
     `random_init` builds any preset at its real sizes without weights (speed benchmarks)."""
+    from rsrefseg.models.sam import build_sam, load_sam_checkpoint
+    from rsrefseg.models.siglip import build_random_siglip, load_siglip
+
     preset = get_preset(model_cfg.preset)
     if not preset.pretrained or random_init:
         return build_random_siglip(preset.siglip), build_sam(preset.sam)

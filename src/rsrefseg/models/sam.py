@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -24,41 +23,13 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from rsrefseg.models.errors import ModelLoadError, state_dict_problems
+from rsrefseg.models.sizes import SamSizes
 
 # SAM normalizes 0-255 RGB with ImageNet statistics (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 SAM_CHECKPOINTS_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
-
-
-@dataclass(frozen=True)
-class SamSizes:
-    """Every size of a SAM model. The official values are in `rsrefseg.models.presets`."""
-
-    img_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int
-    prompt_embed_dim: int
-    mask_in_chans: int
-    decoder_depth: int
-    decoder_mlp_dim: int
-    decoder_num_heads: int
-    iou_head_hidden_dim: int
-
-    @property
-    def embedding_size(self) -> int:
-        """Side of the image embedding (64 for the official 1024 px / patch 16)."""
-        return self.img_size // self.patch_size
-
-    @property
-    def low_res_size(self) -> int:
-        """Side of the decoder's low-resolution mask logits (4x the embedding, 256 officially)."""
-        return 4 * self.embedding_size
 
 
 class BatchedSam(Sam):

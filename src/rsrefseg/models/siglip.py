@@ -8,7 +8,6 @@ against images), and `t_local`, the per-token last hidden states.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,28 +16,9 @@ from torch import nn
 from transformers import SiglipConfig, SiglipModel
 
 from rsrefseg.models.errors import ModelLoadError
+from rsrefseg.models.sizes import SiglipSizes
 
 SIGLIP_REPO = "google/siglip-so400m-patch14-384"
-
-
-@dataclass(frozen=True)
-class SiglipSizes:
-    """Every size of a SigLIP model. Vision and text share `hidden_size`, as the prompter needs."""
-
-    image_size: int
-    patch_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    vision_layers: int
-    text_layers: int
-    vocab_size: int
-    max_text_len: int
-
-    @property
-    def grid(self) -> int:
-        """Side of the patch-feature map (27 for 384 px / patch 14)."""
-        return self.image_size // self.patch_size
 
 
 def siglip_config(sizes: SiglipSizes) -> SiglipConfig:

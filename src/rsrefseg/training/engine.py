@@ -109,6 +109,9 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, *, world_size: int,
     (Ray Train's, or one of a single process for a benchmark or a test)."""
     import deepspeed
 
+    from rsrefseg.training.native_ops import use_venv_tools
+
+    use_venv_tools()  # the ninja DeepSpeed builds its CPU op with: see native_ops
     precision = precision or resolve_precision(train)
     model = cast_for_precision(model, precision)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
