@@ -55,7 +55,10 @@ def cluster(tmp_path_factory):
     # The project folder on the nodes, as cluster.yaml starts Ray: jobs resolve relative paths there.
     project = tmp / "project"
     env["RSREFSEG_HOME"] = str(project)
-    common = ["--disable-usage-stats", f"--temp-dir={ray_tmp}"]
+    # Each node a temp dir of its own, as on separate machines: nodes sharing one share
+    # runtime_resources/, and a node's runtime-env agent unpacking the job's working_dir again
+    # there deletes the folder the job's driver runs in on the other node.
+    common = ["--disable-usage-stats"]
 
     def node_ports() -> list[str]:
         # Two nodes on one machine: each node's agents need ports of their own (the defaults clash).
@@ -65,12 +68,13 @@ def cluster(tmp_path_factory):
     try:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=3", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1", *node_ports(), *common],
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1", *node_ports(),
+             *common, f"--temp-dir={ray_tmp / 'head'}"],
             check=True, env=env, capture_output=True,
         )
         subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
-             "--node-ip-address=127.0.0.1", *node_ports(), *common],
+             "--node-ip-address=127.0.0.1", *node_ports(), *common, f"--temp-dir={ray_tmp / 'node'}"],
             check=True, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
         )
         store = tmp / "mlflow"
