@@ -116,7 +116,8 @@ def _mlflow_server(args) -> int:
     from rsrefseg.jobs.ui import run_mlflow_server
 
     return run_mlflow_server(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
-                             artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts)
+                             artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts,
+                             workers=args.workers)
 
 
 def _demo(args) -> None:
@@ -208,6 +209,7 @@ COMMANDS = (
         arg("--allowed-hosts", default="",
             help="Host headers the server answers, comma-separated (MLflow's default: localhost and "
                  "private IPs); add the name or address clients use to reach it, e.g. 203.0.113.7:5000"),
+        arg("--workers", type=int, default=4, help="server processes (MLflow's default 4; 1 for a few clients)"),
     ), _mlflow_server),
     Command("demo", "synthetic data -> prepare -> train (tiny, 2 workers) -> evaluate", (
         arg("--out", default="data/demo"),

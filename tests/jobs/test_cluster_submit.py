@@ -81,7 +81,8 @@ def cluster(tmp_path_factory):
         store.mkdir()
         procs.append(subprocess.Popen(
             [str(BIN / "rsrefseg"), "mlflow-server", "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art")],
+             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art"),
+             "--workers", "1"],
             stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")

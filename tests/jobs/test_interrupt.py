@@ -74,11 +74,12 @@ def test_a_run_beside_ray_start_joins_it_and_runs_end_honestly_on_ctrl_c_or_stop
     # demo.yaml would start a 4-CPU Ray (cluster.num_cpus); the running one has 2, which two 1-CPU
     # workers would fill, leaving Ray Data none: a clear refusal, no traceback. Half a CPU each fits.
     plain_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    short = ["train.epochs=50", "data.limit=16", "train.batch_size=4"]  # short epochs, many of them
     runs = {}
     for name, sig, env, extra in (
         ("refused", None, local_head_env, ["train.epochs=1"]),
-        ("ctrl-c", signal.SIGINT, local_head_env, ["train.epochs=50", "train.cpus_per_worker=0.5"]),
-        ("stop", signal.SIGTERM, plain_env, ["train.epochs=50"]),
+        ("ctrl-c", signal.SIGINT, local_head_env, [*short, "train.cpus_per_worker=0.5"]),
+        ("stop", signal.SIGTERM, plain_env, short),
     ):
         home = tmp_path / name
         home.mkdir()

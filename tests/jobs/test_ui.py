@@ -89,7 +89,7 @@ def test_mlflow_server_answers_the_hosts_it_is_told_to_allow(project_home):
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "rsrefseg"), "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
-         "--allowed-hosts", f"mlflow.rsrefseg.example:{port},localhost:{port},127.0.0.1:{port}"],
+         "--allowed-hosts", f"mlflow.rsrefseg.example:{port},localhost:{port},127.0.0.1:{port}", "--workers", "1"],
         cwd=project_home, env={**os.environ, "RSREFSEG_HOME": str(project_home)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -81,13 +81,13 @@ def test_train_joining_a_cluster_the_workers_fill_fails_before_training(ray_sess
 @pytest.mark.timeout(900)  # the bound on "never hangs"; worker start-up on 2 busy cores is most of it
 def test_a_starved_training_job_fails_with_the_watchdog_message_not_a_hang(ray_session, prepared_dataset, project_home):
     # The check switched off (as for an autoscaling cluster): the workers take every CPU, Ray
-    # Data gets none, and each worker's watchdog ends the run instead of waiting forever. Two
-    # workers of half the CPUs each: every CPU taken, with only two worker processes to start.
+    # Data gets none, and the worker's watchdog ends the run instead of waiting forever. One
+    # worker holding every CPU: the same starvation, with one worker process to start.
     from rsrefseg.jobs.train import TrainingFailed, run_train
 
     cpus = int(ray_session.cluster_resources()["CPU"])
     starved = Config().replace([
-        f"data.path={prepared_dataset}", "train.num_workers=2", f"train.cpus_per_worker={cpus / 2}",
+        f"data.path={prepared_dataset}", "train.num_workers=1", f"train.cpus_per_worker={cpus}",
         "train.batch_size=2", "train.epochs=1", "tracking.enabled=false", "cluster.check_capacity=false",
         "train.batch_timeout_s=10", "train.figure_samples=0",
         "data.cache_mib=0",  # streamed, as a real dataset is: a cached split needs no CPU to read

@@ -16,7 +16,9 @@ def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
     if uri.startswith(("http://", "https://")):
         # A tracking server already serves the UI; nothing to start.
         return []
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # One user's browser: one worker process (MLflow's default of 4 start 4 copies of its server).
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
 
 
 def run_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
@@ -30,7 +32,8 @@ def run_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | Non
 
 
 def server_command(
-    *, host: str, port: int, backend_store_uri: str, artifacts_destination: str, allowed_hosts: str = ""
+    *, host: str, port: int, backend_store_uri: str, artifacts_destination: str, allowed_hosts: str = "",
+    workers: int = 4,
 ) -> list[str]:
     backend = backend_store_uri or tracking.resolve_tracking_uri(TrackingConfig())
     artifacts = artifacts_destination or (tracking.project_root() / "mlartifacts").as_uri()
@@ -42,7 +45,7 @@ def server_command(
         # Clients upload artifacts through the server (--serve-artifacts), so workers need no
         # access to the artifact root themselves.
         "--serve-artifacts", "--artifacts-destination", artifacts,
-        "--host", host, "--port", str(port),
+        "--host", host, "--port", str(port), "--workers", str(workers),
         # MLflow 3 answers only Host headers it admits (localhost and private ranges by default,
         # against DNS rebinding): clients that reach this host by another name or address need it.
         *(["--allowed-hosts", allowed_hosts] if allowed_hosts else []),
@@ -73,11 +76,12 @@ def client_uri(host: str, port: int) -> str:
 
 
 def run_mlflow_server(
-    *, host: str, port: int, backend_store_uri: str = "", artifacts_destination: str = "", allowed_hosts: str = ""
+    *, host: str, port: int, backend_store_uri: str = "", artifacts_destination: str = "", allowed_hosts: str = "",
+    workers: int = 4,
 ) -> int:
     check_port_free(host, port)
     cmd = server_command(host=host, port=port, backend_store_uri=backend_store_uri,
-                         artifacts_destination=artifacts_destination, allowed_hosts=allowed_hosts)
+                         artifacts_destination=artifacts_destination, allowed_hosts=allowed_hosts, workers=workers)
     print(f"[rsrefseg] MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
           "(or another address of this host: then add it to --allowed-hosts)", flush=True)
     return subprocess.call(cmd)
