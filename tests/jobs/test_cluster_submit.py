@@ -121,7 +121,7 @@ def test_demo_training_job_runs_on_both_nodes_and_logs_to_server(cluster, prepar
     shutil.copytree(prepared_dataset, cluster["project"] / "data/demo/prepared")
     rc = main([
         "submit", "--address", cluster["address"], "--",
-        "train", "--config", "configs/demo.yaml", "train.epochs=1", "train.batch_size=4",
+        "train", "--config", "configs/demo.yaml", "train.epochs=1", "train.batch_size=4", "data.limit=16",
         # 2 CPUs a worker on 3-CPU nodes: the two workers cannot share a node.
         "train.cpus_per_worker=2",
         f"tracking.uri={cluster['mlflow']}", "tracking.experiment=cluster", "tracking.run_name=cluster",

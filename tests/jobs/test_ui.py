@@ -24,31 +24,6 @@ from tests.network import free_port, wait_http
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.slow
-def test_ui_serves_the_project_store_on_loopback_only(project_home):
-    # A run in the project-local store (the default tracking location).
-    cfg = tiny_config(["tracking.experiment=ui-check"])
-    run_id = tracking.start_run(cfg, run_name="seen-in-the-ui")
-    assert tracking.resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{project_home / 'mlflow.db'}"
-
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "rsrefseg"), "ui", "--port", str(port)], cwd=project_home,
-                            env={**os.environ, "RSREFSEG_HOME": str(project_home)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            assert json.load(resp)["run"]["info"]["run_name"] == "seen-in-the-ui"
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        listening = {c.laddr.ip for p in tree for c in p.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-        assert listening == {"127.0.0.1"}  # not 0.0.0.0: the UI is not exposed by default
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
 def test_ui_on_a_server_uri_starts_nothing(capsys):
     assert main(["ui", "--tracking-uri", "http://head:5000"]) == 0
     assert "is an MLflow server" in capsys.readouterr().out
@@ -83,19 +58,43 @@ def _status_with_host(port: int, host_header: str) -> int:
 
 
 @pytest.mark.slow
-def test_mlflow_server_answers_the_hosts_it_is_told_to_allow(project_home):
-    # MLflow 3 refuses Host headers outside localhost and the private ranges (DNS-rebinding
-    # protection); a client that reaches the head by a public name needs --allowed-hosts.
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "rsrefseg"), "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
-         "--allowed-hosts", f"mlflow.rsrefseg.example:{port},localhost:{port},127.0.0.1:{port}", "--workers", "1"],
-        cwd=project_home, env={**os.environ, "RSREFSEG_HOME": str(project_home)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def test_ui_on_loopback_and_a_server_that_answers_the_hosts_it_is_told_to_allow(project_home):
+    # Both servers start side by side (each takes seconds of CPU to come up).
+    # `rsrefseg ui`: the project-local store (the default tracking location), on loopback only.
+    cfg = tiny_config(["tracking.experiment=ui-check"])
+    run_id = tracking.start_run(cfg, run_name="seen-in-the-ui")
+    assert tracking.resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{project_home / 'mlflow.db'}"
+    env = {**os.environ, "RSREFSEG_HOME": str(project_home)}
+    ui_port, server_port = free_port(), free_port()
+    ui = subprocess.Popen([str(BIN / "rsrefseg"), "ui", "--port", str(ui_port)], cwd=project_home, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # `rsrefseg mlflow-server`: MLflow 3 refuses Host headers outside localhost and the private
+    # ranges (DNS-rebinding protection); a client that reaches the head by a public name needs
+    # --allowed-hosts.
+    server_store = project_home / "server"
+    server_store.mkdir()
+    server = subprocess.Popen(
+        [str(BIN / "rsrefseg"), "mlflow-server", "--host", "127.0.0.1", "--port", str(server_port),
+         "--backend-store-uri", f"sqlite:///{server_store / 'mlflow.db'}", "--artifacts-destination",
+         str(server_store / "art"), "--workers", "1", "--allowed-hosts",
+         f"mlflow.rsrefseg.example:{server_port},localhost:{server_port},127.0.0.1:{server_port}"],
+        cwd=project_home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
-        assert _status_with_host(port, f"mlflow.rsrefseg.example:{port}") == 200
-        assert _status_with_host(port, f"other.rsrefseg.example:{port}") == 403
+        wait_http(f"http://127.0.0.1:{ui_port}/health", timeout=120)
+        url = f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/runs/get?run_id={run_id}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert json.load(resp)["run"]["info"]["run_name"] == "seen-in-the-ui"
+        tree = [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
+        listening = {c.laddr.ip for p in tree for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == ui_port}
+        assert listening == {"127.0.0.1"}  # not 0.0.0.0: the UI is not exposed by default
+
+        wait_http(f"http://127.0.0.1:{server_port}/health", timeout=120)
+        assert _status_with_host(server_port, f"mlflow.rsrefseg.example:{server_port}") == 200
+        assert _status_with_host(server_port, f"other.rsrefseg.example:{server_port}") == 403
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        for proc in (ui, server):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
