@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from rsrefseg.jobs.ui import SERVER_WORKERS
 from rsrefseg.platform.config import ConfigError, load_config
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted, UserError
 
@@ -209,7 +210,8 @@ COMMANDS = (
         arg("--allowed-hosts", default="",
             help="Host headers the server answers, comma-separated (MLflow's default: localhost and "
                  "private IPs); add the name or address clients use to reach it, e.g. 203.0.113.7:5000"),
-        arg("--workers", type=int, default=4, help="server processes (MLflow's default 4; 1 for a few clients)"),
+        arg("--workers", type=int, default=SERVER_WORKERS,
+            help=f"server processes (MLflow's default {SERVER_WORKERS}; 1 for a few clients)"),
     ), _mlflow_server),
     Command("demo", "synthetic data -> prepare -> train (tiny, 2 workers) -> evaluate", (
         arg("--out", default="data/demo"),

@@ -10,6 +10,8 @@ from pathlib import Path
 from rsrefseg.platform import tracking
 from rsrefseg.platform.config import ConfigError, TrackingConfig
 
+SERVER_WORKERS = 4  # MLflow's own default for `mlflow server --workers`
+
 
 def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
     uri = tracking_uri or tracking.resolve_tracking_uri(TrackingConfig())
@@ -33,7 +35,7 @@ def run_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | Non
 
 def server_command(
     *, host: str, port: int, backend_store_uri: str, artifacts_destination: str, allowed_hosts: str = "",
-    workers: int = 4,
+    workers: int = SERVER_WORKERS,
 ) -> list[str]:
     backend = backend_store_uri or tracking.resolve_tracking_uri(TrackingConfig())
     artifacts = artifacts_destination or (tracking.project_root() / "mlartifacts").as_uri()
@@ -77,7 +79,7 @@ def client_uri(host: str, port: int) -> str:
 
 def run_mlflow_server(
     *, host: str, port: int, backend_store_uri: str = "", artifacts_destination: str = "", allowed_hosts: str = "",
-    workers: int = 4,
+    workers: int = SERVER_WORKERS,
 ) -> int:
     check_port_free(host, port)
     cmd = server_command(host=host, port=port, backend_store_uri=backend_store_uri,

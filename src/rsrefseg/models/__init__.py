@@ -3,8 +3,9 @@
 One module per component (imported explicitly; this package imports nothing eagerly, so the data
 pipeline can import `sizes` or `tokenizer` without loading the model stack):
 
-    siglip      SiglipEncoder, SiglipSizes, load_siglip          SigLIP image/text features
-    sam         BatchedSam, SamSizes, build_sam, load_sam_checkpoint
+    siglip      SiglipEncoder, load_siglip                       SigLIP image/text features
+    sam         BatchedSam, build_sam, load_sam_checkpoint
+    sizes       SamSizes, SiglipSizes, InputSizes                backbone and input sizes (no torch)
     prompter    AttnPrompter                                     SigLIP features -> SAM prompts
     lora        apply_lora                                       peft LoRA on the three backbones
     presets     TINY, RSREFSEG_B, RSREFSEG_L, input_sizes        sizes and weight loading
