@@ -1,24 +1,30 @@
 """Ingest benchmark: the Ray Data pipeline against a plain torch DataLoader, same machine, same run.
 
-Both read the same prepared Parquet shards and do the same per-sample work with the same
-functions (PNG decode, resize to the SAM and SigLIP sizes, mask resize, tokenization); the
-DataLoader does it per sample in `num_workers` processes, Ray Data per batch in map tasks.
-Reported per dataset size: throughput (samples/s, one timed epoch after a warm-up), the
-Ray/DataLoader ratio, and the peak memory of the whole process tree (driver, DataLoader workers
-or every Ray process; PSS, so shared pages such as Ray's object store count once) sampled during
-the epoch. Memory that stays flat from the small size to the large one is the point of streaming.
+Both read the same prepared Parquet shards and do the same CPU work with the same function
+(`pipeline.Preprocessor`: the raw pixels out of the Parquet buffers, tokenization; images larger
+than the SAM input shrunk); the DataLoader per sample in `num_workers` processes, Ray Data per
+batch in map tasks. What the model input needs beyond that (resizing to the SAM and SigLIP
+sizes, unpacking the mask) runs on the train worker's device (`models.device_inputs`), timed
+separately here. Reported per dataset size: throughput (samples/s, one timed epoch after a
+warm-up), the Ray/DataLoader ratio, the bytes each sample carries through the object store, and
+the peak memory of the whole process tree (driver, DataLoader workers or every Ray process; PSS,
+so shared pages such as Ray's object store count once) sampled during the epoch. Memory that
+stays flat from the small size to the large one is the point of streaming.
 
-    python benchmarks/ingest.py                       # sizes 1000 4000, preset tiny
-    python benchmarks/ingest.py --sizes 1000 20000 --preset rsrefseg-b
+    python benchmarks/ingest.py                                   # sizes 1000 4000, preset tiny
+    python benchmarks/ingest.py --preset rsrefseg-b --sizes 1000 20000 --workers 2
 
-Datasets are built by repeating 64 prepared synthetic samples under new ids, so building even
-20k samples takes seconds (~0.15 GB of disk per 1000 samples). Prints a Markdown table.
+Datasets are built by repeating 64 prepared synthetic samples (512 x 512, RefSegRS's size) under
+new ids, so building even 20k samples takes a minute (~0.25 GB of disk per 1000 samples). Also
+prints what decoding one sample costs in each storage format (PNG, the previous one; raw pixels
+under LZ4 and under ZSTD) and ends with one summary line.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import io
 import json
 import os
 import platform
@@ -36,8 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rsrefseg.datasets.pipeline import iter_batches, open_png, preprocess, read_split, resize_image, resize_mask, tokenize
+from rsrefseg.datasets.pipeline import Preprocessor, iter_batches, preprocess, read_split
 from rsrefseg.datasets.prepare import MANIFEST, ROWS_PER_SHARD, SCHEMA, SCHEMA_VERSION, load_manifest, prepare_dataset
+from rsrefseg.datasets.shard_codec import PIXEL_COMPRESSION, image_array
 from rsrefseg.datasets.synthetic import generate
 from rsrefseg.models.sizes import InputSizes
 
@@ -83,13 +90,18 @@ def fallback_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
 
 
-def build_datasets(work: Path, counts: list[int]) -> dict[int, Path]:
-    """One prepared dataset ("train" split only) per size, cycling 64 real prepared samples."""
+def base_rows(work: Path) -> list[dict]:
+    """64 real prepared synthetic samples (every split), as rows of the shards."""
     base = prepare_dataset("synthetic", generate(work / "synthetic", size=64, seed=0), work / "base")
     rows = []
     for shards in base["shards"].values():
         for shard in shards:
             rows.extend(pq.read_table(work / "base" / shard["path"]).to_pylist())
+    return rows
+
+
+def build_datasets(work: Path, counts: list[int], rows: list[dict]) -> dict[int, Path]:
+    """One prepared dataset ("train" split only) per size, cycling the base rows."""
     out = {}
     for n in counts:
         path = work / f"n{n}"
@@ -101,9 +113,11 @@ def build_datasets(work: Path, counts: list[int]) -> dict[int, Path]:
                 row = dict(rows[index % len(rows)], id=f"s{index}", split="train", index=index)
                 chunk.append(row)
             name = f"train/part-{len(shards):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), path / name, compression="none", row_group_size=32)
+            pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), path / name, compression=PIXEL_COMPRESSION,
+                           row_group_size=16)
             shards.append({"path": name, "rows": len(chunk)})
-        manifest = {"schema_version": SCHEMA_VERSION, "format": "benchmark", "counts": {"train": n}, "shards": {"train": shards}}
+        manifest = {"schema_version": SCHEMA_VERSION, "format": "benchmark", "counts": {"train": n}, "shards": {"train": shards},
+                    "largest_image": {"train": [max(r["height"] for r in rows), max(r["width"] for r in rows)]}}
         (path / MANIFEST).write_text(json.dumps(manifest))
         out[n] = path
     return out
@@ -169,14 +183,15 @@ class PeakMemory:
 
 class ParquetSamples(torch.utils.data.Dataset):
     """What a hand-written loader would do: index rows of the same shards, one sample at a
-    time. Each worker keeps the shard it is reading in memory (one at a time)."""
+    time, through the same `Preprocessor` the Ray pipeline maps. Each worker keeps the shard it
+    is reading in memory (one at a time)."""
 
     def __init__(self, path: Path, sizes: InputSizes, tokenizer):
         manifest = load_manifest(path)
         self.files = [path / s["path"] for s in manifest["shards"]["train"]]
         self.starts = list(np.cumsum([0] + [s["rows"] for s in manifest["shards"]["train"]])[:-1])
         self.length = manifest["counts"]["train"]
-        self.sizes, self.tokenizer = sizes, tokenizer
+        self.prep = Preprocessor(sizes=sizes, tokenizer=tokenizer)
         self._shard, self._table = None, None
 
     def __len__(self):
@@ -185,22 +200,23 @@ class ParquetSamples(torch.utils.data.Dataset):
     def __getitem__(self, i):
         shard = bisect.bisect_right(self.starts, i) - 1
         if shard != self._shard:
-            self._shard, self._table = shard, pq.read_table(self.files[shard]).to_pylist()
-        row = self._table[i - self.starts[shard]]
-        image, mask = open_png(row["image"]), open_png(row["mask"])
-        ids, attention = tokenize(self.tokenizer, [row["phrase"]], self.sizes.max_text_len)
-        return {
-            "sam_image": torch.from_numpy(np.ascontiguousarray(resize_image(image, self.sizes.sam_image))),
-            "siglip_image": torch.from_numpy(np.ascontiguousarray(resize_image(image, self.sizes.siglip_image))),
-            "input_ids": torch.from_numpy(ids[0]),
-            "attention_mask": torch.from_numpy(attention[0]),
-            "mask": torch.from_numpy(resize_mask(mask, self.sizes.label).copy()),
-            "id": row["id"],
-            "phrase": row["phrase"],
-        }
+            self._shard, self._table = shard, pq.read_table(self.files[shard])
+        out = self.prep(self._table.slice(i - self.starts[shard], 1))  # a one-row batch, zero-copy
+        return {k: (torch.as_tensor(v[0]) if v.dtype != object else v[0]) for k, v in out.items()}
 
 
-def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) -> tuple[float, int, int]:
+def sample_bytes(batch: dict) -> int:
+    """Bytes of one delivered batch: its tensors and its strings (what crossed the object store)."""
+    total = 0
+    for value in batch.values():
+        if torch.is_tensor(value):
+            total += value.numel() * value.element_size()
+        else:
+            total += sum(len(str(v).encode()) for v in value)
+    return total
+
+
+def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) -> dict:
     loader = torch.utils.data.DataLoader(ParquetSamples(path, sizes, tokenizer), batch_size=batch_size, num_workers=workers)
     seen = 0
     with PeakMemory() as memory:
@@ -208,21 +224,81 @@ def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) 
         for batch in loader:
             seen += len(batch["id"])
         elapsed = time.perf_counter() - start
-    return seen / elapsed, memory.peak, seen, memory.store_peak
+    return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen}
 
 
-def run_ray(path: Path, sizes, tokenizer, batch_size: int) -> tuple[float, int, int]:
+def run_ray(path: Path, sizes, tokenizer, batch_size: int) -> dict:
     # warm-up: worker processes started and modules imported, as in any epoch after the first
     for _ in iter_batches(preprocess(read_split(path, "train", limit=64), sizes, tokenizer), batch_size):
         pass
     ds = preprocess(read_split(path, "train"), sizes, tokenizer)
-    seen = 0
+    seen = nbytes = 0
+    series, every = [], max(1, len_of(path) // 10)  # process-tree memory at each tenth of the epoch
     with PeakMemory() as memory:
         start = time.perf_counter()
         for batch in iter_batches(ds, batch_size):
             seen += len(batch["id"])
+            nbytes += sample_bytes(batch)
+            if seen >= every * (len(series) + 1):
+                series.append((seen, PeakMemory.now()))
         elapsed = time.perf_counter() - start
-    return seen / elapsed, memory.peak, seen, memory.store_peak
+    return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen, "store_peak": memory.store_peak,
+            "bytes_per_sample": nbytes / max(seen, 1), "series": series}
+
+
+def len_of(path: Path) -> int:
+    return int(load_manifest(path)["counts"]["train"])
+
+
+def device_side_ms(path: Path, sizes, tokenizer, batch_size: int) -> tuple[str, float]:
+    """Milliseconds per sample of `model_batch` (resize to SAM and SigLIP, unpack and resize the
+    mask) on the GPU when there is one, else on this CPU with every thread."""
+    from rsrefseg.models.device_inputs import model_batch
+
+    batch = next(iter_batches(preprocess(read_split(path, "train", limit=batch_size), sizes, tokenizer), batch_size))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    model_batch(batch, sizes, device, augment=True)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        model_batch(batch, sizes, device, augment=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return name, (time.perf_counter() - start) / reps / len(batch["id"]) * 1000
+
+
+def codec_costs(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """(storage, KiB per image on disk, ms to decode one image) for the previous format (PNG,
+    Pillow at zlib level 1, as prepare wrote it) and raw pixels under Parquet LZ4 and ZSTD, over
+    the same distinct images, one thread."""
+    from PIL import Image
+
+    rows = list({r["image"]: r for r in rows}.values())  # distinct images: no dictionary can help
+    images = [np.array(image_array(r["image"], r["height"], r["width"])) for r in rows]
+    out = []
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+        pngs.append(buffer.getvalue())
+    start = time.perf_counter()
+    for data in pngs:
+        with Image.open(io.BytesIO(data)) as im:
+            np.asarray(im)
+    out.append(("PNG (schema 2)", np.mean([len(d) for d in pngs]) / 1024, (time.perf_counter() - start) / len(pngs) * 1000))
+    for codec in ("lz4", "zstd"):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"image": [r["image"] for r in rows]}), buffer, compression=codec, use_dictionary=False)
+        data = buffer.getvalue()
+        start = time.perf_counter()
+        column = pq.read_table(io.BytesIO(data)).column("image")
+        for r, value in zip(rows, column):
+            image_array(value.as_py(), r["height"], r["width"]).copy()
+        out.append((f"raw pixels, Parquet {codec.upper()}", len(data) / len(rows) / 1024, (time.perf_counter() - start) / len(rows) * 1000))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,13 +317,15 @@ def main(argv=None) -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="rsrefseg-ingest-"))
     try:
         t0 = time.perf_counter()
-        datasets = build_datasets(work, args.sizes)
+        rows = base_rows(work)
+        datasets = build_datasets(work, args.sizes, rows)
         print(f"built datasets {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+        codecs = codec_costs(rows)
 
         results = {}
         for n, path in datasets.items():  # DataLoader first, before any Ray process exists
             results[n] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers)}
-            print(f"DataLoader n={n}: {results[n]['torch'][0]:.0f} samples/s", file=sys.stderr)
+            print(f"DataLoader n={n}: {results[n]['torch']['rate']:.0f} samples/s", file=sys.stderr)
 
         import ray
         import ray.data
@@ -257,25 +335,41 @@ def main(argv=None) -> None:
         idle_ray = PeakMemory.now()
         for n, path in datasets.items():
             results[n]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
-            print(f"Ray Data n={n}: {results[n]['ray'][0]:.0f} samples/s", file=sys.stderr)
+            print(f"Ray Data n={n}: {results[n]['ray']['rate']:.0f} samples/s", file=sys.stderr)
+        device, device_ms = device_side_ms(datasets[args.sizes[0]], sizes, tokenizer, args.batch_size)
         ray.shutdown()
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     mib = lambda b: f"{b / 2**20:,.0f}"
-    print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, label {sizes.label}, {sizes.max_text_len} tokens)\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(idle_ray)} MiB\n")
-    print("| samples | DataLoader samples/s | Ray Data samples/s | Ray / DataLoader | DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, "
+          f"label {sizes.label}, {sizes.max_text_len} tokens; sources 512 x 512)\n")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader "
+          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(idle_ray)} MiB\n")
+    print("| samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | Ray / DataLoader | MiB/sample through the store "
+          "| DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in results.items():
-        (t_rate, t_mem, t_n, _), (r_rate, r_mem, r_n, r_store) = r["torch"], r["ray"]
-        assert t_n == r_n == n, (t_n, r_n, n)
-        print(f"| {n:,} | {t_rate:,.0f} | {r_rate:,.0f} | {r_rate / t_rate:.2f} | {mib(t_mem)} | {mib(r_mem)} | {r_store:,} |")
+        t, y = r["torch"], r["ray"]
+        assert t["seen"] == y["seen"] == n, (t["seen"], y["seen"], n)
+        print(f"| {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {y['rate'] / t['rate']:.2f} "
+              f"| {y['bytes_per_sample'] / 2**20:.2f} | {mib(t['peak'])} | {mib(y['peak'])} | {y['store_peak']:,} |")
     print(
         "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
         " or driver + every Ray process, object store included); object store: Ray's plasma usage."
     )
+    last = results[args.sizes[-1]]
+    print(f"\nRay Data process-tree memory (PSS, MiB) during the {args.sizes[-1]:,}-sample epoch, by samples delivered: "
+          + ", ".join(f"{n:,}: {mib(m)}" for n, m in last["ray"]["series"]))
+    print(f"\nOn the consumer's device ({device}): resizing to the model's inputs and unpacking the mask, "
+          f"{device_ms:.2f} ms a sample (models.device_inputs.model_batch, flips included).")
+    print("\n| storage of a 512 x 512 image | KiB on disk | ms to decode (1 thread) |\n|---|---:|---:|")
+    for name, kib, ms in codecs:
+        print(f"| {name} | {kib:,.0f} | {ms:.2f} |")
+    print(f"\ningest: {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes; "
+          f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
+          f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
 
 
 if __name__ == "__main__":

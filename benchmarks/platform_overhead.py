@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -52,7 +53,7 @@ def train_rows(path: Path, split: str, limit: int) -> list[dict]:
     manifest = load_manifest(path)
     rows: list[dict] = []
     for shard in manifest["shards"][split]:
-        table = pq.read_table(path / shard["path"], columns=["id", "phrase", "category", "image", "mask"])
+        table = pq.read_table(path / shard["path"], columns=["id", "phrase", "category", "image", "mask", "height", "width"])
         rows.extend(table.to_pylist())
     return rows[:limit] if limit else rows
 
@@ -61,6 +62,7 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
     """Seconds for `steps` optimizer steps of the recipe's model on batches of its global size,
     decoding included; the schedule and optimizer are the train job's."""
     from rsrefseg.datasets.pipeline import Preprocessor
+    from rsrefseg.models.device_inputs import model_batch
     from rsrefseg.models.inference import model_inputs
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.rsrefseg import build_model
@@ -73,7 +75,8 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
     model.train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(train, steps_per_epoch))
-    prep = Preprocessor(sizes=input_sizes(cfg.model, cfg.data.label_size), tokenizer=load_tokenizer(cfg.model))
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    prep = Preprocessor(sizes=sizes, tokenizer=load_tokenizer(cfg.model))
     rng = np.random.default_rng(train.seed)
     batch_size = train.batch_size
     t0 = time.perf_counter()
@@ -84,8 +87,8 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
             if done == steps:
                 break
             picked = [rows[i] for i in order[start:start + batch_size]]
-            batch = prep({k: np.array([r[k] for r in picked], dtype=object) for k in picked[0]})
-            tensors = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+            batch = prep(pa.Table.from_pylist(picked))
+            tensors = model_batch(batch, sizes, "cpu", augment=cfg.data.augment)
             logits = model(**model_inputs(tensors))
             loss = model.loss(logits.float(), tensors["mask"])
             loss.backward()

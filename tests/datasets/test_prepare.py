@@ -10,13 +10,23 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from rsrefseg.datasets.imagefiles import decode_png
 from rsrefseg.datasets.prepare import load_manifest, prepare_dataset
 from rsrefseg.datasets.triplet import DatasetError
 
 from .conftest import make_fiftyone, make_refsegrs, make_rrsisd
 
 MAKERS = {"refsegrs": make_refsegrs, "rrsisd": make_rrsisd, "fiftyone": make_fiftyone}
+
+
+def pixels(row: dict) -> np.ndarray:
+    """A row's image, decoded by the manifest's documented encoding (not by our own reader)."""
+    return np.frombuffer(row["image"], np.uint8).reshape(row["height"], row["width"], 3)
+
+
+def mask_of(row: dict) -> np.ndarray:
+    """A row's mask: rows of bits, MSB first, each padded to a whole byte."""
+    packed = np.frombuffer(row["mask"], np.uint8).reshape(row["height"], -1)
+    return np.unpackbits(packed, axis=1)[:, : row["width"]].astype(bool)
 
 
 def read_rows(out: Path) -> dict[str, dict]:
@@ -42,8 +52,8 @@ def test_prepare_round_trips_ids_phrases_and_pixels(tmp_path, fmt):
         exp = expected[sample_id]
         assert (row["split"], row["phrase"]) == (exp.split, exp.phrase)
         assert (row["height"], row["width"]) == exp.mask.shape
-        np.testing.assert_array_equal(decode_png(row["image"]), exp.image)
-        np.testing.assert_array_equal(decode_png(row["mask"]), exp.mask)
+        np.testing.assert_array_equal(pixels(row), exp.image)
+        np.testing.assert_array_equal(mask_of(row), exp.mask)
 
 
 def test_shards_are_bounded_sorted_by_id_and_indexed(tmp_path):
@@ -209,7 +219,7 @@ def test_a_failure_while_writing_leaves_the_previous_dataset_intact(tmp_path, mo
     import rsrefseg.datasets.prepare as prepare_module
 
     calls = {"n": 0}
-    real = prepare_module.encode_png
+    real = prepare_module.encode_image
 
     def failing(array):
         calls["n"] += 1
@@ -217,7 +227,7 @@ def test_a_failure_while_writing_leaves_the_previous_dataset_intact(tmp_path, mo
             raise OSError("disk full")
         return real(array)
 
-    monkeypatch.setattr(prepare_module, "encode_png", failing)
+    monkeypatch.setattr(prepare_module, "encode_image", failing)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset("refsegrs", tmp_path / "src", out)
     assert load_manifest(out) == before
@@ -230,13 +240,27 @@ def test_load_manifest_of_a_folder_that_is_not_prepared(tmp_path):
 
 
 def test_manifest_records_format_source_and_schema(tmp_path):
-    make_refsegrs(tmp_path / "src")
+    expected = make_refsegrs(tmp_path / "src")
     manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["schema_version"] == 2 and manifest["format"] == "refsegrs"
+    assert manifest["schema_version"] == 3 and manifest["format"] == "refsegrs"
     assert manifest["source"] == str((tmp_path / "src").resolve())
     assert len(manifest["content_hash"]) == 64
+    assert manifest["largest_image"] == {split: list(next(iter(expected.values())).mask.shape) for split in ("train", "val", "test")}
+    # the pixel columns are compressed by Parquet (the pixels themselves are raw)
+    shard = pq.ParquetFile(tmp_path / "out" / manifest["shards"]["train"][0]["path"])
+    columns = {c.path_in_schema: c.compression for c in (shard.metadata.row_group(0).column(i) for i in range(shard.metadata.num_columns))}
+    assert columns["image"] == columns["mask"] == manifest["encoding"]["compression"].upper()
+
+
+def test_a_dataset_prepared_by_an_older_version_asks_to_prepare_again(tmp_path):
+    make_refsegrs(tmp_path / "src")
+    prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    with pytest.raises(DatasetError, match=r"schema_version 2 is not 3; run `rsrefseg prepare` again"):
+        load_manifest(tmp_path / "out")
 
 
 def test_unknown_format_lists_the_known_ones(tmp_path):
@@ -289,8 +313,8 @@ def test_rrsisd_as_downloaded_prepares_with_no_flags_and_keeps_every_sample(tmp_
     for sample_id, exp in expected.items():
         row = rows[sample_id]
         assert (row["split"], row["phrase"], row["category"]) == (exp.split, exp.phrase, exp.category)
-        np.testing.assert_array_equal(decode_png(row["image"]), exp.image, err_msg=sample_id)
-        np.testing.assert_array_equal(decode_png(row["mask"]), exp.mask, err_msg=sample_id)
+        np.testing.assert_array_equal(pixels(row), exp.image, err_msg=sample_id)
+        np.testing.assert_array_equal(mask_of(row), exp.mask, err_msg=sample_id)
     # the odd-sized JPEG is kept, its mask fitted, and both the manifest and the terminal say so
     assert (rows["4_0"]["height"], rows["4_0"]["width"]) == (34, 38)
     assert len(manifest["warnings"]) == 1 and "id '4_0'" in manifest["warnings"][0]
@@ -333,7 +357,7 @@ def test_refsegrs_copies_with_soft_or_noisy_masks_prepare_to_the_source_masks(tm
     manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out")
     assert manifest["skipped"] == [] and manifest["mask_threshold"] == 128
     for sample_id, row in read_rows(tmp_path / "out").items():
-        np.testing.assert_array_equal(decode_png(row["mask"]), expected[sample_id].mask, err_msg=sample_id)
+        np.testing.assert_array_equal(mask_of(row), expected[sample_id].mask, err_msg=sample_id)
 
 
 def test_mask_threshold_out_of_range_is_refused(tmp_path):

@@ -166,7 +166,6 @@ def test_sample_records_and_breakdowns_on_a_hand_made_case():
 
 
 def test_scoring_at_the_images_own_size_resizes_the_logits_not_the_mask():
-    from rsrefseg.datasets.imagefiles import encode_png
     from rsrefseg.models.inference import score_batch
 
     logits = torch.full((1, 4, 4), -5.0)
@@ -175,7 +174,7 @@ def test_scoring_at_the_images_own_size_resizes_the_logits_not_the_mask():
     truth[:, :3] = True  # the left half of a 10x6 image
     label_mask = torch.zeros(1, 4, 4, dtype=torch.uint8)
     label_mask[0, :, :1] = 1  # what a nearest resize of some other mask left at label size
-    batch = {"mask": label_mask, "mask_original": [encode_png(truth)], "id": ["7"], "phrase": ["road"], "category": ["road"]}
+    batch = {"mask": label_mask, "mask_original": [torch.from_numpy(truth)], "id": ["7"], "phrase": ["road"], "category": ["road"]}
     records = score_batch(logits, batch)
     assert records["pixels"] == [60] and records["gt_area"] == [30] and records["iou"] == [1.0]
     assert records["id"] == ["7"] and records["category"] == ["road"]

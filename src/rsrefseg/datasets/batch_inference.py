@@ -44,13 +44,17 @@ class Scorer:
     """The map_batches actor: model built once, then one call per batch -> per-sample records."""
 
     def __init__(self, payload: Any, empty_iou: float = 1.0):
-        self.model, _, self.device, self.autocast = replica_model(payload)
+        from rsrefseg.models.presets import input_sizes
+
+        self.model, config, self.device, self.autocast = replica_model(payload)
+        self.sizes = input_sizes(config.model, config.data.label_size)
         self.empty_iou = empty_iou
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from rsrefseg.models.inference import numpy_batch_to_torch, predict_logits, score_batch
+        from rsrefseg.models.device_inputs import model_batch
+        from rsrefseg.models.inference import predict_logits, score_batch
 
-        tensors = numpy_batch_to_torch(batch)
+        tensors = model_batch(batch, self.sizes, self.device, originals=True)  # resized on the replica's device
         logits = predict_logits(self.model, tensors, self.device, autocast=self.autocast)
         records = score_batch(logits, tensors, empty_iou=self.empty_iou)
         return {k: np.asarray(v, dtype=object if k in ("id", "phrase", "category", "size") else None) for k, v in records.items()}

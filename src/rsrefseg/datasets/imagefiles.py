@@ -1,4 +1,4 @@
-"""Reading image and mask files into checked arrays, and the lossless PNG codec of the shards.
+"""Reading image and mask files into checked arrays.
 
 Every reader goes through these functions, so every format gets the same checks and the same
 error messages: a missing file, an unreadable or truncated file, an image that is not 8-bit RGB,
@@ -7,9 +7,6 @@ a mask whose values are not background/foreground.
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -130,51 +127,3 @@ def load_rgb(path: str | Path, *, context: str = "") -> np.ndarray:
 def load_mask(path: str | Path, *, context: str = "", threshold: int = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
     source = f"{path}" + (f" ({context})" if context else "")
     return as_binary_mask(read_array(path, what="mask", context=context), source=source, threshold=threshold)
-
-
-# -- the shard codec -----------------------------------------------------------------------------
-# PNG is lossless and any worker can decode it with Pillow. The encoder is written out here (it is
-# short) rather than taken from Pillow for two reasons: Pillow's adaptive filtering made prepare
-# ~3x slower for the same size, and Pillow holds the GIL while encoding, whereas zlib.compress
-# releases it, so prepare's threads really run in parallel. Output is a deterministic function
-# of the pixels and zlib, so re-running prepare writes the same shards.
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_ZLIB_LEVEL = 1  # higher levels: ~2% smaller, 2x slower on aerial imagery
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> 8-bit RGB PNG; bool [H, W] -> 1-bit greyscale PNG."""
-    if array.dtype == np.bool_ and array.ndim == 2:
-        height, width = array.shape
-        rows = np.packbits(array, axis=1)  # MSB first, rows padded to a byte, as PNG wants
-        raw = _with_filter_byte(rows, 0)
-        header = (width, height, 1, 0)  # bit depth 1, greyscale
-    elif array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
-        height, width = array.shape[:2]
-        rows = array.reshape(height, width * 3)
-        up = rows.copy()
-        up[1:] -= rows[:-1]  # PNG filter 2 ("Up"), modulo 256: on imagery as good as adaptive
-        raw = _with_filter_byte(up, 2)
-        header = (width, height, 8, 2)  # bit depth 8, truecolour
-    else:
-        raise ValueError(f"encode_png takes uint8 [H, W, 3] or bool [H, W], got {array.dtype} {array.shape}")
-    ihdr = struct.pack(">IIBBBBB", *header, 0, 0, 0)
-    return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, PNG_ZLIB_LEVEL)) + _chunk(b"IEND", b"")
-
-
-def _with_filter_byte(rows: np.ndarray, filter_type: int) -> bytes:
-    out = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
-    out[:, 0] = filter_type
-    out[:, 1:] = rows
-    return out.tobytes()
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """The inverse of `encode_png`: uint8 [H, W, 3] or bool [H, W]."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)

@@ -1,8 +1,9 @@
-"""Ray Data ingest: prepared Parquet shards -> decoded, resized, tokenized samples -> torch batches.
+"""Ray Data ingest: prepared Parquet shards -> tokenized samples at their stored size -> torch batches.
 
     ds = read_split(path, "train")                      # ray.data.read_parquet of the split's shards
     ds = preprocess(ds, sizes, tokenizer)               # map_batches on CPU tasks
-    for batch in iter_batches(ds, 8): ...               # or a get_dataset_shard(...) iterator
+    for batch in iter_batches(ds, 8):                   # or a get_dataset_shard(...) iterator
+        inputs = model_batch(batch, sizes, device)      # resized, unpacked (and flipped) on the device
 
 Workers see nothing but the Parquet paths (absolute, or URIs for a shared store) and the bytes in
 the rows, so the same code runs on a local Ray and on a cluster. Everything is streamed, and a
@@ -22,7 +23,6 @@ Order is reproducible only up to Ray's task-completion order.
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 from pathlib import Path
@@ -35,13 +35,18 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
 from .prepare import load_manifest, natural_key
+from .shard_codec import packed_width, pixel_rows
 from .triplet import DatasetError
 
-OUTPUT_COLUMNS = ("sam_image", "siglip_image", "input_ids", "attention_mask", "mask", "id", "phrase", "category")
+OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category")
 TEXT_COLUMNS = ("id", "phrase", "category")
-PREPROCESS_BATCH_SIZE = 16  # rows per map task call: a 1024-px SAM input is 3 MiB a row
-# Object-store budget of one pipeline: ~300 rows at the real presets' input sizes (3.5 MiB a
-# row), far more than the trainers' prefetch needs, and a fixed ceiling whatever the split size.
+# Rows per map task call. None = the whole block a read task produced (one shard), which lets
+# Ray fuse the map into the read task: the raw rows then never enter the object store. Measured
+# (benchmarks/ingest.py, 20k samples of 512 x 512, 2 CPUs): fused 830 samples/s and 1.0 GB of
+# object store at peak; 64-row batches (a separate map operator) 550 and 1.6 GB.
+PREPROCESS_BATCH_SIZE = None
+# Object-store budget of one pipeline: ~1,200 rows of 512 x 512 images (0.8 MiB a row), far more
+# than the trainers' prefetch needs, and a fixed ceiling whatever the split size.
 STREAM_BUFFER_BYTES = 1 << 30
 
 
@@ -91,7 +96,12 @@ def read_split(
     previous = getattr(context, "use_datasource_v2", False)
     context.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet([f"{base}/{shard['path']}" for shard in chosen], shuffle=shuffle)
+        # One block per shard (no extra splitting of a read's output): then the read task and
+        # `preprocess`'s map fuse into one task. Split blocks would each be a map task of their
+        # own, and a read task waiting for them to drain holds a CPU they need: with one CPU
+        # left for ingest (evaluation beside its model replica) that stalled scoring.
+        ds = ray.data.read_parquet([f"{base}/{shard['path']}" for shard in chosen], shuffle=shuffle,
+                                   override_num_blocks=len(chosen))
     finally:
         context.use_datasource_v2 = previous
     if limit and rows > limit:
@@ -127,33 +137,34 @@ def preprocess(
     sizes,
     tokenizer,
     *,
-    augment: bool = False,
     shuffle_phrases: bool = False,
     seed: int = 0,
-    batch_size: int = PREPROCESS_BATCH_SIZE,
-    original_masks: bool = False,
+    batch_size: Optional[int] = PREPROCESS_BATCH_SIZE,
     cache: bool = False,
 ):
-    """Decode, resize and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
+    """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
-        sam_image      uint8 [3, sizes.sam_image, sizes.sam_image]        (bilinear, antialiased)
-        siglip_image   uint8 [3, sizes.siglip_image, sizes.siglip_image]
+        image          uint8 [H, W, 3]  RGB at the image's stored size (shard_codec: no decoding
+                                        work), or at most sizes.sam_image a side (see below)
+        mask           uint8 [H', ceil(W'/8)]  the mask at the image's own size, bits still packed
+        height, width  int32            the mask's (= the stored image's) size
         input_ids      int64 [sizes.max_text_len]
         attention_mask int64 [sizes.max_text_len]
-        mask           uint8 [sizes.label, sizes.label], 0/1               (nearest)
         id, phrase, category   str (category: of the shards, even with shuffled phrases)
-        mask_original  bytes: the mask's PNG at the image's own size (only with original_masks)
+
+    Resizing to the model's inputs, normalizing, unpacking the mask and flips happen batched on
+    the consumer's device (`rsrefseg.models.device_inputs.model_batch`): a 512 x 512 sample then
+    crosses the object store as 0.8 MiB instead of 3.5 MiB at the real presets' sizes, and the
+    CPU work left here is a memory copy and the tokenizer. Images larger than the SAM input on a
+    side are shrunk here (to sizes.sam_image, like the model does) so that a huge tile does not
+    travel at full size; their masks stay at full size, for scoring.
 
     sizes: an `rsrefseg.models.sizes.InputSizes`.
     tokenizer: a Hugging Face tokenizer (or any picklable callable with its call signature);
         it travels to the workers inside the map function.
-    augment: random horizontal/vertical flips of the resized image and mask together; drawn
-        afresh on every pass, so each epoch sees new flips (and they are not reproducible).
-    cache: decode, resize and tokenize once, now (`materialize`, in the object store), so that
-        every later pass (epoch) only reads the results; flips still change every pass. For
-        splits whose preprocessed rows fit in memory (see `cache_fits`), e.g. `tiny`'s.
-    original_masks: also pass each mask at its own size, so that scoring compares the logits
-        resized to the image with the true mask, as the field's evaluation code does.
+    cache: decode and tokenize once, now (`materialize`, in the object store), so that every
+        later pass (epoch) only reads the results. For splits whose rows fit in memory (see
+        `cache_fits`), e.g. `tiny`'s.
     shuffle_phrases: control experiment; each sample gets the phrase of another sample of the
         split (a seeded derangement over the whole split, in id order), so the text no longer
         describes the image. The `phrase` column then holds the phrase the model was given.
@@ -163,27 +174,25 @@ def preprocess(
     if shuffle_phrases:
         rows = ds.select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
-    if original_masks and augment:
-        raise ValueError("original_masks is for scoring (val/eval splits), which are never augmented")
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, original_masks=original_masks)
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
-    ds = ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(fn, batch_size=batch_size, batch_format="pyarrow")
     if cache:
         ds = ds.materialize()
-    if augment:
-        ds = ds.map_batches(flip_batch, batch_size=batch_size, batch_format="numpy")
     return ds
 
 
-def row_bytes(sizes, *, original_masks: bool = False) -> int:
-    """About how many bytes one preprocessed row holds (what a cached split costs per sample)."""
-    pixels = 3 * sizes.sam_image**2 + 3 * sizes.siglip_image**2 + sizes.label**2
-    return pixels + 2 * 8 * sizes.max_text_len + (64 << 10 if original_masks else 0) + 256
+def row_bytes(height: int, width: int, sizes) -> int:
+    """About how many bytes one preprocessed row of an image of this size holds."""
+    side = sizes.sam_image
+    image = 3 * side * side if max(height, width) > side else 3 * height * width  # see Preprocessor.image
+    return image + height * packed_width(width) + 2 * 8 * sizes.max_text_len + 256
 
 
-def cache_fits(rows: int, sizes, budget_bytes: int, *, original_masks: bool = False) -> bool:
-    return rows * row_bytes(sizes, original_masks=original_masks) <= budget_bytes
+def cache_fits(rows: int, largest: tuple[int, int], sizes, budget_bytes: int) -> bool:
+    """Whether `rows` preprocessed rows, none larger than `largest` (height, width), fit the budget."""
+    return rows * row_bytes(*largest, sizes) <= budget_bytes
 
 
 def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[str, str]:
@@ -197,74 +206,59 @@ def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[s
 
 
 class Preprocessor:
-    """The map_batches function: one batch of Parquet rows -> one batch of model inputs."""
+    """The map_batches function: one batch of Parquet rows (a pyarrow Table) -> one batch for
+    the consumer's device. The pixels are never copied here: the output arrays are views of the
+    Parquet buffers, which Ray copies once, into the object store."""
 
-    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, original_masks: bool = False):
+    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None):
         self.sizes = sizes
         self.tokenizer = tokenizer
         self.phrases = phrases
-        self.original_masks = original_masks
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = [str(i) for i in batch["id"]]
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        ids = [str(i) for i in batch.column("id").to_pylist()]
         if self.phrases is not None:
             phrases = [self.phrases[i] for i in ids]
         else:
-            phrases = [str(p) for p in batch["phrase"]]
-        n, sizes = len(ids), self.sizes
-        sam = np.empty((n, 3, sizes.sam_image, sizes.sam_image), np.uint8)
-        siglip = np.empty((n, 3, sizes.siglip_image, sizes.siglip_image), np.uint8)
-        masks = np.empty((n, sizes.label, sizes.label), np.uint8)
-        for k in range(n):
-            image, mask = open_png(batch["image"][k]), open_png(batch["mask"][k])
-            sam[k] = resize_image(image, sizes.sam_image)
-            siglip[k] = resize_image(image, sizes.siglip_image)
-            masks[k] = resize_mask(mask, sizes.label)
-        input_ids, attention_mask = tokenize(self.tokenizer, phrases, sizes.max_text_len)
-        extra = {"mask_original": np.array(list(batch["mask"]), dtype=object)} if self.original_masks else {}
+            phrases = [str(p) for p in batch.column("phrase").to_pylist()]
+        heights = batch.column("height").to_numpy().astype(np.int32)
+        widths = batch.column("width").to_numpy().astype(np.int32)
+        sizes = list(zip(heights.tolist(), widths.tolist()))
+        images = pixel_rows(batch.column("image"), [(h, w, 3) for h, w in sizes], [f"image of {i!r}" for i in ids])
+        masks = pixel_rows(batch.column("mask"), [(h, packed_width(w)) for h, w in sizes], [f"mask of {i!r}" for i in ids])
+        input_ids, attention_mask = tokenize(self.tokenizer, phrases, self.sizes.max_text_len)
         return {
-            **extra,
-            "sam_image": sam,
-            "siglip_image": siglip,
+            "image": self.shrunk(images),
+            "mask": masks,
+            "height": heights,
+            "width": widths,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "mask": masks,
             "id": np.array(ids, dtype=object),
             "phrase": np.array(phrases, dtype=object),
-            "category": np.array([str(c) for c in batch["category"]], dtype=object),
+            "category": np.array([str(c) for c in batch.column("category").to_pylist()], dtype=object),
         }
 
-
-def flip_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Random horizontal and vertical flips, each row's own, the same for its images and mask.
-
-    Flips only: aerial images have no "up", and a flip keeps every phrase true ("vehicle in the
-    parking area" stays so). Left/right words would break, but RefSegRS-style phrases have none.
-    Applied to the resized arrays (after a cache), so every pass draws new flips."""
-    rng = np.random.default_rng()
-    out = dict(batch)
-    columns = ("sam_image", "siglip_image", "mask")
-    for name in columns:
-        out[name] = np.array(batch[name])  # a writable copy: cached blocks are read-only
-    for k in range(len(batch["mask"])):
-        for axis in (-1, -2):  # width, height
-            if rng.random() < 0.5:
-                for name in columns:
-                    out[name][k] = np.flip(out[name][k], axis=axis)
-    return out
-
-
-def open_png(data: bytes) -> Image.Image:
-    """A decoded PNG as a Pillow image (RGB, or mode "1" for masks): resizing straight from it
-    saves two copies per sample over going through numpy."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
+    def shrunk(self, images: np.ndarray) -> np.ndarray:
+        """Images larger than the SAM input on a side, resized to it here (bilinear, as the model
+        input would be): more pixels than any model input reads need not travel."""
+        side = self.sizes.sam_image
+        rows = list(images)
+        if all(max(image.shape[:2]) <= side for image in rows):
+            return images
+        small = [np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR)) if max(image.shape[:2]) > side
+                 else image for image in rows]
+        if len({image.shape for image in small}) == 1:
+            return np.stack(small)
+        out = np.empty(len(small), dtype=object)
+        out[:] = small
+        return out
 
 
 def resize_image(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:
     """RGB -> uint8 [3, size, size]. Pillow's bilinear filter widens with the scale factor, so
-    downsizing is antialiased."""
+    downsizing is antialiased. The CPU reference of `device_inputs.resize_images` (and what
+    `predict` does to a scene's tiles)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if image.size != (size, size):
@@ -273,7 +267,8 @@ def resize_image(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray
 
 
 def resize_mask(mask: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:
-    """A binary mask -> uint8 0/1 [size, size], nearest neighbour (labels stay binary)."""
+    """A binary mask -> uint8 0/1 [size, size], nearest neighbour (labels stay binary). The CPU
+    reference of `device_inputs.resize_masks`."""
     if isinstance(mask, np.ndarray):
         mask = Image.fromarray(np.asarray(mask, dtype=bool))
     if mask.size != (size, size):
@@ -304,21 +299,28 @@ def tokenize(tokenizer, phrases: list[str], max_len: int) -> tuple[np.ndarray, n
 
 
 class TorchCollate(NumpyBatchCollateFn):
-    """Numeric columns -> torch tensors (no copy when the array is writable); text columns
-    ("id", "phrase", "category") -> lists of str."""
+    """Numeric columns -> torch tensors (no copy when the array is writable); a column of arrays
+    of different shapes (images of different sizes) -> a list of tensors; text columns ("id",
+    "phrase", "category") -> lists of str."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
         out: dict[str, Any] = {}
         for name, values in batch.items():
-            if name in TEXT_COLUMNS or values.dtype.kind not in "biuf":
-                out[name] = [v if isinstance(v, (str, bytes)) else str(v) for v in values]
+            if values.dtype.kind in "biuf":
+                out[name] = _tensor(values)
+            elif name not in TEXT_COLUMNS and len(values) and isinstance(values[0], np.ndarray):
+                out[name] = [_tensor(v) for v in values]
             else:
-                if not (values.flags.writeable and values.flags.c_contiguous):
-                    values = np.array(values)  # torch wants writable, contiguous memory
-                out[name] = torch.from_numpy(values)
+                out[name] = [v if isinstance(v, (str, bytes)) else str(v) for v in values]
         return out
+
+
+def _tensor(values: np.ndarray):
+    import torch
+
+    if not (values.flags.writeable and values.flags.c_contiguous):
+        values = np.array(values)  # torch wants writable, contiguous memory
+    return torch.from_numpy(values)
 
 
 def iter_batches(

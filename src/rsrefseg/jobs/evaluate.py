@@ -121,6 +121,7 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
 
     from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split
     from rsrefseg.training.reporting import Gallery
+    from rsrefseg.models.device_inputs import model_batch
     from rsrefseg.models.inference import predict_logits, score_batch
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.tokenizer import load_tokenizer
@@ -130,10 +131,12 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
     if not wanted:
         return []
     ds = read_split(cfg.data.path, split).filter(expr=col("id").is_in(sorted(wanted)))  # Arrow-side filter
-    ds = preprocess(ds, input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model), original_masks=True)
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    ds = preprocess(ds, sizes, load_tokenizer(cfg.model))
     gallery = Gallery(k)
     model.eval()
     for batch in iter_batches(ds, 8):
+        batch = model_batch(batch, sizes, "cpu", originals=True)
         logits = predict_logits(model, batch, "cpu")
         gallery.offer(batch, logits > 0, score_batch(logits, batch)["iou"])
     return gallery.examples()

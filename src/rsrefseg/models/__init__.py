@@ -10,6 +10,7 @@ pipeline can import `sizes` or `tokenizer` without loading the model stack):
     lora        apply_lora                                       peft LoRA on the three backbones
     presets     TINY, RSREFSEG_B, RSREFSEG_L, input_sizes        sizes and weight loading
     tokenizer   load_tokenizer, tokenize                         phrase tokenizers
+    device_inputs model_batch                                    pipeline batch -> model inputs, resized on the device
     rsrefseg    RSRefSeg, build_model                            the composed model
     loss        mask_bce_loss
     metrics     SegMetrics, per_sample_iou                       gIoU, cIoU, Pr@X

@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-from rsrefseg.datasets.imagefiles import decode_png
 
 from .metrics import sample_records
 
@@ -56,9 +53,10 @@ def inference_device(prefer_gpu: bool = True) -> tuple[torch.device, Optional[to
 
 
 def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) -> dict[str, list]:
-    """Per-sample records (metrics.sample_records) of one batch, with its id, phrase and category.
+    """Per-sample records (metrics.sample_records) of one batch of `device_inputs.model_batch`,
+    with its id, phrase and category.
 
-    When the batch carries `mask_original` (the pipeline's original_masks), each sample is scored
+    When the batch carries `mask_original` (model_batch(originals=True)), each sample is scored
     at its image's own size: its logits resized there (bilinear), thresholded at 0, and compared
     with the true mask, as the field's evaluation code does. Otherwise at the label size.
     """
@@ -68,21 +66,12 @@ def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) ->
         records = sample_records((logits > 0).cpu(), torch.as_tensor(batch["mask"]).cpu(), empty_iou=empty_iou)
     else:
         records: dict[str, list] = {}
-        for i, png in enumerate(originals):
-            gt = torch.from_numpy(np.array(decode_png(png)))[None]  # a writable copy
+        for i, gt in enumerate(originals):
+            gt = torch.as_tensor(gt).to(logits.device)[None]
             pred = F.interpolate(logits[i][None, None], size=gt.shape[1:], mode="bilinear", align_corners=False)[0] > 0
-            for key, values in sample_records(pred.cpu(), gt, empty_iou=empty_iou).items():
+            for key, values in sample_records(pred.cpu(), gt.cpu(), empty_iou=empty_iou).items():
                 records.setdefault(key, []).extend(values)
     for name in TEXT_COLUMNS:
         values = batch.get(name)
         records[name] = [str(v) for v in values] if values is not None else [""] * logits.shape[0]
     return records
-
-
-def numpy_batch_to_torch(batch: dict[str, np.ndarray]) -> dict:
-    """A Ray Data numpy batch of the preprocessed pipeline -> tensors, and lists for the text and
-    bytes columns."""
-    def tensor(values: np.ndarray) -> torch.Tensor:  # torch wants writable, contiguous memory
-        return torch.from_numpy(values if values.flags.writeable and values.flags.c_contiguous else np.array(values))
-
-    return {k: (list(v) if k in TEXT_COLUMNS or v.dtype.kind not in "biuf" else tensor(v)) for k, v in batch.items()}

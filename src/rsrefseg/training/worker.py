@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsrefseg.models.inference import predict_logits, score_batch, to_device
+from rsrefseg.models.device_inputs import model_batch
+from rsrefseg.models.inference import predict_logits, score_batch
+from rsrefseg.models.sizes import InputSizes
 from rsrefseg.platform import runs
 from rsrefseg.platform.config import Config
 from rsrefseg.training.engine import build_engine, train_step
@@ -45,6 +47,7 @@ class Worker:
     rank: int
     world: int
     steps_per_epoch: int
+    sizes: InputSizes  # what the device-side preprocessing resizes to
 
     @property
     def micro_batch(self) -> int:
@@ -53,6 +56,7 @@ class Worker:
 
 def setup(cfg: Config, *, rank: int, world: int, steps_per_epoch: int, device: torch.device) -> Worker:
     """The model and its DeepSpeed engine, seeded per rank."""
+    from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.rsrefseg import build_model
 
     train = cfg.train
@@ -61,7 +65,8 @@ def setup(cfg: Config, *, rank: int, world: int, steps_per_epoch: int, device: t
     engine, scheduler, precision = build_engine(model, train, world_size=world, steps_per_epoch=steps_per_epoch)
     # On CPU DeepSpeed keeps the module where it is; on GPU it moved it to the local device.
     device = engine.device if train.use_gpu else device
-    return Worker(cfg, engine, scheduler, device, precision, rank, world, steps_per_epoch)
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    return Worker(cfg, engine, scheduler, device, precision, rank, world, steps_per_epoch, sizes)
 
 
 def restore(worker: Worker, checkpoint) -> LoopState:
@@ -89,11 +94,12 @@ def train_epoch(worker: Worker, shard, epoch: int, state: LoopState, *, on_log) 
     for batch in iter_batches(shard, worker.micro_batch, shuffle_seed=train.seed + epoch, drop_last=True,
                               local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                               timeout_s=train.batch_timeout_s, on_timeout=describe_resources):
+        inputs = model_batch(batch, worker.sizes, worker.device, augment=cfg.data.augment)
         # Accumulate on device; `.item()` (a host sync) only at logging intervals.
-        window_loss += train_step(worker.engine, to_device(batch, worker.device))
+        window_loss += train_step(worker.engine, inputs)
         state.global_step += 1
         window_steps += 1
-        window_samples += batch["mask"].shape[0] * worker.world
+        window_samples += len(batch["id"]) * worker.world
         if state.global_step % train.log_every_n_steps == 0:
             on_log(_window_stats(window_loss, window_steps, window_samples, window_t0, worker.scheduler),
                    state.global_step)
@@ -159,7 +165,7 @@ def train_func(loop_config: dict) -> None:
     for epoch in range(state.epoch + 1, train.epochs + 1):
         progress.start_epoch(epoch)
         train_epoch(worker, train_shard, epoch, state, on_log=on_log)
-        metrics, examples = validate(worker.engine, val_shard, worker.micro_batch, worker.device, SegMetrics,
+        metrics, examples = validate(worker.engine, val_shard, worker.micro_batch, worker.device, worker.sizes, SegMetrics,
                                      keep=train.figure_samples if rank == 0 else 0, timeout_s=train.batch_timeout_s)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
         metrics["epoch"] = epoch
@@ -196,7 +202,8 @@ def _worker_nodes(world: int) -> list[str]:
 
 
 @torch.no_grad()
-def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int = 0, timeout_s: float = 0.0):
+def validate(engine, shard, batch_size: int, device, sizes: InputSizes, metrics_cls, *, keep: int = 0,
+             timeout_s: float = 0.0):
     """Metrics over this worker's share of the split, summed over all workers.
 
     Scored like `rsrefseg evaluate` (`score_batch`: at each image's own size when the stream
@@ -211,6 +218,7 @@ def validate(engine, shard, batch_size: int, device, metrics_cls, *, keep: int =
     acc = metrics_cls()
     gallery = Gallery(keep)
     for batch in iter_batches(shard, batch_size, timeout_s=timeout_s, on_timeout=describe_resources):
+        batch = model_batch(batch, sizes, device, originals=True)
         logits = predict_logits(engine, batch, device)
         records = score_batch(logits, batch, empty_iou=acc.empty_iou)
         acc.add(torch.tensor(records["intersection"]), torch.tensor(records["union"]))
