@@ -68,7 +68,7 @@ def read_split(
     shuffle_seed: None = shards in order; else shard order is shuffled anew on every execution.
     buffer_bytes: object-store memory this dataset's execution may hold (blocks read ahead,
         preprocessed blocks not yet consumed); None = Ray Data's default share of the store.
-    Columns: id, phrase, split, category, image (PNG bytes), mask (PNG bytes), height, width, index.
+    Columns: id, phrase, split, category, image and mask (raw pixels, see shard_codec), height, width, index.
     """
     manifest = load_manifest(path)
     counts = manifest.get("counts", {})
