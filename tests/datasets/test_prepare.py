@@ -416,3 +416,15 @@ def test_a_split_empty_in_the_source_does_not_suggest_skipping(tmp_path, skip_in
     message = str(info.value)
     assert "val" in message and "needs samples in every split" in message
     assert "--skip-invalid" not in message and "Skipping" not in message
+
+
+def test_a_pixel_row_of_the_wrong_length_names_the_sample():
+    import pyarrow as pa
+
+    from rsrefseg.datasets.shard_codec import pixel_rows
+
+    column = pa.array([bytes(2 * 3 * 3), bytes(2 * 3 * 3 - 1)], pa.binary())  # the second lost a byte
+    with pytest.raises(DatasetError, match=r"image of '7': 17 bytes where \(2, 3, 3\) needs 18.*rsrefseg prepare"):
+        pixel_rows(column, [(2, 3, 3), (2, 3, 3)], ["image of '6'", "image of '7'"])
+    rows = pixel_rows(column.slice(0, 1), [(2, 3, 3)], ["image of '6'"])
+    assert rows.shape == (1, 2, 3, 3) and not rows.any()

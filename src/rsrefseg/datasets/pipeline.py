@@ -186,7 +186,7 @@ def preprocess(
 def row_bytes(height: int, width: int, sizes) -> int:
     """About how many bytes one preprocessed row of an image of this size holds."""
     side = sizes.sam_image
-    image = 3 * side * side if max(height, width) > side else 3 * height * width  # see Preprocessor.image
+    image = 3 * side * side if max(height, width) > side else 3 * height * width  # Preprocessor.shrunk
     return image + height * packed_width(width) + 2 * 8 * sizes.max_text_len + 256
 
 

@@ -48,18 +48,9 @@ def packed_width(width: int) -> int:
 
 def image_array(data: bytes, height: int, width: int, *, what: str = "image") -> np.ndarray:
     """uint8 [height, width, 3], a read-only view of `data` (no copy)."""
-    return _view(data, (height, width, 3), what)
-
-
-def packed_mask_array(data: bytes, height: int, width: int, *, what: str = "mask") -> np.ndarray:
-    """uint8 [height, ceil(width / 8)]: the packed rows, a read-only view of `data`."""
-    return _view(data, (height, packed_width(width)), what)
-
-
-def decode_mask(data: bytes, height: int, width: int, *, what: str = "mask") -> np.ndarray:
-    """bool [height, width]."""
-    packed = packed_mask_array(data, height, width, what=what)
-    return np.unpackbits(packed, axis=1, count=width).astype(bool)
+    shape = (height, width, 3)
+    _check_length(len(data), shape, what)
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 
 def pixel_rows(column, shapes: list[tuple], whats: list[str]) -> np.ndarray:
@@ -75,10 +66,7 @@ def pixel_rows(column, shapes: list[tuple], whats: list[str]) -> np.ndarray:
     offsets = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(array.type) else np.int32)[array.offset : array.offset + n + 1]
     values = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
     for k in range(n):
-        expected = int(np.prod(shapes[k]))
-        if offsets[k + 1] - offsets[k] != expected:
-            raise DatasetError(f"{whats[k]}: {offsets[k + 1] - offsets[k]} bytes where {shapes[k]} needs {expected}; "
-                               "the shard is damaged or was written by another version (run `rsrefseg prepare` again)")
+        _check_length(int(offsets[k + 1] - offsets[k]), shapes[k], whats[k])
     if n and len(set(shapes)) == 1:
         return values[offsets[0] : offsets[n]].reshape((n, *shapes[0]))
     out = np.empty(n, dtype=object)
@@ -86,9 +74,8 @@ def pixel_rows(column, shapes: list[tuple], whats: list[str]) -> np.ndarray:
     return out
 
 
-def _view(data: bytes, shape: tuple, what: str) -> np.ndarray:
+def _check_length(length: int, shape: tuple, what: str) -> None:
     expected = int(np.prod(shape))
-    if len(data) != expected:
-        raise DatasetError(f"{what}: {len(data)} bytes where {shape} needs {expected}; "
+    if length != expected:
+        raise DatasetError(f"{what}: {length} bytes where {shape} needs {expected}; "
                            "the shard is damaged or was written by another version (run `rsrefseg prepare` again)")
-    return np.frombuffer(data, np.uint8).reshape(shape)

@@ -67,7 +67,7 @@ def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) ->
     else:
         records: dict[str, list] = {}
         for i, gt in enumerate(originals):
-            gt = torch.as_tensor(gt).to(logits.device)[None]
+            gt = torch.as_tensor(gt)[None]
             pred = F.interpolate(logits[i][None, None], size=gt.shape[1:], mode="bilinear", align_corners=False)[0] > 0
             for key, values in sample_records(pred.cpu(), gt.cpu(), empty_iou=empty_iou).items():
                 records.setdefault(key, []).extend(values)
