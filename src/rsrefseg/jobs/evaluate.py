@@ -193,7 +193,7 @@ def _samples_table(rows: dict[str, list]):
 def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict], manifest: dict) -> str:
     import tempfile
 
-    from rsrefseg.training.reporting import close_figure, prediction_figure
+    from rsrefseg.training.reporting import prediction_image
 
     run_id = tracking.start_run(
         cfg, run_name=f"evaluate-{split}",
@@ -213,9 +213,8 @@ def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examp
             _write_parquet(path, samples)
             c.log_artifact(run_id, str(path), "evaluation")
         if examples:
-            fig = prediction_figure(examples, title=f"{split}: worst and best samples by IoU")
-            c.log_figure(run_id, fig, f"evaluation/{split}_gallery.png")
-            close_figure(fig)
+            image = prediction_image(examples, title=f"{split}: worst and best samples by IoU")
+            c.log_image(run_id, image, artifact_file=f"evaluation/{split}_gallery.png")
     return run_id
 
 
