@@ -15,6 +15,14 @@ same steps, same data, same machine, one run.
 
 Prints both wall times, their ratio, and where the platform's time went (per epoch, from the
 run's MLflow metrics: training steps vs. the rest).
+
+`--engines` adds what the gradient exchange costs, without Ray: the same steps in
+train.num_workers processes (gloo, train.cpus_per_worker threads each, as Ray gives a train
+worker), each on its share of the global batch, three ways: no exchange at all (each process
+steps alone: the floor for this split of the work), torch DDP, and the train job's DeepSpeed
+ZeRO-2 engine (`training.engine`, what a Ray Train worker steps).
+
+    python benchmarks/platform_overhead.py --engines
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import datetime
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -101,12 +110,97 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
     return time.perf_counter() - t0
 
 
+ENGINES = ("independent", "ddp", "deepspeed")
+
+
+def engine_loop(rank: int, world: int, kind: str, cfg_dict: dict, steps: int, steps_per_epoch: int,
+                port: int, out) -> None:
+    """One of `world` processes stepping the recipe's model on its share of each global batch;
+    `kind` says how gradients are exchanged. Rank 0 puts the wall seconds of the steps on `out`."""
+    import torch.distributed as dist
+
+    from rsrefseg.datasets.pipeline import Preprocessor
+    from rsrefseg.models.device_inputs import model_batch
+    from rsrefseg.models.inference import model_inputs
+    from rsrefseg.models.presets import input_sizes
+    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.tokenizer import load_tokenizer
+    from rsrefseg.platform.config import Config
+    from rsrefseg.training.engine import build_engine, build_optimizer, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    cfg = Config.from_dict(cfg_dict)
+    train = cfg.train
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(train.seed + rank)
+    model = build_model(cfg.model, label_size=cfg.data.label_size)
+    model.train()
+    sizes = input_sizes(cfg.model, cfg.data.label_size)
+    prep = Preprocessor(sizes=sizes, tokenizer=load_tokenizer(cfg.model))
+    rows = train_rows(Path(cfg.data.path), cfg.data.train_split, cfg.data.limit)
+    if kind == "deepspeed":
+        engine, _, _ = build_engine(model, train, world_size=world, steps_per_epoch=steps_per_epoch)
+        step = lambda inputs: train_step(engine, inputs)  # noqa: E731
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if kind == "ddp" else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, train)
+
+        def step(inputs):
+            loss = model.loss(net(**model_inputs(inputs)).float(), inputs["mask"])
+            loss.backward()
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    micro = train.batch_size // world
+    rng = np.random.default_rng(train.seed)  # the same order on every rank; each takes its slice
+    dist.barrier()
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        order = rng.permutation(len(rows))
+        for start in range(0, len(order) - train.batch_size + 1, train.batch_size):
+            if done == steps:
+                break
+            mine = order[start + rank * micro:start + (rank + 1) * micro]
+            batch = prep(pa.Table.from_pylist([rows[i] for i in mine]))
+            step(model_batch(batch, sizes, "cpu", augment=cfg.data.augment))
+            done += 1
+    dist.barrier()
+    if rank == 0:
+        out.put(time.perf_counter() - t0)
+    dist.destroy_process_group()
+
+
+def engines(cfg, steps: int, steps_per_epoch: int) -> dict[str, float]:
+    """Wall seconds of `steps` steps per way of exchanging gradients (see `engine_loop`)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    seconds = {}
+    for kind in ENGINES:
+        with socket.socket() as sock:  # a free port for this group's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = ctx.Queue()
+        mp.spawn(engine_loop, args=(cfg.train.num_workers, kind, cfg.to_dict(), steps, steps_per_epoch, port, out),
+                 nprocs=cfg.train.num_workers)
+        seconds[kind] = out.get()
+        print(f"{kind}: {seconds[kind]:.1f} s", flush=True)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
     parser.add_argument("--size", type=int, default=0, help="synthetic triplets (default: the demo's)")
     parser.add_argument("--data", help="a prepared dataset to use instead of a fresh synthetic one")
     parser.add_argument("--work-dir", help="where the data, runs and MLflow store go (default: a temp dir)")
+    parser.add_argument("--engines", action="store_true",
+                        help="also step in train.num_workers processes without Ray: no exchange, DDP, DeepSpeed")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -129,6 +223,7 @@ def main() -> None:
 
     plain_s = plain_loop(cfg.resolved(), rows, steps, per_epoch)
     print(f"plain loop: {plain_s:.1f} s", flush=True)
+    by_engine = engines(cfg.resolved(), steps, per_epoch) if args.engines else {}
     t0 = time.perf_counter()
     outcome = run_train(cfg)
     platform_s = time.perf_counter() - t0
@@ -140,7 +235,12 @@ def main() -> None:
     print("| path | wall s | s/step | vs plain |")
     print("|---|---|---|---|")
     print(f"| plain PyTorch loop (1 process) | {plain_s:.1f} | {plain_s / steps:.3f} | 1.00x |")
-    print(f"| rsrefseg train (Ray Train, 2 workers, DeepSpeed ZeRO-2, val + checkpoint per epoch, MLflow) "
+    workers = cfg.train.num_workers
+    labels = {"independent": "no gradient exchange", "ddp": "torch DDP (gloo)", "deepspeed": "DeepSpeed ZeRO-2 engine"}
+    for kind, seconds in by_engine.items():
+        print(f"| {workers} processes, no Ray: {labels[kind]} | {seconds:.1f} | {seconds / steps:.3f} "
+              f"| {seconds / plain_s:.2f}x |")
+    print(f"| rsrefseg train (Ray Train, {workers} workers, DeepSpeed ZeRO-2, val + checkpoint per epoch, MLflow) "
           f"| {platform_s:.1f} | {platform_s / steps:.3f} | {platform_s / plain_s:.2f}x |")
     if epochs:
         print(f"\nplatform, per epoch (from its MLflow metrics): {epochs}")
