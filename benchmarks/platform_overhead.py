@@ -67,12 +67,47 @@ def train_rows(path: Path, split: str, limit: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def global_batches(rows: int, batch_size: int, steps: int, seed: int):
+    """Row indices of each of `steps` global batches: a fresh permutation every epoch, its
+    partial last batch dropped (as the train job's workers do)."""
+    if rows < batch_size:
+        raise ValueError(f"{rows} rows make no batch of {batch_size}")
+    rng = np.random.default_rng(seed)
+    done = 0
+    while True:
+        order = rng.permutation(rows)
+        for start in range(0, rows - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            yield order[start:start + batch_size]
+            done += 1
+
+
+def eager_step(model, net, train, optimizer, scheduler=None):
+    """One optimizer step of plain PyTorch on a batch of model inputs: `net` is the model itself
+    or a wrapper of it (DDP); clipping as the train config says."""
+    from rsrefseg.models.inference import model_inputs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(inputs: dict) -> None:
+        loss = model.loss(net(**model_inputs(inputs)).float(), inputs["mask"])
+        loss.backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    return step
+
+
 def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float:
     """Seconds for `steps` optimizer steps of the recipe's model on batches of its global size,
     decoding included; the schedule and optimizer are the train job's."""
     from rsrefseg.datasets.pipeline import Preprocessor
     from rsrefseg.models.device_inputs import model_batch
-    from rsrefseg.models.inference import model_inputs
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.rsrefseg import build_model
     from rsrefseg.models.tokenizer import load_tokenizer
@@ -84,29 +119,13 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
     model.train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(train, steps_per_epoch))
+    step = eager_step(model, model, train, optimizer, scheduler)
     sizes = input_sizes(cfg.model, cfg.data.label_size)
     prep = Preprocessor(sizes=sizes, tokenizer=load_tokenizer(cfg.model))
-    rng = np.random.default_rng(train.seed)
-    batch_size = train.batch_size
     t0 = time.perf_counter()
-    done = 0
-    while done < steps:
-        order = rng.permutation(len(rows))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            if done == steps:
-                break
-            picked = [rows[i] for i in order[start:start + batch_size]]
-            batch = prep(pa.Table.from_pylist(picked))
-            tensors = model_batch(batch, sizes, "cpu", augment=cfg.data.augment)
-            logits = model(**model_inputs(tensors))
-            loss = model.loss(logits.float(), tensors["mask"])
-            loss.backward()
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            done += 1
+    for picked in global_batches(len(rows), train.batch_size, steps, train.seed):
+        batch = prep(pa.Table.from_pylist([rows[i] for i in picked]))
+        step(model_batch(batch, sizes, "cpu", augment=cfg.data.augment))
     return time.perf_counter() - t0
 
 
@@ -121,7 +140,6 @@ def engine_loop(rank: int, world: int, kind: str, cfg_dict: dict, steps: int, st
 
     from rsrefseg.datasets.pipeline import Preprocessor
     from rsrefseg.models.device_inputs import model_batch
-    from rsrefseg.models.inference import model_inputs
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.rsrefseg import build_model
     from rsrefseg.models.tokenizer import load_tokenizer
@@ -145,30 +163,14 @@ def engine_loop(rank: int, world: int, kind: str, cfg_dict: dict, steps: int, st
         step = lambda inputs: train_step(engine, inputs)  # noqa: E731
     else:
         net = torch.nn.parallel.DistributedDataParallel(model) if kind == "ddp" else model
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, train)
-
-        def step(inputs):
-            loss = model.loss(net(**model_inputs(inputs)).float(), inputs["mask"])
-            loss.backward()
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step = eager_step(model, net, train, build_optimizer([p for p in model.parameters() if p.requires_grad], train))
     micro = train.batch_size // world
-    rng = np.random.default_rng(train.seed)  # the same order on every rank; each takes its slice
     dist.barrier()
     t0 = time.perf_counter()
-    done = 0
-    while done < steps:
-        order = rng.permutation(len(rows))
-        for start in range(0, len(order) - train.batch_size + 1, train.batch_size):
-            if done == steps:
-                break
-            mine = order[start + rank * micro:start + (rank + 1) * micro]
-            batch = prep(pa.Table.from_pylist([rows[i] for i in mine]))
-            step(model_batch(batch, sizes, "cpu", augment=cfg.data.augment))
-            done += 1
+    # The same global batches on every rank (one seed); each takes its slice.
+    for picked in global_batches(len(rows), train.batch_size, steps, train.seed):
+        batch = prep(pa.Table.from_pylist([rows[i] for i in picked[rank * micro:(rank + 1) * micro]]))
+        step(model_batch(batch, sizes, "cpu", augment=cfg.data.augment))
     dist.barrier()
     if rank == 0:
         out.put(time.perf_counter() - t0)

@@ -3,7 +3,14 @@
 import numpy as np
 import torch
 
-from rsrefseg.training.reporting import Gallery, prediction_image
+from rsrefseg.training.reporting import (
+    GALLERY_CAPTION,
+    GALLERY_GAP,
+    GALLERY_HEADINGS,
+    GALLERY_TITLE,
+    Gallery,
+    prediction_image,
+)
 
 
 def _example(seed: int, side: int = 16) -> dict:
@@ -17,7 +24,7 @@ def _example(seed: int, side: int = 16) -> dict:
 
 
 def _panel(canvas: np.ndarray, row: int, col: int, tile: int, header: int) -> np.ndarray:
-    caption, gap = 18, 4
+    caption, gap = GALLERY_CAPTION, GALLERY_GAP
     top = header + row * (caption + tile + gap) + caption
     left = gap + col * (tile + gap)
     return canvas[top:top + tile, left:left + tile]
@@ -27,8 +34,9 @@ def test_gallery_rows_hold_the_image_its_mask_and_the_prediction():
     tile = 64
     examples = [_example(0), _example(1)]
     canvas = np.asarray(prediction_image(examples, title="validation, epoch 3", tile=tile))
-    header = 22 + 18
-    assert canvas.shape == (header + 2 * (18 + tile + 4) + 4, 3 * tile + 16, 3)
+    header = GALLERY_TITLE + GALLERY_HEADINGS
+    gap = GALLERY_GAP
+    assert canvas.shape == (header + 2 * (GALLERY_CAPTION + tile + gap) + gap, 3 * tile + 4 * gap, 3)
     for row, ex in enumerate(examples):
         truth = _panel(canvas, row, 1, tile, header)[..., 0] > 127
         pred = _panel(canvas, row, 2, tile, header)[..., 0] > 127

@@ -115,6 +115,9 @@ class SystemMetrics:
 # Each panel of the prediction gallery is drawn at this size, whatever the model's input size
 # (64 px at `tiny`, 1024 px at the real presets), so galleries of all presets read alike.
 GALLERY_TILE = 240
+# The gallery's layout, in pixels: a row's caption above its panels, the space around panels, and
+# the header (the title, when there is one, then the column headings).
+GALLERY_CAPTION, GALLERY_GAP, GALLERY_TITLE, GALLERY_HEADINGS = 18, 4, 22, 18
 
 
 def prediction_image(examples: list[dict], *, title: str = "", tile: int = GALLERY_TILE):
@@ -128,8 +131,8 @@ def prediction_image(examples: list[dict], *, title: str = "", tile: int = GALLE
     from PIL import Image, ImageDraw
 
     font = _font(12)
-    caption, gap = 18, 4
-    header = (22 if title else 0) + 18  # the title, then the column headings
+    caption, gap = GALLERY_CAPTION, GALLERY_GAP
+    header = (GALLERY_TITLE if title else 0) + GALLERY_HEADINGS
     width = 3 * tile + 4 * gap
     height = header + len(examples) * (caption + tile + gap) + gap
     canvas = Image.new("RGB", (width, height), "white")
@@ -137,7 +140,7 @@ def prediction_image(examples: list[dict], *, title: str = "", tile: int = GALLE
     if title:
         draw.text((gap, 4), title, fill="black", font=_font(14))
     for col, heading in enumerate(("image", "ground truth", "prediction")):
-        draw.text((gap + col * (tile + gap), header - 16), heading, fill="dimgray", font=font)
+        draw.text((gap + col * (tile + gap), header - GALLERY_HEADINGS + 2), heading, fill="dimgray", font=font)
     top = header
     for ex in examples:
         note = f'  {ex["note"]}' if ex.get("note") else ""
