@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rsrefseg.datasets.refsegrs import read_refsegrs
-from rsrefseg.datasets.synthetic import PHRASES, generate, make_scene, pick_phrases, split_sizes
+from rsrefseg.datasets.synthetic import PHRASES, VEHICLE_SCALE, generate, make_scene, pick_phrases, split_sizes
 from rsrefseg.datasets.triplet import DatasetError
 
 
@@ -164,8 +164,9 @@ def test_categories_stay_apart_at_low_resolution():
                 assert np.linalg.norm(colour - ref) > 30, (seed, obj.kind, obj.colour, name)
 
 
-def test_objects_are_drawn_at_refsegrs_scale():
-    # About 13 cm per pixel: a car (4.5 x 2 m) covers ~35 x 16 px, a truck over twice its length.
+def test_objects_are_drawn_at_refsegrs_scale_and_vehicles_at_vehicle_scale():
+    # About 13 cm per pixel: a car (4.5 x 2 m) covers ~35 x 16 px, a truck over twice its length;
+    # vehicles are then drawn VEHICLE_SCALE times larger (so that the tiny preset sees them).
     areas = defaultdict(list)
     for seed in range(10):
         scene = make_scene(seed)
@@ -173,6 +174,19 @@ def test_objects_are_drawn_at_refsegrs_scale():
             areas[obj.kind].append(int((scene.instances == obj.id).sum()))
     cars = sorted(areas["car"])
     assert len(cars) >= 20
-    assert 480 <= cars[len(cars) // 2] <= 650  # median: whole cars (32-38 x 15-17 px)
+    scale2 = VEHICLE_SCALE**2
+    assert 480 * scale2 <= cars[len(cars) // 2] <= 650 * scale2  # median: whole cars (32-38 x 15-17 px)
     assert np.median(areas["truck"]) > 2.5 * np.median(cars)
-    assert np.median(areas["building"]) > 5 * np.median(cars)
+    assert np.median(areas["building"]) > 5 * np.median(cars) / scale2
+    # Buildings and trees stay at RefSegRS's scale: 48-112 x 40-80 px, crowns 28-52 px across.
+    assert 2500 <= np.median(areas["building"]) <= 6000
+    assert 600 <= np.median(areas["tree"]) <= 2100
+
+
+def test_vehicles_fit_their_lanes_and_stalls():
+    """Every kind drives on the roads and cars and vans park: at VEHICLE_SCALE they still fit."""
+    kinds = defaultdict(set)
+    for seed in range(16):
+        for obj in make_scene(seed).objects:
+            kinds[obj.kind] |= set(obj.tags)
+    assert {"on_road"} <= kinds["truck"] and {"on_road", "in_parking"} <= kinds["car"] & kinds["van"]

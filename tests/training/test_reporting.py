@@ -65,3 +65,76 @@ def test_gallery_keeps_the_worst_and_the_best_samples():
     assert [e["id"] for e in examples] == ["s0", "s1", "s6", "s7"]
     assert [e["note"].split()[-1] for e in examples] == ["(worst)", "(worst)", "(best)", "(best)"]
     assert all("batch" not in e and e["image"].shape == (3, side, side) for e in examples)
+
+
+def _logger(tmp_path):
+    from rsrefseg.platform import tracking
+    from rsrefseg.training.reporting import EpochLogger
+    from tests.models.helpers import tiny_config
+
+    cfg = tiny_config([f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"])
+    run_id = tracking.start_run(cfg, run_name="logger")
+    return cfg, run_id, EpochLogger(cfg, run_id, enabled=True)
+
+
+def test_epoch_logger_writes_everything_in_order_by_close(tmp_path):
+    cfg, run_id, logger = _logger(tmp_path)
+    for step in (20, 40, 60):
+        logger.log_step({"train/loss": 1.0 / step}, step)
+    logger.log_epoch({"val/gIoU": 12.5, "epoch": 1}, 1, [_example(0), _example(1)])
+    logger.log_step({"train/loss": 0.5}, 40)  # a step replayed after a restart: logged once
+    logger.close()
+
+    client = logger.client
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in losses] == [(20, 1 / 20), (40, 1 / 40), (60, 1 / 60)]
+    assert [m.value for m in client.get_metric_history(run_id, "val/gIoU")] == [12.5]
+    gallery = [a.path for a in client.list_artifacts(run_id, "val_predictions")]
+    assert gallery == ["val_predictions/epoch_001.png"]
+    # A logger for the same run (a restarted worker) sees what is there and skips it.
+    from rsrefseg.training.reporting import EpochLogger
+
+    again = EpochLogger(cfg, run_id, enabled=True)
+    again.log_step({"train/loss": 9.0}, 60)
+    again.log_epoch({"val/gIoU": 99.0, "epoch": 1}, 1, [])
+    again.close()
+    assert len(client.get_metric_history(run_id, "train/loss")) == 3
+    assert [m.value for m in client.get_metric_history(run_id, "val/gIoU")] == [12.5]
+
+
+def test_a_failing_store_fails_the_run_at_a_later_call_or_at_close(tmp_path):
+    import pytest
+
+    _, _, logger = _logger(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError("the tracking store is gone")
+
+    logger.client.log_batch = broken
+    logger.log_step({"train/loss": 1.0}, 1)  # queued; fails in the background
+    with pytest.raises(OSError, match="store is gone"):
+        logger.close()
+
+
+def test_logging_does_not_wait_for_the_store(tmp_path):
+    """Rank 0 hands its writes to a thread: a slow store must not hold up its steps (every
+    rank waits for rank 0 at the next gradient exchange)."""
+    import threading
+
+    _, run_id, logger = _logger(tmp_path)
+    release, written = threading.Event(), []
+    real = logger.client.log_batch
+
+    def slow(*args, **kwargs):
+        release.wait(5)
+        written.append(kwargs)
+        return real(*args, **kwargs)
+
+    logger.client.log_batch = slow
+    logger.log_step({"train/loss": 1.0}, 1)
+    logger.log_epoch({"val/gIoU": 3.0, "epoch": 1}, 1, [_example(0)])
+    assert written == []  # both calls returned while the store was still busy
+    release.set()
+    logger.close()
+    assert len(written) == 2
+    assert [m.value for m in logger.client.get_metric_history(run_id, "val/gIoU")] == [3.0]

@@ -41,10 +41,15 @@ from .refsegrs import read_refsegrs
 from .triplet import DatasetError, Triplet
 
 SIZE = 512
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Object sizes follow RefSegRS's ground sampling (SkyScapes imagery, about 13 cm per pixel): a car
-# (4.5 x 2 m) is about 35 x 16 px, a tree crown 4-7 m across 28-52 px, a lane 3.5 m ~ 27 px.
-# (Version 1 drew objects at about two thirds of that: too small for the tiny preset to learn.)
+# (4.5 x 2 m) is about 35 x 16 px, a tree crown 4-7 m across 28-52 px, buildings and trees as such.
+# Vehicles are drawn VEHICLE_SCALE times that, on roads and parking lots widened to hold them:
+# the demo's `tiny` preset sees a 512 px scene at 64 px, where a car at RefSegRS's scale is 4 x 2 px,
+# half of one of SAM's 4 x 4 px patches, and the demo learned vehicles at 9-14 % IoU (README,
+# Performance; version 2 drew them at scale, version 1 everything at two thirds of it).
+VEHICLE_SCALE = 2.0
+ROAD_SCALE = 1.5  # lanes (a quarter of the road's width) that a doubled truck still fits
 PHRASES_PER_SCENE = 4
 SPLIT_SHARES = (("train", 0.6), ("val", 0.1), ("test", 0.3))
 MARKER_FILE = "synthetic.json"
@@ -225,10 +230,10 @@ def make_scene(rng: np.random.Generator | int) -> Scene:
 def _draw_roads(canvas: _Canvas) -> list[_Road]:
     rng = canvas.rng
     first_angle = rng.choice([0.0, math.pi / 2]) if rng.random() < 0.7 else rng.uniform(0, math.pi)
-    roads = [_Road(*rng.uniform(140, 372, 2), angle=float(first_angle), width=float(rng.uniform(52, 72)))]
+    roads = [_Road(*rng.uniform(140, 372, 2), angle=float(first_angle), width=float(ROAD_SCALE * rng.uniform(52, 72)))]
     if rng.random() < 0.5:
         angle = first_angle + math.pi / 2 + rng.uniform(-0.2, 0.2)
-        roads.append(_Road(*rng.uniform(100, 412, 2), angle=float(angle), width=float(rng.uniform(48, 64))))
+        roads.append(_Road(*rng.uniform(100, 412, 2), angle=float(angle), width=float(ROAD_SCALE * rng.uniform(48, 64))))
     for road in roads:
         offset = road.offset(canvas.xx, canvas.yy)
         surface = np.abs(offset) <= road.width / 2
@@ -256,6 +261,9 @@ class _Parking:
 
 def _draw_parking(canvas: _Canvas) -> Optional[_Parking]:
     rng = canvas.rng
+    # Stalls hold a van of VEHICLE_SCALE: 24 px wide and 49 px deep at scale 1, where a lot holds
+    # two rows of them; at scale 2, one row.
+    stall_w, stall_depth = round(24 * VEHICLE_SCALE), round(49 * VEHICLE_SCALE)
     for _ in range(40):
         w, h = int(rng.integers(150, 240)), int(rng.integers(104, 140))
         x0, y0 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
@@ -265,15 +273,18 @@ def _draw_parking(canvas: _Canvas) -> Optional[_Parking]:
         area = (slice(y0, y0 + h), slice(x0, x0 + w))
         canvas.rgb[area] = canvas.jitter(PARKING_RGB, 6)
         canvas.classes[area] = PARKING
-        stall_w, depth = 24, (h - 6) // 2
+        rows = max(1, (h - 6) // stall_depth)
+        depth = (h - 6) // rows
         n = (w - 6) // stall_w
         stalls = []
-        for row_y in (y0 + 3, y0 + 3 + depth):
+        for row in range(rows):
+            row_y = y0 + 3 + row * depth
             for k in range(n + 1):  # stall separators
                 x = x0 + 3 + k * stall_w
                 canvas.rgb[row_y + 2 : row_y + depth - 2, x : x + 2] = MARKING_RGB
             stalls += [(x0 + 3 + (k + 0.5) * stall_w + 1, row_y + depth / 2) for k in range(n)]
-        canvas.rgb[y0 + 3 + depth - 1 : y0 + 3 + depth + 1, x0 + 3 : x0 + 3 + n * stall_w + 2] = MARKING_RGB
+            if row:  # the line between two rows
+                canvas.rgb[row_y - 1 : row_y + 1, x0 + 3 : x0 + 3 + n * stall_w + 2] = MARKING_RGB
         return _Parking(x0, y0, w, h, stalls)
     return None
 
@@ -375,13 +386,18 @@ def _draw_crown(canvas, x, y, r, roads, buildings) -> None:
 
 
 def _vehicle_kind(rng, allow_truck: bool) -> tuple[str, float, float, str]:
+    """kind, length and width (px, VEHICLE_SCALE included), colour."""
     kind = rng.choice(["car", "van", "truck"], p=[0.5, 0.2, 0.3] if allow_truck else [0.8, 0.2, 0.0])
     if kind == "car":
         colour = str(rng.choice(list(CAR_COLOUR_P), p=list(CAR_COLOUR_P.values())))
-        return "car", float(rng.uniform(32, 38)), float(rng.uniform(15, 17)), colour
-    if kind == "van":
-        return "van", float(rng.uniform(42, 48)), float(rng.uniform(18, 20)), str(rng.choice(["white", "white", "blue"]))
-    return "truck", float(rng.uniform(70, 90)), float(rng.uniform(21, 24)), str(rng.choice(list(TRAILER_RGB)))
+        length, width = rng.uniform(32, 38), rng.uniform(15, 17)
+    elif kind == "van":
+        length, width = rng.uniform(42, 48), rng.uniform(18, 20)
+        colour = str(rng.choice(["white", "white", "blue"]))
+    else:
+        length, width = rng.uniform(70, 90), rng.uniform(21, 24)
+        colour = str(rng.choice(list(TRAILER_RGB)))
+    return str(kind), float(VEHICLE_SCALE * length), float(VEHICLE_SCALE * width), colour
 
 
 def _place_vehicle(canvas: _Canvas, cx, cy, angle, kind, length, width, colour, ground: int, tags) -> bool:
@@ -398,8 +414,8 @@ def _place_vehicle(canvas: _Canvas, cx, cy, angle, kind, length, width, colour, 
     if kind == "truck":
         body = np.broadcast_to(canvas.jitter(TRAILER_RGB[colour], 8), u.shape + (3,))
         cab = canvas.jitter(CAR_RGB[str(rng.choice(["red", "blue", "white"]))], 8)
-        colour_map = np.where((u > length / 2 - 12)[..., None], cab, body)
-        glass = (u > length / 2 - 6) & (u < length / 2 - 2)
+        colour_map = np.where((u > length / 2 - 12 * VEHICLE_SCALE)[..., None], cab, body)
+        glass = (u > length / 2 - 6 * VEHICLE_SCALE) & (u < length / 2 - 2 * VEHICLE_SCALE)
     else:
         body = canvas.jitter(CAR_RGB[colour] if colour in CAR_RGB else CAR_RGB["white"], 8)
         colour_map = np.broadcast_to(body, u.shape + (3,))
