@@ -115,6 +115,25 @@ def test_a_failing_store_fails_the_run_at_a_later_call_or_at_close(tmp_path):
     with pytest.raises(OSError, match="store is gone"):
         logger.close()
 
+    # A worker whose training already failed flushes what it queued without raising the store's
+    # error instead of its own.
+    import threading
+
+    _, _, failing = _logger(tmp_path / "again")
+    release, calls = threading.Event(), []
+
+    def broken_once_released(*args, **kwargs):
+        release.wait(5)
+        calls.append(kwargs)
+        raise OSError("the tracking store is gone")
+
+    failing.client.log_batch = broken_once_released
+    failing.log_step({"train/loss": 1.0}, 1)
+    failing.log_step({"train/loss": 2.0}, 2)  # both queued before either fails
+    release.set()
+    failing.close(check=False)
+    assert len(calls) == 2
+
 
 def test_logging_does_not_wait_for_the_store(tmp_path):
     """Rank 0 hands its writes to a thread: a slow store must not hold up its steps (every

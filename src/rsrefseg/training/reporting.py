@@ -61,12 +61,14 @@ class EpochLogger:
         if examples:
             self._write(self._log_gallery, examples, epoch)
 
-    def close(self) -> None:
-        """Wait for everything queued; a failed write raises here if no later call raised it."""
+    def close(self, *, check: bool = True) -> None:
+        """Wait for everything queued; a failed write raises here if no later call raised it
+        (with check=False it is dropped: the caller is already failing for another reason)."""
         if not self.enabled:
             return
         self._writer.shutdown(wait=True)
-        self._raise_failed()
+        if check:
+            self._raise_failed()
 
     def _log_gallery(self, examples: list[dict], epoch: int) -> None:
         image = prediction_image(examples, title=f"validation, epoch {epoch}")

@@ -162,21 +162,28 @@ def train_func(loop_config: dict) -> None:
         logger.log_step(stats, step)
         progress.step(step, stats)
 
-    for epoch in range(state.epoch + 1, train.epochs + 1):
-        progress.start_epoch(epoch)
-        train_epoch(worker, train_shard, epoch, state, on_log=on_log)
-        metrics, examples = validate(worker.engine, val_shard, worker.micro_batch, worker.device, worker.sizes, SegMetrics,
-                                     keep=train.figure_samples if rank == 0 else 0, timeout_s=train.batch_timeout_s)
-        metrics = {f"val/{k}": v for k, v in metrics.items()}
-        metrics["epoch"] = epoch
-        state.epoch = epoch
-        state.history.append(metrics)
-        progress.end_epoch(epoch, metrics)
-        save_and_report(worker, state, metrics)
-        # Logged after the checkpoint is committed, and skipped if already logged, so a resumed
-        # run neither loses nor repeats an epoch in MLflow.
-        logger.log_epoch(metrics, epoch, examples)
-
+    try:
+        for epoch in range(state.epoch + 1, train.epochs + 1):
+            progress.start_epoch(epoch)
+            train_epoch(worker, train_shard, epoch, state, on_log=on_log)
+            metrics, examples = validate(worker.engine, val_shard, worker.micro_batch, worker.device, worker.sizes,
+                                         SegMetrics, keep=train.figure_samples if rank == 0 else 0,
+                                         timeout_s=train.batch_timeout_s)
+            metrics = {f"val/{k}": v for k, v in metrics.items()}
+            metrics["epoch"] = epoch
+            state.epoch = epoch
+            state.history.append(metrics)
+            progress.end_epoch(epoch, metrics)
+            save_and_report(worker, state, metrics)
+            # Logged after the checkpoint is committed, and skipped if already logged, so a resumed
+            # run neither loses nor repeats an epoch in MLflow.
+            logger.log_epoch(metrics, epoch, examples)
+    except BaseException:
+        # Flush what rank 0 queued for MLflow, so the run shows how far it got; the error that
+        # stopped training is the one raised, not a store's.
+        logger.close(check=False)
+        system.close()
+        raise
     logger.close()
     system.close()
 
