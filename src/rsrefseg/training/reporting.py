@@ -80,8 +80,12 @@ class EpochLogger:
         self._pending.append(self._writer.submit(fn, *args, **kwargs))
 
     def _raise_failed(self) -> None:
-        done = [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if not f.done()]
+        # One done() per future: asked twice, a write finishing in between fell out of both lists
+        # and its error was never raised.
+        done, pending = [], []
+        for future in self._pending:
+            (done if future.done() else pending).append(future)
+        self._pending = pending
         for future in done:
             future.result()
 
