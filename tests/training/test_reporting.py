@@ -1,16 +1,22 @@
 """The prediction gallery a train run logs every epoch (and `rsrefseg evaluate` once)."""
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 
+from rsrefseg.platform import tracking
 from rsrefseg.training.reporting import (
     GALLERY_CAPTION,
     GALLERY_GAP,
     GALLERY_HEADINGS,
     GALLERY_TITLE,
+    EpochLogger,
     Gallery,
     prediction_image,
 )
+from tests.models.helpers import tiny_config
 
 
 def _example(seed: int, side: int = 16) -> dict:
@@ -68,10 +74,6 @@ def test_gallery_keeps_the_worst_and_the_best_samples():
 
 
 def _logger(tmp_path):
-    from rsrefseg.platform import tracking
-    from rsrefseg.training.reporting import EpochLogger
-    from tests.models.helpers import tiny_config
-
     cfg = tiny_config([f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"])
     run_id = tracking.start_run(cfg, run_name="logger")
     return cfg, run_id, EpochLogger(cfg, run_id, enabled=True)
@@ -92,8 +94,6 @@ def test_epoch_logger_writes_everything_in_order_by_close(tmp_path):
     gallery = [a.path for a in client.list_artifacts(run_id, "val_predictions")]
     assert gallery == ["val_predictions/epoch_001.png"]
     # A logger for the same run (a restarted worker) sees what is there and skips it.
-    from rsrefseg.training.reporting import EpochLogger
-
     again = EpochLogger(cfg, run_id, enabled=True)
     again.log_step({"train/loss": 9.0}, 60)
     again.log_epoch({"val/gIoU": 99.0, "epoch": 1}, 1, [])
@@ -103,8 +103,6 @@ def test_epoch_logger_writes_everything_in_order_by_close(tmp_path):
 
 
 def test_a_failing_store_fails_the_run_at_a_later_call_or_at_close(tmp_path):
-    import pytest
-
     _, _, logger = _logger(tmp_path)
 
     def broken(*args, **kwargs):
@@ -117,8 +115,6 @@ def test_a_failing_store_fails_the_run_at_a_later_call_or_at_close(tmp_path):
 
     # A worker whose training already failed flushes what it queued without raising the store's
     # error instead of its own.
-    import threading
-
     _, _, failing = _logger(tmp_path / "again")
     release, calls = threading.Event(), []
 
@@ -138,8 +134,6 @@ def test_a_failing_store_fails_the_run_at_a_later_call_or_at_close(tmp_path):
 def test_logging_does_not_wait_for_the_store(tmp_path):
     """Rank 0 hands its writes to a thread: a slow store must not hold up its steps (every
     rank waits for rank 0 at the next gradient exchange)."""
-    import threading
-
     _, run_id, logger = _logger(tmp_path)
     release, written = threading.Event(), []
     real = logger.client.log_batch

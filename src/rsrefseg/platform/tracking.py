@@ -204,13 +204,18 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
-    """timestamp_ms: when the values were measured (default: now), for a caller that logs later."""
+def now_ms() -> int:
+    """MLflow's timestamp of this moment (milliseconds since the epoch)."""
     import time
 
+    return int(time.time() * 1000)
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
+    """timestamp_ms: when the values were measured (default: now), for a caller that logs later."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    now = now_ms() if timestamp_ms is None else timestamp_ms
     batch = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
     if batch:
         c.log_batch(run_id, metrics=batch)

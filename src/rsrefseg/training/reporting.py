@@ -10,7 +10,6 @@ held up the whole group (about 0.25 s an epoch on the demo recipe).
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
@@ -48,7 +47,7 @@ class EpochLogger:
     def log_step(self, stats: dict, step: int) -> None:
         if not self.enabled or step in self._seen_steps:
             return
-        self._write(tracking.log_metrics, self.client, self.run_id, stats, step, timestamp_ms=_now_ms())
+        self._write(tracking.log_metrics, self.client, self.run_id, stats, step, timestamp_ms=tracking.now_ms())
         self._seen_steps.add(step)
 
     def log_epoch(self, metrics: dict, epoch: int, examples: list[dict]) -> None:
@@ -56,7 +55,7 @@ class EpochLogger:
         if not self.enabled or epoch in self._seen_epochs:
             return
         self._write(tracking.log_metrics, self.client, self.run_id,
-                    {k: v for k, v in metrics.items() if k != "epoch"}, epoch, timestamp_ms=_now_ms())
+                    {k: v for k, v in metrics.items() if k != "epoch"}, epoch, timestamp_ms=tracking.now_ms())
         self._seen_epochs.add(epoch)
         if examples:
             self._write(self._log_gallery, examples, epoch)
@@ -88,10 +87,6 @@ class EpochLogger:
         self._pending = pending
         for future in done:
             future.result()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Gallery:
