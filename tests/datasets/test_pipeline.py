@@ -253,3 +253,26 @@ def test_a_train_job_preprocesses_a_split_that_fits_once(prepared_synthetic, tmp
     assert len(collect(cached["val"])["id"]) > 0
     with pytest.raises(Exception):
         collect(streamed["train"])
+
+
+def test_a_cached_split_keeps_its_read_order_whichever_task_finishes_first(small, tokenizer):
+    # Training from a cached split is reproducible only if the cache holds the rows in read order:
+    # the first shard's task is made the slowest, so completion order would put it last.
+    import time
+
+    path, _ = small
+    first_shard = [r["phrase"] for r in read_split(path, "train", limit=2).take_all()]
+    in_order = [r["id"] for r in sorted(read_split(path, "train").take_all(), key=lambda r: r["index"])]
+
+    class SlowOnFirstShard:  # defined here, so Ray ships it by value
+        def __init__(self, tokenizer, phrases):
+            self.tokenizer, self.phrases = tokenizer, phrases
+
+        def __call__(self, phrases, **kwargs):
+            if list(phrases) == self.phrases:
+                time.sleep(2.0)
+            return self.tokenizer(phrases, **kwargs)
+
+    ds = preprocess(read_split(path, "train"), IDENTITY, SlowOnFirstShard(tokenizer, first_shard), cache=True)
+    assert len(in_order) == 7 and len(first_shard) == 2
+    assert [r["id"] for r in ds.iter_rows()] == in_order

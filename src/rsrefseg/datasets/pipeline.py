@@ -179,6 +179,11 @@ def preprocess(
     # training instead of pinning actors to them.
     ds = ds.map_batches(fn, batch_size=batch_size, batch_format="pyarrow")
     if cache:
+        # Kept in read order, not in the order the tasks happen to finish: Ray Train's split hands
+        # a cached split's blocks to the workers by their order, so a run's batches (and so its
+        # losses) depend only on the config and train.seed. A streamed split stays unordered:
+        # ordering its output would hold every task back behind the slowest.
+        ds.context.execution_options.preserve_order = True
         ds = ds.materialize()
     return ds
 
