@@ -41,6 +41,23 @@ def test_fused_adamw_trains_like_the_plain_one():
         torch.testing.assert_close(params[True][k], params[False][k], rtol=1e-3, atol=1e-4)
 
 
+def test_adam_beta2_bounds_the_step_of_a_sudden_large_gradient():
+    # After many small gradients, a 100x larger one: with beta2 0.999 the second moment still
+    # remembers the small ones and the weight jumps by several lr; with 0.95 it has moved on.
+    jumps = {}
+    for beta2 in (0.999, 0.95):
+        train = tiny_config([f"train.adam_beta2={beta2}", "train.lr=0.01", "train.weight_decay=0"]).resolved().train
+        weight = torch.nn.Parameter(torch.zeros(1))
+        opt = build_optimizer([weight], train)
+        assert opt.defaults["betas"] == (0.9, beta2)
+        for step in range(2001):
+            weight.grad = torch.full((1,), 100.0 if step == 2000 else 1.0 * (-1) ** step)
+            before = weight.detach().clone()
+            opt.step()
+        jumps[beta2] = abs(float(weight.detach() - before)) / train.lr
+    assert jumps[0.999] > 2.5 and jumps[0.95] < 1.0, jumps
+
+
 def test_warmup_then_cosine():
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == 0.1 and f(9) == 1.0

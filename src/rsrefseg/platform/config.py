@@ -192,6 +192,11 @@ class TrainConfig:
     lr: Annotated[Number, Field(gt=0)] = 1e-4
     # AdamW weight decay (paper variant 0.01, torch's default; the authors' code 0.05).
     weight_decay: Optional[Annotated[Number, Field(ge=0)]] = None
+    # AdamW's second-moment decay (beta1 stays 0.9). torch's and the authors' 0.999 remembers
+    # about 1,000 steps of small gradients, so one sudden large gradient moves a weight by several
+    # times the lr; 0.95 forgets within about 20 steps and bounds such a step near the lr (the
+    # demo: README, Performance).
+    adam_beta2: Annotated[Number, Field(gt=0, lt=1)] = 0.999
     # Linear warm-up over warmup_epochs from warmup_start_factor * lr (paper variant 0: from
     # nothing; the authors' code 0.01), then cosine down to min_lr_factor * lr (paper variant 0;
     # the authors' code 0.001), the cosine stepping every step (paper variant) or once per epoch

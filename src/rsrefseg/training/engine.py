@@ -70,7 +70,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
 def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; DeepSpeed takes it as a client optimizer and ZeRO
     partitions its state (the fused kernel runs on each rank's flat partition)."""
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=train.fused_adamw)
+    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, train.adam_beta2), weight_decay=train.weight_decay,
+                             fused=train.fused_adamw)
 
 
 def warmup_cosine(
