@@ -6,11 +6,14 @@ MLflow run, and runs a Ray Train `TorchTrainer` whose workers execute `training.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from rsrefseg.platform import paths, runs, tracking
 from rsrefseg.platform.config import Config, ConfigError
@@ -175,11 +178,13 @@ def run_train(
     if run_id:
         print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
 
-    trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
     resume_hint = f"Continue with: rsrefseg train --resume {run_dir}{RESUME_FROM}"
     with tracking.run_lifecycle(cfg.tracking, run_id, continued=saved is not None) as client:
+        # Inside the run's lifecycle: caching the splits can fail or be interrupted too.
+        trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
         try:
-            result = trainer.fit()
+            with controller_poll_interval(cfg.train.poll_interval_s):
+                result = trainer.fit()
             if result.error:
                 raise result.error
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -199,6 +204,26 @@ def run_train(
 
         register_checkpoint(cfg, outcome.best_checkpoint, cfg.train.register_as, source_run_id=run_id)
     return outcome
+
+
+# Ray Train's controller reads its poll interval from this variable of the driver's environment,
+# which Ray passes on to the controller actor (ray.train.v2 ENV_VARS_TO_PROPAGATE).
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def controller_poll_interval(seconds: float) -> Iterator[None]:
+    """Ray Train's controller polls its workers every `seconds` during the block (train.poll_interval_s);
+    the driver's environment is put back after it."""
+    previous = os.environ.get(POLL_INTERVAL_ENV)
+    os.environ[POLL_INTERVAL_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(POLL_INTERVAL_ENV, None)
+        else:
+            os.environ[POLL_INTERVAL_ENV] = previous
 
 
 # Where a --resume starts: the run's epoch checkpoints are kept in its folder.

@@ -231,6 +231,11 @@ class TrainConfig:
     batch_timeout_s: Annotated[Number, Field(ge=0, description="0 = wait forever")] = 600.0
     log_every_n_steps: Annotated[Int, Field(ge=1)] = 10
     max_failures: Annotated[Int, Field(ge=-1, description="-1 = retry forever")] = 0
+    # How often Ray Train's controller polls the workers (its RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # Ray's default 2 s): a finished run is noticed, and `rsrefseg train` returns, up to one
+    # interval after the last worker is done (the demo idled 3.4 s there at 2 s; README,
+    # Performance); a poll is one small call to each worker.
+    poll_interval_s: Annotated[Number, Field(gt=0)] = 0.5
     # Where Ray Train keeps run folders and checkpoints; relative paths are under the project.
     storage_path: str = "runs"
     # Validation figures: how many samples to draw in the per-epoch prediction figure.
