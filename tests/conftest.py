@@ -14,7 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """moto's S3 API on loopback (tests/s3.py), its admin's credentials and endpoint in this
+    process's AWS variables for the whole session: Ray's processes, started after, inherit them,
+    as a cluster node has its own credentials."""
+    from tests.s3 import start_server
+
+    s3 = start_server()
+    patch = pytest.MonkeyPatch()
+    for key, value in s3.env().items():
+        patch.setenv(key, value)
+    yield s3
+    patch.undo()
+    s3.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket of the session's S3 server (its name)."""
+    return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     import ray
     import ray.data
 

@@ -44,3 +44,11 @@ def kill_tree_using(marker: str) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def train_worker_pids() -> list[int]:
+    """Pids of live Ray Train worker processes on this machine (Ray titles them `ray::RayTrainWorker...`)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]

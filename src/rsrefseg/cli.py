@@ -206,7 +206,9 @@ COMMANDS = (
         arg("--host", default="127.0.0.1"),
         arg("--port", type=int, default=5000),
         arg("--backend-store-uri", default="", help="default: sqlite:///<project>/mlflow.db; or postgresql://..."),
-        arg("--artifacts-destination", default="", help="default: <project>/mlartifacts; or s3://..."),
+        arg("--artifacts-destination", default="",
+            help="default: <project>/mlartifacts; or s3://BUCKET/PREFIX, written by this server with this "
+                 "machine's AWS settings (checked before it starts); clients need only the server's URL"),
         arg("--allowed-hosts", default="",
             help="Host headers the server answers, comma-separated (MLflow's default: localhost and "
                  "private IPs); add the name or address clients use to reach it, e.g. 203.0.113.7:5000"),
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # botocore says at INFO where it found credentials, each time an S3 check looks: noise on
+    # every command that touches s3://, and an error's one line would no longer be one line.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     _stop_on_sigterm()
     try:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from rsrefseg.cli import main
+from tests.network import train_worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -249,14 +250,6 @@ def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch):
     assert ray.is_initialized() == was
 
 
-def _train_worker_pids() -> list[int]:
-    """Pids of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
-    import subprocess
-
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
-
-
 def _checkpointed_epoch(storage: Path) -> int:
     """The last epoch of any checkpoint under the run folders in `storage` (0: none yet)."""
     epochs = [0]
@@ -285,7 +278,7 @@ def _run_and_kill_a_worker_after_checkpoints(args: list[str], storage: Path, epo
     deadline = time.time() + 600
     while thread.is_alive() and kills < len(epochs) and time.time() < deadline:
         if _checkpointed_epoch(storage) >= epochs[kills]:
-            pids = _train_worker_pids()
+            pids = train_worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
                 kills += 1

@@ -43,7 +43,16 @@ def test_jobs_resolve_relative_paths_where_the_nodes_hold_the_project(config):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in config[key] if "ray start" in c)
         assert start.startswith(f"RSREFSEG_HOME={project} ray start"), start  # job drivers inherit it
-    assert any(project in c and "/data" in c for c in config["setup_commands"])
+    assert any(project in c and "/weights" in c for c in config["setup_commands"])
+
+
+def test_runs_and_data_stay_in_object_storage(config):
+    # Several nodes meet in the bucket: no node copies the datasets, and the documented job names
+    # s3:// for both the shards and the run folder.
+    assert not any("/data" in c for c in config["setup_commands"])
+    text = CLUSTER.read_text()
+    assert "data.path=s3://YOUR-BUCKET/" in text and "train.storage_path=s3://YOUR-BUCKET/" in text
+    assert "--artifacts-destination s3://YOUR-BUCKET/" in " ".join(config["head_start_ray_commands"])
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@
     for batch in iter_batches(ds, 8):                   # or a get_dataset_shard(...) iterator
         inputs = model_batch(batch, sizes, device)      # resized, unpacked (and flipped) on the device
 
-Workers see nothing but the Parquet paths (absolute, or URIs for a shared store) and the bytes in
-the rows, so the same code runs on a local Ray and on a cluster. Everything is streamed, and a
+Workers see nothing but the Parquet paths (absolute, or bucket/key paths with the store's pyarrow
+filesystem for `s3://...`: read tasks stream the shards from the store) and the bytes in the rows,
+so the same code runs on a local Ray and on a cluster. Everything is streamed, and a
 pipeline's object-store use is capped (`read_split(buffer_bytes=...)`, 1 GiB by default), so
 memory stays flat whatever the dataset size.
 
@@ -33,6 +34,8 @@ import ray.data
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
+
+from rsrefseg.platform import storage
 
 from .prepare import load_manifest, natural_key
 from .shard_codec import packed_width, pixel_rows
@@ -85,7 +88,7 @@ def read_split(
             break
         chosen.append(shard)
         rows += int(shard["rows"])
-    base = _absolute(path)
+    files, filesystem = _shard_files(path, chosen)
     shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     # Ray 2.60's default ("datasource V2") Parquet reader bin-packs the shards into a couple of
     # long read tasks whose worker memory grows with the split (measured here: 4.1 GB process
@@ -100,8 +103,7 @@ def read_split(
         # `preprocess`'s map fuse into one task. Split blocks would each be a map task of their
         # own, and a read task waiting for them to drain holds a CPU they need: with one CPU
         # left for ingest (evaluation beside its model replica) that stalled scoring.
-        ds = ray.data.read_parquet([f"{base}/{shard['path']}" for shard in chosen], shuffle=shuffle,
-                                   override_num_blocks=len(chosen))
+        ds = ray.data.read_parquet(files, filesystem=filesystem, shuffle=shuffle, override_num_blocks=len(chosen))
     finally:
         context.use_datasource_v2 = previous
     if limit and rows > limit:
@@ -121,11 +123,17 @@ def split_size(path: Union[str, Path], split: str, *, limit: int = 0) -> int:
     return min(count, limit) if limit else count
 
 
-def _absolute(path: Union[str, Path]) -> str:
+def _shard_files(path: Union[str, Path], shards: list[dict]) -> tuple[list[str], Any]:
+    """The shards' paths and the pyarrow filesystem they are in (None: this machine's disk), as
+    `read_parquet` takes them. On object storage, the read tasks stream the shards from the store
+    with the driver's filesystem (endpoint and region; every node has its own credentials)."""
+    where = storage.location(str(path).rstrip("/"))
+    if isinstance(where, storage.RemotePath):
+        return [f"{where.path}/{shard['path']}" for shard in shards], where.fs
     # Workers do not share the driver's working directory (Ray jobs run in their own), so a
     # relative path would point elsewhere on them.
-    text = str(path).rstrip("/")
-    return text if "://" in text else str(Path(text).resolve())
+    base = where.resolve()
+    return [str(base / shard["path"]) for shard in shards], None
 
 
 # --------------------------------------------------------------------------------------------

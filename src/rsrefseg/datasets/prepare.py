@@ -13,8 +13,13 @@ in the manifest's warnings. Validation decodes every sample, then writing
 decodes it again: more time than one pass, in exchange for never touching the disk when the
 input is bad. Pixels are stored raw under Parquet compression (`shard_codec`).
 
-Output is atomic: shards are written into a staging folder beside `out` and renamed into place,
-so `out` is either the previous complete dataset or the new complete one.
+Output is atomic. A local `out`: shards are written into a staging folder beside it and renamed
+into place, so `out` is either the previous complete dataset or the new complete one. Object
+storage (`s3://BUCKET/PREFIX`) has no rename, so there manifest.json is the publish marker: the
+shards stream straight to the store (no local copy of the dataset), the manifest is written
+last, and a reader sees a complete dataset or "not a prepared dataset", never half of one.
+Replacing a prepared dataset there unpublishes it first (its manifest is removed), then writes
+the new shards and manifest, then deletes the old shards the new manifest does not list.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rsrefseg.platform import storage
 from rsrefseg.platform.atomic import atomic_dir
 
 from .fiftyone import read_fiftyone
@@ -82,6 +88,9 @@ MAX_SHARD_BYTES = 256 << 20
 ROWS_PER_ROW_GROUP = 16
 DICTIONARY_PAGE_BYTES = 64 << 20  # a row group's distinct images (16 x 800 x 800 x 3 = 31 MB)
 MAX_LISTED_ISSUES = 20
+# The keys prepare writes under a dataset prefix in object storage (besides manifest.json): what
+# it may delete there (stale shards of a replaced dataset, the shards of a failed upload).
+SHARD_KEY = re.compile(r"[^/]+/part-\d{5}\.parquet")
 
 
 def prepare_dataset(
@@ -107,7 +116,10 @@ def prepare_dataset(
         raise DatasetError(f"unknown dataset format {fmt!r}; choose one of {', '.join(READERS)}")
     if not 1 <= mask_threshold <= 255:
         raise DatasetError(f"mask threshold must be within 1..255 (8-bit values at or above it are foreground), got {mask_threshold}")
-    root, out = Path(root), Path(out)
+    root, out = Path(root), storage.location(out)
+    if isinstance(out, storage.RemotePath):
+        # Before any decoding: a missing bucket or a key that may not write fails in a second.
+        storage.check_writable("--out", str(out))
     _check_replaceable(out)
     workers = workers or min(8, os.cpu_count() or 1)
 
@@ -130,11 +142,13 @@ def prepare_dataset(
     if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
         raise DatasetError(_summary(issues, fmt, root, skip_invalid))
 
-    # 3. Write (into staging), then swap into place.
+    # 3. Write (into staging, or straight to the store), then publish.
     by_split: dict[str, list[Triplet]] = {}
     for t in sorted(valid, key=lambda t: (t.split, natural_key(t.id))):
         by_split.setdefault(t.split, []).append(t)
-    with atomic_dir(out) as staging:
+
+    def write(target: storage.Location) -> dict[str, Any]:
+        """The shards under `target` (a folder or a prefix), and the manifest that lists them."""
         shards: dict[str, list[dict]] = {}
         largest: dict[str, list[int]] = {}
         digests: list[str] = []
@@ -142,9 +156,9 @@ def prepare_dataset(
             for split in _split_order(by_split):
                 if split in by_split:
                     shards[split], largest[split] = _write_split(
-                        staging, split, by_split[split], pool, 4 * workers, digests, rows_per_shard, max_shard_bytes
+                        target, split, by_split[split], pool, 4 * workers, digests, rows_per_shard, max_shard_bytes
                     )
-        manifest = {
+        return {
             "schema_version": SCHEMA_VERSION,
             "format": fmt,
             "source": str(root.resolve()),
@@ -159,14 +173,20 @@ def prepare_dataset(
             "warnings": [str(i) for i in sorted(notes, key=lambda i: _issue_order(i.to_dict()))],
             "content_hash": _content_hash(digests),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        _check_replaceable(out)  # again: someone may have created it meanwhile
+
+    if isinstance(out, storage.RemotePath):
+        manifest = _publish_remote(out, write)
+    else:
+        with atomic_dir(out) as staging:
+            manifest = write(staging)
+            (staging / MANIFEST).write_text(_manifest_text(manifest), encoding="utf-8")
+            _check_replaceable(out)  # again: someone may have created it meanwhile
     log.info("prepared %s: %s", out, manifest["counts"])
     return manifest
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder (a local path or a pyarrow-supported URI)."""
+    """The manifest of a prepared dataset folder (a local path, or a URI: s3://BUCKET/PREFIX)."""
     text = _read_text(str(path).rstrip("/") + "/" + MANIFEST)
     if text is None:
         raise DatasetError(
@@ -314,11 +334,11 @@ def _content_hash(digests: Iterable[str]) -> str:
 
 
 def _write_split(
-    staging: Path, split: str, items: list[Triplet], pool: ThreadPoolExecutor, window: int, digests: list[str], rows_per_shard: int, max_bytes: int
+    target: storage.Location, split: str, items: list[Triplet], pool: ThreadPoolExecutor, window: int, digests: list[str],
+    rows_per_shard: int, max_bytes: int,
 ) -> tuple[list[dict], list[int]]:
     """The split's shards (path, rows) and its largest image height and width."""
-    folder = staging / split
-    folder.mkdir()
+    (target / split).mkdir()  # an object store has no folders: nothing to do there
     shards: list[dict] = []
     writer: Optional[pq.ParquetWriter] = None
     rows: list[tuple] = []
@@ -340,33 +360,52 @@ def _write_split(
             shards[-1]["rows"] = shard_rows
             writer, shard_rows, shard_bytes = None, 0, 0
 
-    for index, (t, (image, mask, height, width, digest)) in enumerate(zip(items, bounded_map(pool, _encode, items, window))):
-        if writer is not None and (shard_rows >= rows_per_shard or shard_bytes + len(image) + len(mask) > max_bytes):
-            close_shard()
-        if writer is None:
-            name = f"part-{len(shards):05d}.parquet"
-            # A codec that decodes fast (shard_codec), no min/max statistics on the pixel columns
-            # (useless there, and costly to compute), and dictionary encoding on them too: the
-            # phrases of one image (RRSIS-D's "6_0", "6_1", ...) sit side by side, and a row
-            # group then stores that image once (synthetic set: 230 instead of 772 KiB a row).
-            writer = pq.ParquetWriter(
-                folder / name,
-                SCHEMA,
-                compression=PIXEL_COMPRESSION,
-                use_dictionary=["phrase", "split", "category", "image", "mask"],
-                dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
-                write_statistics=["id", "split", "height", "width", "index"],
-            )
-            shards.append({"path": f"{split}/{name}", "rows": 0})
-        rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index))
-        shard_rows += 1
-        shard_bytes += len(image) + len(mask)
-        largest = [max(largest[0], height), max(largest[1], width)]
-        digests.append(digest)
-        if len(rows) >= ROWS_PER_ROW_GROUP:
-            flush_group()
-    close_shard()
+    try:
+        for index, (t, (image, mask, height, width, digest)) in enumerate(zip(items, bounded_map(pool, _encode, items, window))):
+            if writer is not None and (shard_rows >= rows_per_shard or shard_bytes + len(image) + len(mask) > max_bytes):
+                close_shard()
+            if writer is None:
+                path = f"{split}/part-{len(shards):05d}.parquet"
+                writer = _open_shard(target, path)
+                shards.append({"path": path, "rows": 0})
+            rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index))
+            shard_rows += 1
+            shard_bytes += len(image) + len(mask)
+            largest = [max(largest[0], height), max(largest[1], width)]
+            digests.append(digest)
+            if len(rows) >= ROWS_PER_ROW_GROUP:
+                flush_group()
+        close_shard()
+    except BaseException:
+        if writer is not None:  # closed now, not whenever it is collected (after the caller's cleanup)
+            try:
+                writer.close()
+            except Exception:
+                pass
+        raise
     return shards, largest
+
+
+def _open_shard(target: storage.Location, path: str) -> pq.ParquetWriter:
+    """A Parquet writer of the shard `path` (split/part-NNNNN.parquet) under `target`: a local
+    file, or an object the store receives as it is written (multipart upload, no local copy)."""
+    # A codec that decodes fast (shard_codec), no min/max statistics on the pixel columns
+    # (useless there, and costly to compute), and dictionary encoding on them too: the
+    # phrases of one image (RRSIS-D's "6_0", "6_1", ...) sit side by side, and a row
+    # group then stores that image once (synthetic set: 230 instead of 772 KiB a row).
+    options = dict(
+        compression=PIXEL_COMPRESSION,
+        use_dictionary=["phrase", "split", "category", "image", "mask"],
+        dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
+        write_statistics=["id", "split", "height", "width", "index"],
+    )
+    if isinstance(target, storage.RemotePath):
+        return pq.ParquetWriter(f"{target.path}/{path}", SCHEMA, filesystem=target.fs, **options)
+    return pq.ParquetWriter(target / path, SCHEMA, **options)
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=False) + "\n"
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
@@ -389,27 +428,82 @@ def _split_order(by_split: dict[str, list]) -> list[str]:
 # The output folder
 
 
-def _check_replaceable(out: Path) -> None:
-    """Replace only what prepare made (a folder with manifest.json) or an empty folder."""
+def _check_replaceable(out: storage.Location) -> None:
+    """Replace only what prepare made (a folder or prefix with manifest.json) or an empty one."""
     if not out.exists():
         return
-    if out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())):
+    remote = isinstance(out, storage.RemotePath)
+    if out.is_dir() and ((out / MANIFEST).is_file() or not (_objects(out) if remote else any(out.iterdir()))):
         return
+    interrupted = ""
+    if remote:
+        interrupted = f" (a prepare that was killed while uploading leaves such a prefix: `aws s3 rm --recursive {out}`)"
     raise DatasetError(
         f"refusing to write to {out}: it exists and is not a prepared dataset (no {MANIFEST}); "
-        "choose another output folder or remove it"
+        f"choose another output folder or remove it{interrupted}"
     )
 
 
-def _read_text(uri: str) -> Optional[str]:
-    """A small text file from a local path or any filesystem pyarrow knows (s3://, gs://, ...)."""
-    if "://" not in uri:
-        path = Path(uri)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+def _publish_remote(out: storage.RemotePath, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
+    """Write the dataset under the prefix `out`, publishing it by its manifest, written last.
+
+    A previous dataset there is unpublished first (its manifest removed: readers then see "not
+    a prepared dataset" rather than old shards mixed with new ones), and its shards that the new
+    manifest does not list are deleted once the new one is published. A failure removes what
+    was written (the prefix then holds no dataset, and prepare can run again)."""
+    _check_replaceable(out)  # again: someone may have written there meanwhile
+    manifest_path = out / MANIFEST
+    try:
+        manifest_path.unlink(missing_ok=True)
+        manifest = write(out)
+        manifest_path.write_text(_manifest_text(manifest))
+    except BaseException as exc:
+        _delete_shards(out, keep=set(), manifest_too=True)
+        if isinstance(exc, OSError) and "AWS Error" in str(exc):
+            raise storage.StorageError(
+                f"--out: writing {out} failed, nothing was published there: {storage.describe(exc, str(out))}"
+            ) from exc
+        raise
+    _delete_shards(out, keep={s["path"] for shards in manifest["shards"].values() for s in shards})
+    return manifest
+
+
+def _objects(out: storage.RemotePath) -> list[str]:
+    """The objects under the prefix `out` (keys relative to it), without the empty "folder/"
+    markers pyarrow's S3 filesystem leaves where it deleted a folder's last object: a prefix
+    holding only markers holds nothing."""
     from pyarrow import fs
 
-    filesystem, inner = fs.FileSystem.from_uri(uri)
-    if filesystem.get_file_info(inner).type != fs.FileType.File:
+    found = out.fs.get_file_info(fs.FileSelector(out.path, recursive=True, allow_not_found=True))
+    return [i.path[len(out.path) + 1:] for i in found if i.type == fs.FileType.File]
+
+
+def _delete_shards(out: storage.RemotePath, *, keep: set[str], manifest_too: bool = False) -> None:
+    """Delete the shard objects under `out` that are not in `keep` (paths relative to `out`),
+    and the manifest with `manifest_too`. Best effort: what cannot be deleted is logged."""
+    try:
+        if manifest_too:
+            (out / MANIFEST).unlink(missing_ok=True)
+        for relative in _objects(out):
+            if SHARD_KEY.fullmatch(relative) and relative not in keep:
+                (out / relative).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not delete old or partial shards under %s: %s", out, storage.describe(exc, str(out)))
+
+
+def _read_text(uri: str) -> Optional[str]:
+    """A small text file from a local path or a URI (`storage.location`), None when it is missing."""
+    where = storage.location(uri)
+    if not isinstance(where, storage.RemotePath):
+        return where.read_text(encoding="utf-8") if where.is_file() else None
+    try:
+        return where.read_text()
+    except FileNotFoundError:
+        bucket = storage.RemotePath(where.scheme, where.path.split("/", 1)[0], where.fs)
+        if not bucket.exists():  # to a read, a missing bucket looks like a missing object
+            advice = storage.ADVICE["NO_SUCH_BUCKET"].format(bucket=bucket.name)
+            raise DatasetError(f"{where.parent} is not a prepared dataset: S3 at {storage.endpoint_url() or 'AWS'} "
+                               f"answered NO_SUCH_BUCKET: {advice}") from None
         return None
-    with filesystem.open_input_stream(inner) as f:
-        return f.read().decode("utf-8")
+    except OSError as exc:
+        raise DatasetError(f"cannot read {where}: {storage.describe(exc, str(where))}") from None

@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from rsrefseg.platform import paths, tracking
+from rsrefseg.platform import paths, storage, tracking
 from rsrefseg.platform.atomic import atomic_file, write_json
 from rsrefseg.platform import runs
 from rsrefseg.platform.config import ConfigError
@@ -67,11 +67,12 @@ def run_evaluate(
     MLflow as a figure (0 = none).
     """
     from rsrefseg.datasets.batch_inference import score_split
-    from rsrefseg.datasets.prepare import load_manifest
+    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
     from rsrefseg.training.ingest import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
 
     ckpt_dir = runs.resolve_checkpoint(checkpoint)
+    source = runs.checkpoint_source(checkpoint, ckpt_dir)
     model, cfg = load_checkpoint(ckpt_dir)
     # Only data/tracking/cluster/paths may change at evaluation time; the model is the checkpoint's.
     for item in overrides or []:
@@ -82,6 +83,7 @@ def run_evaluate(
     # the root of the machine that trained the checkpoint.
     cfg = runs.resolve_paths(cfg.replace(["paths.root=", *(overrides or [])]))
     paths.require(cfg, ["data.path"])
+    storage.check_readable("data.path", cfg.data.path, MANIFEST)
     manifest = load_manifest(cfg.data.path)
     if split not in manifest["counts"]:
         raise ConfigError(f"--split {split}: not in {cfg.data.path} (it has {', '.join(sorted(manifest['counts']))})")
@@ -94,7 +96,7 @@ def run_evaluate(
     replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas, gpus=cfg.evaluate.gpus_per_replica)
     log.info("scoring %s/%s with %s", cfg.data.path, split, replicas)
     rows = score_split(ds, cfg, model.trainable_state_dict(), replicas)
-    result = summarize(rows, checkpoint=str(ckpt_dir), dataset=cfg.data.path,
+    result = summarize(rows, checkpoint=source, dataset=cfg.data.path,
                        dataset_hash=manifest.get("content_hash", ""), split=split)
     label = f"{Path(cfg.data.path).name}/{split}"
     print(format_row(result["metrics"], label=label))
@@ -110,7 +112,7 @@ def run_evaluate(
         print(f"[rsrefseg] wrote {out} and {parquet} (one row per sample)")
     if cfg.tracking.enabled:
         examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
-        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, ckpt_dir, split, examples, manifest)
+        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, source, split, examples, manifest)
     return result
 
 
@@ -190,14 +192,14 @@ def _samples_table(rows: dict[str, list]):
     return pa.table({c: [rows[c][i] for i in order] for c in SAMPLE_COLUMNS})
 
 
-def _log_to_mlflow(cfg, result: dict, samples, ckpt_dir: Path, split: str, examples: list[dict], manifest: dict) -> str:
+def _log_to_mlflow(cfg, result: dict, samples, source: str, split: str, examples: list[dict], manifest: dict) -> str:
     import tempfile
 
     from rsrefseg.training.reporting import prediction_image
 
     run_id = tracking.start_run(
         cfg, run_name=f"evaluate-{split}",
-        tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": str(ckpt_dir),
+        tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": source,
               "rsrefseg.dataset_hash": result["dataset_hash"]},
     )
     with tracking.run_lifecycle(cfg.tracking, run_id) as c:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsrefseg.platform import tracking
-from rsrefseg.platform.runs import resolve_checkpoint
+from rsrefseg.platform.runs import checkpoint_source, resolve_checkpoint
 from rsrefseg.platform.config import Config, ConfigError
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_model.py"
@@ -27,7 +27,7 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
     if not cfg.tracking.enabled:
         raise ConfigError("tracking.enabled=false: registering a model needs the MLflow store")
     ckpt_dir = resolve_checkpoint(checkpoint)
-    tags = {"rsrefseg.job": "register", "rsrefseg.checkpoint": str(ckpt_dir)}
+    tags = {"rsrefseg.job": "register", "rsrefseg.checkpoint": checkpoint_source(checkpoint, ckpt_dir)}
     if source_run_id:
         tags["rsrefseg.source_run"] = source_run_id
     run_id = tracking.start_run(cfg, run_name=f"register-{name}", tags=tags)

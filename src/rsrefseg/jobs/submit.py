@@ -55,9 +55,12 @@ def project_dir() -> Path:
 def runtime_env(root: str | None = None) -> dict:
     """The job's code and environment; `root`: the project folder on the cluster's nodes, where
     the job's relative data/weights/runs paths resolve (as RSREFSEG_HOME, so every job kind,
-    `--resume` included, sees it)."""
+    `--resume` included, sees it). The S3 endpoint and region set here travel with the job
+    (credentials never do: the nodes have their own)."""
+    from rsrefseg.platform.storage import forwarded_environment
+
     pkg = Path(rsrefseg.__file__).resolve().parent
-    env_vars = {SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    env_vars = {**forwarded_environment(), SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     if root:
         env_vars[HOME_ENV] = root
     return {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from rsrefseg.platform import paths, runs, tracking
+from rsrefseg.platform import paths, runs, storage, tracking
 from rsrefseg.platform.config import Config, ConfigError
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted  # noqa: F401 (raised here, caught by the CLI)
 from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
@@ -24,9 +24,9 @@ from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
 @dataclass
 class TrainOutcome:
     name: str
-    run_dir: Path
+    run_dir: storage.Location  # a local folder or a storage.RemotePath (s3://...)
     mlflow_run_id: str | None
-    best_checkpoint: Path  # a model checkpoint folder (weights.safetensors + config.yaml)
+    best_checkpoint: storage.Location  # a model checkpoint folder (weights.safetensors + config.yaml)
     best_metrics: dict
     history: list[dict]
     # True when the run had already finished and nothing was trained again (a resumed finished
@@ -46,6 +46,7 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError("train.register_as: registers the model in MLflow, which tracking.enabled=false turns off")
     weights = ("model.sam_checkpoint", "model.siglip_path") if get_preset(cfg.model.preset).pretrained else ()
     paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
+    check_storage(cfg)
     check_model_files(cfg.model)
     manifest = load_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
@@ -61,6 +62,27 @@ def preflight(cfg: Config) -> dict:
             f"{cfg.data.path} split over {cfg.train.num_workers} workers; lower it"
         )
     return manifest
+
+
+def check_storage(cfg: Config) -> None:
+    """Object storage the run will use, probed from here before any Ray resource: the dataset
+    readable, the run folder and a direct MLflow artifact store writable (each error names the
+    key, the URI and what the store answered)."""
+    from rsrefseg.datasets.prepare import MANIFEST
+
+    storage.check_readable("data.path", cfg.data.path, MANIFEST)
+    storage.check_writable("train.storage_path", str(runs.storage_root(cfg)))
+    if cfg.tracking.enabled and storage.is_remote(cfg.tracking.artifact_location):
+        storage.check_writable("tracking.artifact_location", cfg.tracking.artifact_location)
+
+
+def check_storage_root(root: storage.Location, resume: str | None) -> None:
+    """The store a run or sweep folder lives in, probed before that folder is read, so that a
+    missing bucket or a refused key is said as such (not as "no run folder")."""
+    if resume and storage.is_remote(resume):
+        storage.check_writable("--resume", resume)
+    elif isinstance(root, storage.RemotePath):
+        storage.check_writable("train.storage_path", str(root))
 
 
 def start_ray_with_ingest_cpus(cfg: Config) -> float:
@@ -116,7 +138,9 @@ def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(runs.storage_root(cfg)),
+            # A local folder, or the store's pyarrow filesystem (endpoint and region, never
+            # credentials): workers upload their checkpoint shards there themselves.
+            **storage.ray_storage(runs.storage_root(cfg)),
             failure_config=FailureConfig(max_failures=t.max_failures),
             # The best by val gIoU is kept; Ray Train always keeps the latest too (for resume).
             checkpoint_config=CheckpointConfig(
@@ -149,6 +173,7 @@ def run_train(
     """
     cfg = runs.resolve_paths(cfg)
     root = runs.storage_root(cfg)
+    check_storage_root(root, resume)
     saved = runs.open_run(root, resume) if resume else (runs.find_run(root, name) if name else None)
     if saved:
         cfg, name, root = saved.cfg, saved.name, runs.storage_root(saved.cfg)  # the saved storage (absolute)
@@ -230,17 +255,20 @@ def controller_poll_interval(seconds: float) -> Iterator[None]:
 RESUME_FROM = " (it starts after the last finished epoch; from the beginning if none finished)"
 
 
-def record_best(cfg: Config, result, *, name: str, run_dir: Path, mlflow_run_id: str | None,
+def record_best(cfg: Config, result, *, name: str, run_dir: storage.Location, mlflow_run_id: str | None,
                 client=None) -> TrainOutcome:
     """Copy the best trainable weights out of Ray's folder (`<run>/best`) and record them, with
     the epoch history, in the MLflow run."""
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.tune.metric, float("-inf")))
     with result.checkpoint.as_directory() as latest:
         history = json.loads(Path(latest, runs.STATE_FILE).read_text())["history"]
+    # as_directory: the checkpoint itself when local, else a download of it (object storage).
     with best_ckpt.as_directory() as src:
-        best = runs.save_best(Path(src, runs.MODEL_DIR), run_dir)
+        model_dir = Path(src, runs.MODEL_DIR)
+        best = runs.save_best(model_dir, run_dir)
+        if client is not None:
+            client.log_artifacts(mlflow_run_id, str(model_dir), artifact_path="checkpoints/best")
     if client is not None:
-        client.log_artifacts(mlflow_run_id, str(best), artifact_path="checkpoints/best")
         client.log_text(mlflow_run_id, history_csv(history), "metrics/epochs.csv")
         tracking.log_metrics(
             client, mlflow_run_id,

@@ -9,17 +9,16 @@ same flat params as a train run; the parent holds the ablation table (Markdown, 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import signal
 import threading
-from pathlib import Path
 
 from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs.train import TrainingInterrupted
-from rsrefseg.platform import tracking
-from rsrefseg.platform import runs
-from rsrefseg.platform.atomic import atomic_file, write_text
+from rsrefseg.platform import runs, storage, tracking
+from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
 
 DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
@@ -116,11 +115,12 @@ def run_tune(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rsrefseg.jobs.train import preflight, start_ray_with_ingest_cpus
+    from rsrefseg.jobs.train import check_storage_root, preflight, start_ray_with_ingest_cpus
     from rsrefseg.platform.capacity import concurrent_trials
 
     cfg = runs.resolve_paths(cfg)
     root = runs.storage_root(cfg)
+    check_storage_root(root, resume)
     if resume:
         saved = runs.open_sweep(root, resume)
         cfg, sweep_dir, parent_run_id = saved.base, saved.sweep_dir, saved.parent_run_id
@@ -153,8 +153,10 @@ def run_tune(
     # and by what the cluster can give their workers, not by driver slots.
     trainable = ray.tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPU})
     if resume:
-        tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+        where = storage.ray_storage(sweep_dir)
+        tuner = ray.tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False,
+                                       storage_filesystem=where.get("storage_filesystem"))
     else:
         scheduler = None
         if cfg.tune.scheduler == "asha":
@@ -177,7 +179,7 @@ def run_tune(
                 max_concurrent_trials=concurrency or None,
             ),
             run_config=ray.tune.RunConfig(
-                name=name, storage_path=str(root),
+                name=name, **storage.ray_storage(root),
                 # A failing trial is retried tune.max_failures times, then reported, and the
                 # sweep goes on with the others.
                 failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
@@ -265,7 +267,7 @@ def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
     return out
 
 
-def _settle_trial_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialResult]) -> None:
+def _settle_trial_runs(cfg: Config, sweep_dir: storage.Location, results: list[sweeps.TrialResult]) -> None:
     """Once Tune's loop is over no trial's MLflow run is left RUNNING. A trial the scheduler stopped
     never finished: KILLED, tagged with why. A trial cut short by an interruption (its actor
     killed mid-epoch, so its run may still say RUNNING): KILLED; resuming it sets it running.
@@ -287,13 +289,14 @@ def _settle_trial_runs(cfg: Config, sweep_dir: Path, results: list[sweeps.TrialR
             c.set_terminated(run_id, status=tracking.KILLED)
 
 
-def _publish_table(client, parent_run_id: str | None, sweep_dir: Path, rows: list[dict]) -> None:
+def _publish_table(client, parent_run_id: str | None, sweep_dir: storage.Location, rows: list[dict]) -> None:
     markdown, csv_text = sweeps.to_markdown(rows), sweeps.to_csv(rows)
     write_text(sweep_dir / "ablation.md", markdown + "\n")
     write_text(sweep_dir / "ablation.csv", csv_text)
     fig = sweeps.ablation_figure(rows)
-    with atomic_file(sweep_dir / "ablation.png") as tmp_png:
-        fig.savefig(tmp_png, dpi=120, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    write_bytes(sweep_dir / "ablation.png", png.getvalue())
     if client is not None:
         client.log_text(parent_run_id, markdown + "\n", "ablation/ablation.md")
         client.log_text(parent_run_id, csv_text, "ablation/ablation.csv")

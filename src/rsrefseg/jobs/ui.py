@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
-from rsrefseg.platform import tracking
+from rsrefseg.platform import storage, tracking
 from rsrefseg.platform.config import ConfigError, TrackingConfig
 
 SERVER_WORKERS = 4  # MLflow's own default for `mlflow server --workers`
+# MLflow's own S3 endpoint variable: when set, its S3 artifact store passes it to boto3 as
+# endpoint_url, over boto3's own AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (which botocore reads
+# by itself when MLflow passes none).
+MLFLOW_S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
 
 
 def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
@@ -70,6 +76,31 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def server_environment(environ=os.environ) -> dict[str, str]:
+    """The server's environment, with one S3 endpoint for its artifact store and our checks.
+
+    MLflow's S3 store passes MLFLOW_S3_ENDPOINT_URL to boto3 when set; without it boto3 reads
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself, as `storage` does. Either one set alone is
+    the endpoint for both; the two naming different endpoints is refused."""
+    env = dict(environ)
+    ours, mlflows = storage.endpoint_url(env), env.get(MLFLOW_S3_ENDPOINT_ENV, "")
+    if ours and mlflows and ours.rstrip("/") != mlflows.rstrip("/"):
+        raise ConfigError(
+            f"{MLFLOW_S3_ENDPOINT_ENV}={mlflows} and AWS_ENDPOINT_URL(_S3)={ours} name different S3 endpoints: "
+            "the server would write artifacts to one and rsrefseg check the other; unset one of them")
+    if mlflows and not ours:
+        env[storage.ENDPOINT_ENVS[1]] = mlflows
+    return env
+
+
+def check_artifacts_writable(destination: str) -> None:
+    """Fail, naming --artifacts-destination, the URI and what S3 answered, unless this machine can
+    write under an s3:// destination: MLflow's server would start, and fail every upload later.
+    A local folder (the default) needs no probe: the server creates it."""
+    if urlparse(destination).scheme == "s3":
+        storage.check_writable("--artifacts-destination", destination)
+
+
 def client_uri(host: str, port: int) -> str:
     """The tracking.uri clients should use: a listen-on-all address is no address to connect to."""
     if host in ("0.0.0.0", "::", ""):
@@ -82,8 +113,12 @@ def run_mlflow_server(
     workers: int = SERVER_WORKERS,
 ) -> int:
     check_port_free(host, port)
+    env = server_environment()
+    # This command only launches the server: its endpoint is the server's (storage reads os.environ).
+    os.environ.update(env)
+    check_artifacts_writable(artifacts_destination)
     cmd = server_command(host=host, port=port, backend_store_uri=backend_store_uri,
                          artifacts_destination=artifacts_destination, allowed_hosts=allowed_hosts, workers=workers)
     print(f"[rsrefseg] MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
           "(or another address of this host: then add it to --allowed-hosts)", flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)

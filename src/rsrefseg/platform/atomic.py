@@ -37,13 +37,22 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_text(target: str | os.PathLike, text: str) -> Path:
+def write_bytes(target, data: bytes):
+    """`target`: a local path, or a `storage.RemotePath` (an object store replaces one object
+    whole, so a reader sees the old version or the new one there too)."""
+    if hasattr(target, "fs"):
+        target.write_bytes(data)
+        return target
     with atomic_file(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
     return Path(target)
 
 
-def write_json(target: str | os.PathLike, data: Any) -> Path:
+def write_text(target, text: str):
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target, data: Any):
     return write_text(target, json.dumps(data, indent=2) + "\n")
 
 
@@ -69,8 +78,14 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_dir(src: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Copy the folder `src` to `target`, atomically."""
+def copy_dir(src: str | os.PathLike, target, *, last: str | None = None):
+    """Copy the local folder `src` to `target`, atomically. On an object store (`target` a
+    `storage.RemotePath`), which cannot rename a folder, the file `last` is written after the
+    others: a reader that looks for it finds the rest in place."""
+    if hasattr(target, "fs"):
+        from rsrefseg.platform.storage import upload_dir
+
+        return upload_dir(src, target, last=last)
     with atomic_dir(target) as staging:
         shutil.copytree(src, staging, dirs_exist_ok=True)
     return Path(target)

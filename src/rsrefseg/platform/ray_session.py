@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -36,6 +37,18 @@ def joins_existing_ray(cluster: ClusterConfig) -> bool:
             or running_local_ray() is not None)
 
 
+def _job_env_vars() -> dict:
+    """The env_vars of the Ray job this driver runs in (`rsrefseg submit` already put the S3
+    endpoint there); Ray refuses a ray.init that names one of them again."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # private: guarded
+
+    try:
+        config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+        return dict((config.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
     """Join the Ray named by `cluster.address`, else one already running on this machine, else
     start a local one. Returns how messages should name that Ray.
@@ -45,10 +58,20 @@ def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
     """
     if ray.is_initialized():
         return "the Ray cluster"
+    from rsrefseg.platform.storage import forwarded_environment
+
     kwargs: dict = {"namespace": cluster.namespace, "log_to_driver": True}
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     address = cluster.address or os.environ.get("RAY_ADDRESS", "")
+    forwarded = {key: value for key, value in forwarded_environment().items()
+                 if key not in _job_env_vars()}
+    if address and forwarded:
+        # A joined cluster's processes have their nodes' environment, not ours: the S3 endpoint
+        # and region this driver uses go with the job (credentials stay with each node).
+        env = dict(kwargs.get("runtime_env") or {})
+        env["env_vars"] = {**forwarded, **env.get("env_vars", {})}
+        kwargs["runtime_env"] = env
     if address:
         log.info("joining Ray at %s", address)
         ray.init(address=address, **kwargs)

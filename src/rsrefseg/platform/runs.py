@@ -14,6 +14,9 @@ layout inside them. Jobs and tests use this API; nothing else spells these names
         sweep.yaml, ablation.{md,csv,png}
         trials/<trial id>/            each trial's run folder, laid out as above
 
+The storage root may be a local folder or object storage (`s3://BUCKET/runs`): folders here are
+`storage.Location`s, a Path or a RemotePath with the same few operations.
+
 No Ray, no torch: the CLI and light commands import it.
 """
 
@@ -25,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsrefseg.platform import paths
+from rsrefseg.platform import paths, storage
 from rsrefseg.platform.atomic import copy_dir, write_json, write_text
 from rsrefseg.platform.config import Config, ConfigError
 
@@ -47,9 +50,10 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 
 
-def storage_root(cfg: Config) -> Path:
-    """Where the config's runs and sweeps live (train.storage_path, against paths.root)."""
-    return Path(paths.resolve(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
+def storage_root(cfg: Config) -> storage.Location:
+    """Where the config's runs and sweeps live (train.storage_path, against paths.root): a local
+    folder or a storage.RemotePath (s3://...)."""
+    return storage.location(paths.resolve(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
 
 
 def new_run_name(cfg: Config) -> str:
@@ -75,39 +79,40 @@ class SavedRun:
     finished: dict | None  # {"best_metrics", "history"} once the run has ended
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> storage.Location:
         return storage_root(self.cfg) / self.name
 
 
-def create_run(run_dir: Path, cfg: Config, mlflow_run_id: str | None) -> None:
+def create_run(run_dir: storage.Location, cfg: Config, mlflow_run_id: str | None) -> None:
     """Record a (new or continued) run in its folder."""
     _write_run_info(run_dir, cfg, mlflow_run_id)
 
 
-def finish_run(run_dir: Path, cfg: Config, mlflow_run_id: str | None, *, best_metrics: dict,
+def finish_run(run_dir: storage.Location, cfg: Config, mlflow_run_id: str | None, *, best_metrics: dict,
                history: list[dict]) -> None:
     """Mark the run finished: it is never trained again (the last thing a run writes)."""
     _write_run_info(run_dir, cfg, mlflow_run_id, finished={"best_metrics": dict(best_metrics), "history": history})
 
 
-def save_best(model_dir: str | os.PathLike, run_dir: Path) -> Path:
-    """Copy the best epoch's model checkpoint to `<run>/best` (atomically)."""
-    return copy_dir(model_dir, run_dir / BEST_DIR)
+def save_best(model_dir: str | os.PathLike, run_dir: storage.Location) -> storage.Location:
+    """Copy the best epoch's model checkpoint to `<run>/best` (atomically; on an object store
+    the config last, which is what resolve_checkpoint looks for there)."""
+    return copy_dir(model_dir, run_dir / BEST_DIR, last=CONFIG_FILE)
 
 
-def _write_run_info(run_dir: Path, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
+def _write_run_info(run_dir: storage.Location, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
     info = {"mlflow_run_id": run_id, "config": cfg.to_dict()}
     if finished is not None:
         info["finished"] = finished
     write_json(run_dir / RUN_INFO, info)
 
 
-def find_run(root: Path, name: str) -> SavedRun | None:
+def find_run(root: storage.Location, name: str) -> SavedRun | None:
     """The run folder `name` under `root` when it exists (a Tune trial restarted by its sweep)."""
     return open_run(root, name) if (root / name / RUN_INFO).is_file() else None
 
 
-def open_run(root: Path, ref: str) -> SavedRun:
+def open_run(root: storage.Location, ref: str) -> SavedRun:
     """The run a `--resume REF` names: a folder path as typed, or a name under `root`."""
     run_dir = named_folder(root, ref, RUN_INFO)
     info = run_dir / RUN_INFO
@@ -123,17 +128,17 @@ def open_run(root: Path, ref: str) -> SavedRun:
         # `<sweep>/trials/<id>`): Ray Train finds the run's checkpoints at storage_path/name.
         name = run_dir.resolve().relative_to(storage_root(cfg).resolve()).as_posix()
     except ValueError:  # the folder was moved: continue it where it is now
-        cfg = cfg.replace({"train.storage_path": str(run_dir.resolve().parent)})
+        cfg = cfg.replace({"train.storage_path": str(run_dir.resolve().parent)})  # a URI stays a URI
         name = run_dir.name
     return SavedRun(cfg=cfg, name=name, mlflow_run_id=data.get("mlflow_run_id"), finished=data.get("finished"))
 
 
-def _known(root: Path, marker: str) -> list[str]:
+def _known(root: storage.Location, marker: str) -> list[str]:
     """The run (RUN_INFO) or sweep (SWEEP_INFO) folders directly under `root`, by name."""
     return sorted(p.parent.name for p in root.glob(f"*/{marker}")) if root.is_dir() else []
 
 
-def trial_runs(sweep_dir: Path) -> dict[str, dict]:
+def trial_runs(sweep_dir: storage.Location) -> dict[str, dict]:
     """Trial id -> what its run folder records (`mlflow_run_id`, `finished`), for the trials of a
     sweep whose training started."""
     return {info.parent.name: json.loads(info.read_text())
@@ -145,18 +150,18 @@ def trial_runs(sweep_dir: Path) -> dict[str, dict]:
 
 @dataclass
 class SavedSweep:
-    sweep_dir: Path
+    sweep_dir: storage.Location
     base: Config
     parent_run_id: str | None
     sweep_file: str  # the sweep file as given
-    sweep_file_copy: Path  # the copy kept in the sweep folder (what a resume reads)
+    sweep_file_copy: storage.Location  # the copy kept in the sweep folder (what a resume reads)
 
     @property
     def name(self) -> str:
         return self.sweep_dir.name
 
 
-def create_sweep(sweep_dir: Path, base: Config, sweep_file: str, parent_run_id: str | None) -> SavedSweep:
+def create_sweep(sweep_dir: storage.Location, base: Config, sweep_file: str, parent_run_id: str | None) -> SavedSweep:
     """Record a new sweep: its base config, a copy of its sweep file, its MLflow parent run."""
     copy = write_text(sweep_dir / SWEEP_FILE_COPY, Path(sweep_file).read_text())
     write_json(sweep_dir / SWEEP_INFO, {"base": base.to_dict(), "parent_run_id": parent_run_id,
@@ -164,7 +169,7 @@ def create_sweep(sweep_dir: Path, base: Config, sweep_file: str, parent_run_id: 
     return SavedSweep(sweep_dir, base, parent_run_id, sweep_file, copy)
 
 
-def open_sweep(root: Path, ref: str) -> SavedSweep:
+def open_sweep(root: storage.Location, ref: str) -> SavedSweep:
     """The sweep a `tune --resume REF` names: a folder path as typed, or a name under `root`."""
     sweep_dir = named_folder(root, ref, SWEEP_INFO)
     info_path = sweep_dir / SWEEP_INFO
@@ -172,9 +177,11 @@ def open_sweep(root: Path, ref: str) -> SavedSweep:
         raise ConfigError(f"--resume {ref}: {info_path} not found; "
                           f"sweeps under {root}: {', '.join(_known(root, SWEEP_INFO)) or 'none'}")
     info = json.loads(info_path.read_text())
-    copy = Path(info.get("sweep_file_copy") or sweep_dir / SWEEP_FILE_COPY)
+    copy = storage.location(info.get("sweep_file_copy") or sweep_dir / SWEEP_FILE_COPY)
     if not copy.is_file():  # the folder was moved: its copy is beside the info
         copy = sweep_dir / SWEEP_FILE_COPY
+    if isinstance(copy, storage.RemotePath):  # the sweep file reader reads a local file
+        copy = storage.local_copy(copy.parent, (copy.name,)) / copy.name
     return SavedSweep(sweep_dir, Config.from_dict(info["base"], source=str(info_path)), info.get("parent_run_id"),
                       info.get("sweep_file", str(copy)), copy)
 
@@ -184,6 +191,9 @@ def resolve_paths(cfg: Config) -> Config:
     (Ray workers and Tune trials run in other working directories, or on other machines)."""
     from rsrefseg.platform import tracking
 
+    flat = cfg.flat()
+    for key in (*paths.PATH_KEYS, "tracking.artifact_location"):
+        storage.check_uri(key, flat[key])
     return tracking.resolved(paths.absolute(cfg))
 
 
@@ -213,10 +223,13 @@ def portable(cfg: Config) -> Config:
 # -- names as typed -----------------------------------------------------------------------------
 
 
-def named_folder(root: Path, ref: str, marker: str) -> Path:
-    """The folder a `--resume REF` names: a path as typed (absolute, or relative to here or to
-    the project folder, as in `runs/<name>`) when it holds `marker`, else the name REF under the
-    storage root `root`. (A submitted job runs in Ray's copy of the code, not the project folder.)"""
+def named_folder(root: storage.Location, ref: str, marker: str) -> storage.Location:
+    """The folder a `--resume REF` names: a URI (s3://...), a path as typed (absolute, or
+    relative to here or to the project folder, as in `runs/<name>`) when it holds `marker`, else
+    the name REF under the storage root `root`. (A submitted job runs in Ray's copy of the code,
+    not the project folder.)"""
+    if storage.is_remote(ref):
+        return storage.location(ref.rstrip("/"))
     for path in (Path(ref), paths.project_root() / ref):
         if (path / marker).is_file():
             return path.resolve()
@@ -225,7 +238,10 @@ def named_folder(root: Path, ref: str, marker: str) -> Path:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The model checkpoint a `--checkpoint PATH` names: a model checkpoint folder, a run folder
-    (its best/) or a Ray Train checkpoint (its model/)."""
+    (its best/) or a Ray Train checkpoint (its model/). A URI (s3://...) is looked up the same
+    way and its two files are downloaded into a temporary folder of this process."""
+    if storage.is_remote(path):
+        return _remote_checkpoint(str(path))
     p = Path(path)
     for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
         if any((candidate / f).is_file() for f in CHECKPOINT_FILES):
@@ -236,3 +252,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         f"--checkpoint {p}: not a checkpoint; expected {' and '.join(CHECKPOINT_FILES)} in it, "
         f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)"
     )
+
+
+def checkpoint_source(checkpoint: str | os.PathLike, resolved: Path) -> str:
+    """How records name a checkpoint: the URI as given for one in object storage (its local copy
+    is temporary), else the folder `resolve_checkpoint` found."""
+    return str(checkpoint).rstrip("/") if storage.is_remote(checkpoint) else str(resolved)
+
+
+def _remote_checkpoint(uri: str) -> Path:
+    storage.require_credentials("--checkpoint", uri)
+    try:
+        p = storage.location(uri.rstrip("/"))
+        for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
+            # CONFIG_FILE is written last to a store (save_best): with it, the weights are there.
+            if (candidate / CONFIG_FILE).is_file():
+                return storage.local_copy(candidate, CHECKPOINT_FILES)
+        error = storage.missing_bucket("--checkpoint", p)
+    except OSError as exc:
+        raise storage.StorageError(f"--checkpoint {uri}: {storage.describe(exc, uri)}") from None
+    if error:
+        raise error
+    raise ConfigError(f"--checkpoint {uri}: not a checkpoint; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it, "
+                      f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)")

@@ -188,7 +188,11 @@ def start_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(cfg.tracking), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    log_params(c, run_id, cfg.flat())
+    # Params as a checkpoint keeps them: paths under the project folder relative to it, so the
+    # same run started on two machines (or nodes) lines up in the compare view and names neither.
+    from rsrefseg.platform.runs import portable
+
+    log_params(c, run_id, portable(cfg).flat())
     log_params(c, run_id, {f"version.{k}": v for k, v in package_versions().items()})
     if config_file and Path(config_file).is_file():
         c.log_artifact(run_id, config_file, artifact_path="config")
