@@ -1,5 +1,10 @@
-"""A real two-node Ray cluster on this machine, an MLflow server on loopback, and jobs submitted
-through `rsrefseg submit` (the Ray Jobs API). Everything is torn down at the end.
+"""A real two-node Ray cluster on this machine, an MLflow server on loopback, object storage (an
+S3 bucket of the tests' moto server, tests/s3.py), and jobs submitted through `rsrefseg submit`
+(the Ray Jobs API). Everything is torn down at the end.
+
+As on a real cluster, every node has the store's endpoint and credentials in its environment
+(the AWS variables `ray start` ran with), and the MLflow server on the head keeps its artifacts in
+the bucket.
 
 The cluster lives in its own Ray temp dir, so teardown stops exactly its processes and leaves
 the test session's own local Ray alone (`ray stop` would kill every Ray on the machine).
@@ -7,12 +12,13 @@ the test session's own local Ray alone (`ray stop` would kill every Ray on the m
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from rsrefseg.cli import main
-from tests.network import free_port, kill_tree_using, wait_http
+from tests.network import free_port, kill_tree_using, train_worker_pids, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("raycluster")
+    bucket = s3_server.new_bucket()
     # Ray's socket paths must stay short: a temp dir of its own under /tmp.
     ray_tmp = Path(f"/tmp/rsr-{os.getpid()}")
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
@@ -81,7 +88,8 @@ def cluster(tmp_path_factory):
         store.mkdir()
         procs.append(subprocess.Popen(
             [str(BIN / "rsrefseg"), "mlflow-server", "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art"),
+             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{bucket}/mlartifacts",
              "--workers", "1"],
             stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
@@ -98,7 +106,7 @@ def cluster(tmp_path_factory):
             monkeypatch.delenv(key, raising=False)
         procs.append(monkeypatch)
         yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp,
-               "project": project}
+               "project": project, "bucket": bucket}
     finally:
         for p in procs:
             if isinstance(p, pytest.MonkeyPatch):
@@ -109,39 +117,73 @@ def cluster(tmp_path_factory):
         subprocess.run(["rm", "-rf", str(ray_tmp)])
 
 
-def test_demo_training_job_runs_on_both_nodes_and_logs_to_server(cluster, prepared_dataset, capsys):
-    # The recipe's relative paths as written: demo.yaml's data.path (data/demo/prepared) and the
-    # default train.storage_path (runs) resolve in the nodes' project folder, where cluster.yaml's
-    # setup commands sync data/ (the job itself runs in Ray's copy of the code, which holds no
-    # data/: it is excluded from the upload).
+def _submit(cluster, *job: str) -> int:
+    return main(["submit", "--address", cluster["address"], "--", *job])
+
+
+def test_a_job_with_only_s3_paths_trains_on_both_nodes_survives_a_killed_worker_and_evaluates(
+        cluster, s3_server, synthetic_root, prepared_dataset, capsys):
+    # The README's cluster commands with only s3:// paths: the dataset prepared into the bucket
+    # from here, the run folder in the bucket, MLflow's artifacts in the bucket behind the server.
     from mlflow.tracking import MlflowClient
 
     from rsrefseg.jobs.submit import _client
 
-    shutil.copytree(prepared_dataset, cluster["project"] / "data/demo/prepared")
-    rc = main([
-        "submit", "--address", cluster["address"], "--",
-        "train", "--config", "configs/demo.yaml", "train.epochs=1", "train.batch_size=4", "data.limit=16",
-        # 2 CPUs a worker on 3-CPU nodes: the two workers cannot share a node.
-        "train.cpus_per_worker=2",
-        f"tracking.uri={cluster['mlflow']}", "tracking.experiment=cluster", "tracking.run_name=cluster",
-    ])
+    bucket = cluster["bucket"]
+    data, runs_uri = f"s3://{bucket}/data/demo/prepared", f"s3://{bucket}/runs"
+    assert main(["prepare", "--format", "synthetic", "--root", str(synthetic_root), "--out", data]) == 0
+    capsys.readouterr()
+    job = ["train", "--config", "configs/demo.yaml", f"data.path={data}", f"train.storage_path={runs_uri}",
+           "train.epochs=2", "train.batch_size=4", "data.limit=16", "train.max_failures=1",
+           # 2 CPUs a worker on 3-CPU nodes: the two workers cannot share a node.
+           "train.cpus_per_worker=2",
+           f"tracking.uri={cluster['mlflow']}", "tracking.experiment=cluster", "tracking.run_name=cluster"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", _submit(cluster, *job)))
+    thread.start()
+    killed, deadline = 0, time.time() + 600
+    while thread.is_alive() and not killed and time.time() < deadline:
+        # Once epoch 1's checkpoint is in the bucket, a worker dies: the group restarts from it.
+        if s3_server.checkpointed_epochs(bucket) and train_worker_pids():
+            os.kill(train_worker_pids()[-1], signal.SIGKILL)
+            killed = 1
+        time.sleep(0.2)
+    thread.join(timeout=900)
     out = capsys.readouterr().out
-    assert rc == 0, out[-3000:]
+    assert killed, "the job ended before a worker could be killed"
+    assert result.get("rc") == 0, out[-3000:]
     assert "SUCCEEDED" in out
     jobs = _client(cluster["address"]).list_jobs()  # authenticated as `rsrefseg jobs` is
     assert any(j.status.value == "SUCCEEDED" for j in jobs)
 
     client = MlflowClient(tracking_uri=cluster["mlflow"])
     exp = client.get_experiment_by_name("cluster")
-    (run,) = client.search_runs([exp.experiment_id])
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'train'")
     assert run.info.status == "FINISHED"
-    assert client.get_metric_history(run.info.run_id, "val/gIoU")
+    # Epoch 1 came back from the bucket's checkpoint after the kill: validated once, not retrained.
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/gIoU")) == [1, 2]
     nodes = run.data.tags["rsrefseg.worker_nodes"].split(",")
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    # The dataset in the bucket is the same dataset as a local prepare of the same scenes.
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    assert run.data.tags["rsrefseg.dataset_hash"] == manifest["content_hash"]
+    # The run's folder and its artifacts are objects in the bucket; the server lists them.
+    (name,) = {k.split("/")[1] for k in s3_server.keys(bucket, "runs/") if k.endswith("/rsrefseg_run.json")}
+    assert f"runs/{name}/best/weights.safetensors" in s3_server.keys(bucket, f"runs/{name}/best/")
+    artifacts = s3_server.keys(bucket, "mlartifacts/")
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/checkpoints/best/weights.safetensors") for k in artifacts)
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/val_predictions/epoch_002.png") for k in artifacts)
     assert "checkpoints/best" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    (run_dir,) = (cluster["project"] / "runs").iterdir()
-    assert (run_dir / "best" / "weights.safetensors").is_file()
+    assert not (cluster["project"] / "runs").exists()  # no node kept the run on its disk
+
+    # Evaluate reads the best checkpoint from the bucket, on the cluster.
+    assert _submit(cluster, "evaluate", "--checkpoint", f"{runs_uri}/{name}", "--split", "test",
+                   f"tracking.uri={cluster['mlflow']}", "tracking.experiment=cluster") == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    (evaluation,) = client.search_runs([exp.experiment_id], filter_string="tags.`rsrefseg.job` = 'evaluate'")
+    assert evaluation.data.tags["rsrefseg.checkpoint"] == f"{runs_uri}/{name}"
+    assert evaluation.data.metrics["test/count"] == min(manifest["counts"]["test"], 16)  # the run's data.limit
+    assert [k for k in s3_server.keys(bucket, "mlartifacts/") if evaluation.info.run_id in k]
 
 
 def test_bad_config_job_fails_fast_with_the_error_in_its_logs(cluster, capsys):

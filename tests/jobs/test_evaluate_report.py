@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsrefseg.jobs.evaluate import format_row, format_table, plan_replicas, summarize
+from rsrefseg.jobs.evaluate import format_row, format_table, plan_replicas, replica_cpus, summarize
 from rsrefseg.platform.config import Config
 
 
@@ -35,3 +35,15 @@ def test_cpu_cluster_gets_one_replica_with_the_cpus_ingest_leaves(ray_session):
     assert replicas.gpus == 0 and replicas.count == 1
     assert replicas.cpus == ray.cluster_resources()["CPU"] - cfg.train.ingest_cpus
     assert plan_replicas(cfg, batch_size=4, count=2).cpus == (ray.cluster_resources()["CPU"] - cfg.train.ingest_cpus) // 2
+
+
+def test_a_cpu_replica_never_asks_for_more_than_one_node_has():
+    # One node of 3: ingest keeps one, the replica takes two.
+    assert replica_cpus(3, 3, ingest=1, count=1) == 2
+    # Two nodes of 3: five are free of ingest, but an actor lives on one node: three, and ingest
+    # runs on the other node.
+    assert replica_cpus(6, 3, ingest=1, count=1) == 3
+    assert replica_cpus(6, 3, ingest=1, count=2) == 2
+    # An autoscaling cluster with no node up yet: its configured maximum, unbounded by a node.
+    assert replica_cpus(16, 0, ingest=1, count=1) == 15
+    assert replica_cpus(1, 1, ingest=1, count=1) == 1

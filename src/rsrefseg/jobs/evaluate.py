@@ -146,21 +146,29 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
 
 def plan_replicas(cfg, *, batch_size: int, count: int = 0, gpus: float = -1):
     """Model replicas for this cluster: one per GPU (one GPU each) when it has GPUs, else one
-    replica taking every CPU but those Ray Data's preprocessing needs (`train.ingest_cpus`).
-    count / gpus override (0 / -1 = decide)."""
+    replica taking every CPU but those Ray Data's preprocessing needs (`train.ingest_cpus`), up to
+    what its biggest node has (see `replica_cpus`). count / gpus override (0 / -1 = decide)."""
     import ray
 
     from rsrefseg.datasets.batch_inference import Replicas
-    from rsrefseg.platform.capacity import cluster_cpus
+    from rsrefseg.platform.capacity import cluster_cpus, largest_node_cpus
 
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus < 0:
         gpus = 1.0 if cluster_gpus else 0.0
     if gpus > 0:
         return Replicas(count=count or max(1, int(cluster_gpus / gpus)), gpus=gpus, cpus=1.0, batch_size=batch_size)
-    cpus = max(1.0, float(cluster_cpus() - cfg.train.ingest_cpus))
     count = count or 1
-    return Replicas(count=count, gpus=0.0, cpus=max(1.0, cpus // count), batch_size=batch_size)
+    cpus = replica_cpus(cluster_cpus(), largest_node_cpus(), ingest=cfg.train.ingest_cpus, count=count)
+    return Replicas(count=count, gpus=0.0, cpus=cpus, batch_size=batch_size)
+
+
+def replica_cpus(cluster: float, largest_node: float, *, ingest: float, count: int) -> float:
+    """CPUs per CPU replica: the cluster's, less ingest's, shared by `count`; but never more than
+    one node has, since an actor cannot span nodes (one replica of a two-node cluster's CPUs would
+    wait forever). A node not up yet (an autoscaler's, `largest_node` 0) sets no bound."""
+    cpus = max(1.0, (cluster - ingest) // count)
+    return max(1.0, min(cpus, largest_node)) if largest_node else cpus
 
 
 def summarize(rows: dict[str, list], **about) -> dict:

@@ -91,6 +91,14 @@ def cluster_cpus() -> float:
     return max(now, most)
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the connected Ray's biggest live node (0 when none has any yet): the most one
+    actor can hold, since an actor never spans nodes."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 def describe_resources() -> str:
     """Free and total resources of the connected Ray, for a stall message."""
     import ray
