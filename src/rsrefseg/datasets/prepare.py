@@ -499,11 +499,9 @@ def _read_text(uri: str) -> Optional[str]:
     try:
         return where.read_text()
     except FileNotFoundError:
-        bucket = storage.RemotePath(where.scheme, where.path.split("/", 1)[0], where.fs)
-        if not bucket.exists():  # to a read, a missing bucket looks like a missing object
-            advice = storage.ADVICE["NO_SUCH_BUCKET"].format(bucket=bucket.name)
-            raise DatasetError(f"{where.parent} is not a prepared dataset: S3 at {storage.endpoint_url() or 'AWS'} "
-                               f"answered NO_SUCH_BUCKET: {advice}") from None
+        answer = storage.missing_bucket(where)
+        if answer:
+            raise DatasetError(f"{where.parent} is not a prepared dataset: {answer}") from None
         return None
     except OSError as exc:
         raise DatasetError(f"cannot read {where}: {storage.describe(exc, str(where))}") from None

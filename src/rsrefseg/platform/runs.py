@@ -268,10 +268,10 @@ def _remote_checkpoint(uri: str) -> Path:
             # CONFIG_FILE is written last to a store (save_best): with it, the weights are there.
             if (candidate / CONFIG_FILE).is_file():
                 return storage.local_copy(candidate, CHECKPOINT_FILES)
-        error = storage.missing_bucket("--checkpoint", p)
+        answer = storage.missing_bucket(p)
     except OSError as exc:
         raise storage.StorageError(f"--checkpoint {uri}: {storage.describe(exc, uri)}") from None
-    if error:
-        raise error
+    if answer:
+        raise storage.StorageError(f"--checkpoint: {p}: {answer}")
     raise ConfigError(f"--checkpoint {uri}: not a checkpoint; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it, "
                       f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)")

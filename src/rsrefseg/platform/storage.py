@@ -346,13 +346,13 @@ def check_writable(key: str, uri: str) -> None:
         raise StorageError(f"{key}: cannot write under {uri}: {describe(exc, uri)}") from None
 
 
-def missing_bucket(key: str, where: RemotePath) -> StorageError | None:
-    """The error to raise when `where`'s bucket does not exist (a missing object and a missing
-    bucket look alike to a read: both are "not found")."""
+def missing_bucket(where: RemotePath) -> str:
+    """What S3 answers, with what to do, when `where`'s bucket does not exist ('' when it does):
+    to a read, a missing object and a missing bucket look alike (both are "not found")."""
     if where.bucket.exists():
-        return None
+        return ""
     advice = ADVICE["NO_SUCH_BUCKET"].format(bucket=where.bucket.name)
-    return StorageError(f"{key}: {where}: S3 at {endpoint_url() or 'AWS'} answered NO_SUCH_BUCKET: {advice}")
+    return f"S3 at {endpoint_url() or 'AWS'} answered NO_SUCH_BUCKET: {advice}"
 
 
 def check_readable(key: str, uri: str, name: str) -> None:
@@ -363,9 +363,10 @@ def check_readable(key: str, uri: str, name: str) -> None:
     try:
         (location(uri) / name).read_bytes()
     except FileNotFoundError:
-        error = missing_bucket(key, location(uri))
-        if error:
-            raise error from None
+        where = location(uri)
+        answer = missing_bucket(where)
+        if answer:
+            raise StorageError(f"{key}: {where}: {answer}") from None
         return  # the caller says what was expected there
     except OSError as exc:
         raise StorageError(f"{key}: cannot read {uri}/{name}: {describe(exc, uri)}") from None
