@@ -66,12 +66,12 @@ def preflight(cfg: Config) -> dict:
 
 def check_storage(cfg: Config) -> None:
     """Object storage the run will use, probed from here before any Ray resource: the dataset
-    readable, the run folder and a direct MLflow artifact store writable (each error names the
-    key, the URI and what the store answered)."""
+    readable and a direct MLflow artifact store writable (each error names the key, the URI and
+    what the store answered). The run folder's store was probed before the folder was read
+    (`check_storage_root`, called first by train and tune)."""
     from rsrefseg.datasets.prepare import MANIFEST
 
     storage.check_readable("data.path", cfg.data.path, MANIFEST)
-    storage.check_writable("train.storage_path", str(runs.storage_root(cfg)))
     if cfg.tracking.enabled and storage.is_remote(cfg.tracking.artifact_location):
         storage.check_writable("tracking.artifact_location", cfg.tracking.artifact_location)
 
