@@ -144,8 +144,9 @@ def test_a_job_with_only_s3_paths_trains_on_both_nodes_survives_a_killed_worker_
     killed, deadline = 0, time.time() + 600
     while thread.is_alive() and not killed and time.time() < deadline:
         # Once epoch 1's checkpoint is in the bucket, a worker dies: the group restarts from it.
-        if s3_server.checkpointed_epochs(bucket) and train_worker_pids():
-            os.kill(train_worker_pids()[-1], signal.SIGKILL)
+        pids = train_worker_pids() if s3_server.checkpointed_epochs(bucket) else []
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
             killed = 1
         time.sleep(0.2)
     thread.join(timeout=900)
