@@ -253,9 +253,9 @@ def breakdown(cfg, run_id: str | None) -> str:
     """Training-step time vs. the rest, per epoch, from the run's logged throughput."""
     if not run_id:
         return ""
-    from rsrefseg.platform import tracking
+    from rsrefseg.platform import paths, tracking
 
-    client = tracking.client(tracking.resolved(cfg).tracking)
+    client = tracking.client(paths.with_tracking_store(cfg).tracking)
     run = client.get_run(run_id)
     start = run.info.start_time / 1000
     epochs = sorted(client.get_metric_history(run_id, "val/gIoU"), key=lambda m: m.step)

@@ -54,7 +54,8 @@ from rsrefseg.training.engine import build_engine, train_step
 from rsrefseg.models.inference import model_inputs
 from rsrefseg.models.presets import get_preset
 from rsrefseg.models.rsrefseg import build_model
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 
 
 def device_name(device: torch.device) -> str:

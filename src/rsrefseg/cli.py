@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rsrefseg.jobs.ui import SERVER_WORKERS
-from rsrefseg.platform.config import ConfigError, load_config
+from rsrefseg.platform.config import load_config
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted, UserError
 
 

@@ -117,7 +117,7 @@ def test_a_server_keeps_figures_tables_and_models_in_s3_and_serves_them_to_a_cli
 
 def test_mlflows_own_endpoint_variable_names_the_store_for_the_server_and_the_probe(s3_server, s3_bucket, monkeypatch):
     from rsrefseg.jobs.ui import check_artifacts_writable, server_environment
-    from rsrefseg.platform.config import ConfigError
+    from rsrefseg.platform.errors import ConfigError
 
     # Only MLFLOW_S3_ENDPOINT_URL names the store (as MLflow's docs for MinIO say): the server's
     # environment then names it for boto3 and for our probe alike, and the probe reaches it.

@@ -77,7 +77,7 @@ def test_gsd_resamples_by_metres_per_pixel_and_refuses_degrees():
     from rasterio.crs import CRS
 
     from rsrefseg.jobs.predict import Scene, _to_training_scale
-    from rsrefseg.platform.config import ConfigError
+    from rsrefseg.platform.errors import ConfigError
 
     rgb = np.zeros((100, 200, 3), np.uint8)
     utm = Scene(rgb, {"crs": CRS.from_epsg(32633), "transform": None, "res": (0.3, 0.3)})

@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from rsrefseg.jobs import train
+from rsrefseg.models.checkpoint_folder import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 from rsrefseg.platform import runs
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 from tests.models.helpers import tiny_config
 
 
@@ -96,17 +97,17 @@ def test_resume_refuses_what_it_would_ignore(job, extra, capsys):
 def test_checkpoint_names_a_model_folder_a_run_or_a_ray_checkpoint(tmp_path):
     model = tmp_path / "run" / runs.BEST_DIR
     model.mkdir(parents=True)
-    (model / runs.WEIGHTS_FILE).write_bytes(b"")
+    (model / WEIGHTS_FILE).write_bytes(b"")
     ray_ckpt = tmp_path / "checkpoint_000001" / runs.MODEL_DIR
     ray_ckpt.mkdir(parents=True)
-    (ray_ckpt / runs.CONFIG_FILE).write_text("")
-    assert runs.resolve_checkpoint(model) == model
-    assert runs.resolve_checkpoint(tmp_path / "run") == model
-    assert runs.resolve_checkpoint(tmp_path / "checkpoint_000001") == ray_ckpt
+    (ray_ckpt / CONFIG_FILE).write_text("")
+    assert find_checkpoint(model) == model
+    assert find_checkpoint(tmp_path / "run") == model
+    assert find_checkpoint(tmp_path / "checkpoint_000001") == ray_ckpt
     with pytest.raises(ConfigError, match="not a checkpoint"):
-        runs.resolve_checkpoint(tmp_path)
+        find_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
-        runs.resolve_checkpoint(tmp_path / "nothing")
+        find_checkpoint(tmp_path / "nothing")
 
 
 def test_a_trial_is_a_run_folder_inside_its_sweep(tmp_path):

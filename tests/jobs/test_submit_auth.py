@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rsrefseg.jobs.submit import auth_token
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 
 
 def test_token_order_env_then_path_then_home(tmp_path, monkeypatch):

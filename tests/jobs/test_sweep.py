@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from rsrefseg.training import sweep as sweeps
-from rsrefseg.platform.config import ConfigError, load_config
+from rsrefseg.platform.config import load_config
+from rsrefseg.platform.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = load_config(REPO / "configs/rsrefseg-b-rrsisd.yaml")

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from rsrefseg.cli import main
-from rsrefseg.platform import tracking
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import TrackingConfig
 from tests.models.helpers import tiny_config
 from tests.network import free_port, wait_http
@@ -63,7 +63,7 @@ def test_ui_on_loopback_and_a_server_that_answers_the_hosts_it_is_told_to_allow(
     # `rsrefseg ui`: the project-local store (the default tracking location), on loopback only.
     cfg = tiny_config(["tracking.experiment=ui-check"])
     run_id = tracking.start_run(cfg, run_name="seen-in-the-ui")
-    assert tracking.resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{project_home / 'mlflow.db'}"
+    assert paths.tracking_uri(TrackingConfig()) == f"sqlite:///{project_home / 'mlflow.db'}"
     env = {**os.environ, "RSREFSEG_HOME": str(project_home)}
     ui_port, server_port = free_port(), free_port()
     ui = subprocess.Popen([str(BIN / "rsrefseg"), "ui", "--port", str(ui_port)], cwd=project_home, env=env,

@@ -12,7 +12,8 @@ from rsrefseg.models.presets import SAM_TINY
 from rsrefseg.models.prompter import AttnPrompter
 from rsrefseg.models.rsrefseg import build_model
 from rsrefseg.models.sam import build_sam
-from rsrefseg.platform.config import VARIANTS, Config, ConfigError
+from rsrefseg.platform.config import VARIANTS, Config
+from rsrefseg.platform.errors import ConfigError
 from tests.models.helpers import forward, tiny_config, tiny_model_config
 from tests.models.test_prompter import D1, GRID, _inputs
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsrefseg.platform.config import Config, ConfigError, load_config, parse_override
+from rsrefseg.platform.config import Config, load_config, parse_override
+from rsrefseg.platform.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rsrefseg.platform.config import Config, ConfigError, load_config
+from rsrefseg.platform.config import Config, load_config
+from rsrefseg.platform.errors import ConfigError
 
 
 def test_auto_switches_are_on_for_gpu_and_off_for_cpu():

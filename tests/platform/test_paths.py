@@ -12,7 +12,8 @@ from rsrefseg.cli import main
 from rsrefseg.jobs.submit import runtime_env, run_submit
 from rsrefseg.platform.runs import resolve_paths
 from rsrefseg.platform import paths
-from rsrefseg.platform.config import ConfigError, load_config
+from rsrefseg.platform.config import load_config
+from rsrefseg.platform.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -46,5 +46,5 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
     for label, result in results.items():
         print(format_row(result["metrics"], label=label))
         print(format_table(result["by_category"], first="category"))
-    print(f"\nCompare runs in the MLflow UI: rsrefseg ui   (store: {tracking.resolved(cfg).tracking.uri})")
+    print(f"\nCompare runs in the MLflow UI: rsrefseg ui   (store: {paths.with_tracking_store(cfg).tracking.uri})")
     return results

@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 
 from rsrefseg.platform import paths, storage, tracking
+from rsrefseg.models.checkpoint_folder import checkpoint_source, find_checkpoint
 from rsrefseg.platform.atomic import atomic_file, write_json
 from rsrefseg.platform import runs
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.ray_session import init_ray
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def run_evaluate(
     from rsrefseg.training.ingest import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
 
-    ckpt_dir = runs.resolve_checkpoint(checkpoint)
-    source = runs.checkpoint_source(checkpoint, ckpt_dir)
+    ckpt_dir = find_checkpoint(checkpoint)
+    source = checkpoint_source(checkpoint, ckpt_dir)
     model, cfg = load_checkpoint(ckpt_dir)
     # Only data/tracking/cluster/paths may change at evaluation time; the model is the checkpoint's.
     for item in overrides or []:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from rsrefseg.platform.atomic import atomic_file, write_text
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 
 LARGE = 2048  # px: a longer side above this is tiled (default tile: DEFAULT_TILE)
 DEFAULT_TILE = 512  # px: RefSegRS's chip size, the scale the real presets train at
@@ -140,7 +140,7 @@ def run_predict(
     out: the mask file for one image and one phrase, else a folder of `<stem>.<phrase>.<ext>`.
     gsd: metres per pixel of the training data; a georeferenced scene is resampled to it first.
     """
-    from rsrefseg.platform.runs import resolve_checkpoint
+    from rsrefseg.models.checkpoint_folder import find_checkpoint
     from rsrefseg.models.checkpoint import load_checkpoint
     from rsrefseg.models.inference import inference_device
 
@@ -151,7 +151,7 @@ def run_predict(
     single = len(images) == 1 and len(texts) == 1 and not Path(image).is_dir()
     if overlay and not single:
         raise ConfigError("--overlay takes one image and one phrase; for several, the masks go to the --out folder")
-    model, cfg = load_checkpoint(resolve_checkpoint(checkpoint))
+    model, cfg = load_checkpoint(find_checkpoint(checkpoint))
     options = Options(tile=tile, overlap=overlap, gsd=gsd, geojson=geojson)
     if len(images) == 1:
         device, autocast = inference_device(prefer_gpu=not cpu)

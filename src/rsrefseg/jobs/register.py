@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsrefseg.platform import tracking
-from rsrefseg.platform.runs import checkpoint_source, resolve_checkpoint
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform import paths, tracking
+from rsrefseg.models.checkpoint_folder import checkpoint_source, find_checkpoint
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_model.py"
 
@@ -26,7 +27,7 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
         raise ConfigError("--name: the registered model needs a name")
     if not cfg.tracking.enabled:
         raise ConfigError("tracking.enabled=false: registering a model needs the MLflow store")
-    ckpt_dir = resolve_checkpoint(checkpoint)
+    ckpt_dir = find_checkpoint(checkpoint)
     tags = {"rsrefseg.job": "register", "rsrefseg.checkpoint": checkpoint_source(checkpoint, ckpt_dir)}
     if source_run_id:
         tags["rsrefseg.source_run"] = source_run_id
@@ -52,5 +53,5 @@ def run_register(checkpoint: str, name: str, *, overrides: list[str] | None = No
     for item in overrides or []:
         if not item.split("=", 1)[0].startswith(("tracking.", "paths.")):
             raise ConfigError(f"{item.split('=', 1)[0]}: register takes only tracking.* and paths.* overrides")
-    cfg = load_config_file(resolve_checkpoint(checkpoint)).replace(["paths.root=", *(overrides or [])])
-    return register_checkpoint(tracking.resolved(cfg), checkpoint, name)
+    cfg = load_config_file(find_checkpoint(checkpoint)).replace(["paths.root=", *(overrides or [])])
+    return register_checkpoint(paths.with_tracking_store(cfg), checkpoint, name)

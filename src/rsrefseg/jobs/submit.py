@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import rsrefseg
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import UserError
 from rsrefseg.platform.paths import HOME_ENV
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from rsrefseg.models.checkpoint_folder import CONFIG_FILE
 from rsrefseg.platform import paths, runs, storage, tracking
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted  # noqa: F401 (raised here, caught by the CLI)
 from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
 
@@ -265,7 +267,7 @@ def record_best(cfg: Config, result, *, name: str, run_dir: storage.Location, ml
     # as_directory: the checkpoint itself when local, else a download of it (object storage).
     with best_ckpt.as_directory() as src:
         model_dir = Path(src, runs.MODEL_DIR)
-        best = runs.save_best(model_dir, run_dir)
+        best = runs.save_best(model_dir, run_dir, last=CONFIG_FILE)
         if client is not None:
             client.log_artifacts(mlflow_run_id, str(model_dir), artifact_path="checkpoints/best")
     if client is not None:

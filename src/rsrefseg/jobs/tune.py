@@ -17,7 +17,7 @@ import threading
 
 from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs.train import TrainingInterrupted
-from rsrefseg.platform import runs, storage, tracking
+from rsrefseg.platform import paths, runs, storage, tracking
 from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
 
@@ -97,7 +97,7 @@ def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc:
     """A trial that failed before its MLflow run existed still shows up, as FAILED, in the UI."""
     if not parent_run_id or not cfg.tracking.enabled:
         return
-    if runs.find_run(runs.storage_root(tracking.resolved(cfg)), name):
+    if runs.find_run(runs.storage_root(paths.with_tracking_store(cfg)), name):
         return  # run_train created the run and its lifecycle already marked it FAILED
     run_id = tracking.start_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
                                 tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]})

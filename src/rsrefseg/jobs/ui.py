@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from rsrefseg.platform import storage, tracking
-from rsrefseg.platform.config import ConfigError, TrackingConfig
+from rsrefseg.platform import paths, storage, tracking
+from rsrefseg.platform.config import TrackingConfig
+from rsrefseg.platform.errors import ConfigError
 
 SERVER_WORKERS = 4  # MLflow's own default for `mlflow server --workers`
 # MLflow's own S3 endpoint variable: when set, its S3 artifact store passes it to boto3 as
@@ -20,7 +21,7 @@ MLFLOW_S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
 
 
 def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
-    uri = tracking_uri or tracking.resolve_tracking_uri(TrackingConfig())
+    uri = tracking_uri or paths.tracking_uri(TrackingConfig())
     if uri.startswith(("http://", "https://")):
         # A tracking server already serves the UI; nothing to start.
         return []
@@ -43,7 +44,7 @@ def server_command(
     *, host: str, port: int, backend_store_uri: str, artifacts_destination: str, allowed_hosts: str = "",
     workers: int = SERVER_WORKERS,
 ) -> list[str]:
-    backend = backend_store_uri or tracking.resolve_tracking_uri(TrackingConfig())
+    backend = backend_store_uri or paths.tracking_uri(TrackingConfig())
     artifacts = artifacts_destination or (tracking.project_root() / "mlartifacts").as_uri()
     if "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()

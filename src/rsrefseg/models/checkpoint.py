@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from rsrefseg.models.rsrefseg import RSRefSeg, build_model
 from rsrefseg.platform.atomic import atomic_dir
-from rsrefseg.platform.config import Config, ConfigError, read_yaml
-from rsrefseg.platform.errors import UserError
+from rsrefseg.platform.config import Config, read_yaml
+from rsrefseg.models.checkpoint_folder import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (the folder's names)
 from rsrefseg.platform import paths
-from rsrefseg.platform.runs import CONFIG_FILE, WEIGHTS_FILE, portable
-
+from rsrefseg.platform.errors import ConfigError, UserError
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -38,7 +37,7 @@ def save_checkpoint(model: RSRefSeg, config: Config, directory: str | os.PathLik
         # clone on CPU anyway so GPU/ZeRO-owned memory is never aliased.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": config.model.preset})
-        portable(config).dump(tmp / CONFIG_FILE)
+        paths.portable(config).dump(tmp / CONFIG_FILE)
     return directory
 
 

@@ -78,14 +78,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_dir(src: str | os.PathLike, target, *, last: str | None = None):
-    """Copy the local folder `src` to `target`, atomically. On an object store (`target` a
-    `storage.RemotePath`), which cannot rename a folder, the file `last` is written after the
-    others: a reader that looks for it finds the rest in place."""
-    if hasattr(target, "fs"):
-        from rsrefseg.platform.storage import upload_dir
-
-        return upload_dir(src, target, last=last)
+def copy_dir(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy the local folder `src` to the local folder `target`, atomically (`storage.copy_dir`
+    publishes to an object store as well)."""
     with atomic_dir(target) as staging:
         shutil.copytree(src, staging, dirs_exist_ok=True)
     return Path(target)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 
 # What to do about it, in the words of the config keys.
 REMEDY = (

@@ -18,7 +18,8 @@ import os
 import socket
 from pathlib import Path
 
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.config import Config, TrackingConfig
+from rsrefseg.platform.errors import ConfigError
 
 HOME_ENV = "RSREFSEG_HOME"
 # The config keys that name local files or folders (URIs such as s3://... pass through).
@@ -44,7 +45,16 @@ def project_root(root: str = "") -> Path:
 
 
 def is_uri(value: str) -> bool:
-    return "://" in value
+    """A URI (s3://..., sqlite:///..., http://...), not a path: the one test of it."""
+    return "://" in str(value)
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file a `sqlite:///FILE` URI names (relative or absolute), else None."""
+    return uri[len(SQLITE):] if uri.startswith(SQLITE) else None
 
 
 def resolve(value: str, root: Path) -> str:
@@ -94,3 +104,67 @@ def require(cfg: Config, keys: tuple[str, ...] | list[str]) -> None:
                 "the working directory); on a cluster set it to where the nodes hold the project's "
                 "data and weights (rsrefseg submit --root DIR, or paths.root=DIR)"
             )
+
+
+# -- the MLflow store of a config, and the config as it travels ---------------------------------
+
+
+def tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> str:
+    """The configured URI, or the project-local SQLite store, as an absolute URI.
+
+    Absolute, because Ray workers run in other working directories; a relative SQLite file
+    resolves against `root` (the config's paths.root; default: the project folder)."""
+    root = root or project_root()
+    if not tracking.uri:
+        return SQLITE + str(root / "mlflow.db")
+    db = sqlite_file(tracking.uri)
+    if db is not None and not os.path.isabs(db):
+        return SQLITE + str((root / db).resolve())
+    return tracking.uri
+
+
+def artifact_location(tracking: TrackingConfig, root: Path | None = None) -> str | None:
+    """Artifact root for new experiments; only set for a local SQLite store (a server has its
+    own): `mlartifacts/` beside the database file, so a store and its artifacts stay together
+    (the default store: <project>/mlflow.db and <project>/mlartifacts)."""
+    root = root or project_root()
+    if tracking.artifact_location:
+        loc = tracking.artifact_location
+        return loc if is_uri(loc) else (root / loc).resolve().as_uri()
+    db = sqlite_file(tracking_uri(tracking, root))
+    return (Path(db).parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def with_tracking_store(cfg: Config) -> Config:
+    """The config with its MLflow store and artifact root made absolute (against paths.root)."""
+    root = project_root(cfg.paths.root)
+    return cfg.replace({"tracking.uri": tracking_uri(cfg.tracking, root),
+                        "tracking.artifact_location": artifact_location(cfg.tracking, root) or ""})
+
+
+def localize(cfg: Config) -> Config:
+    """Every path and the tracking store made absolute on this machine, against paths.root
+    (Ray workers and Tune trials run in other working directories, or on other machines)."""
+    return with_tracking_store(absolute(cfg))
+
+
+def portable(cfg: Config) -> Config:
+    """The inverse of `localize`, for what is kept with a checkpoint or recorded in MLflow: paths
+    under paths.root relative to it again, paths.root and the default MLflow store left empty.
+    The record then names no folder of the machine that wrote it; whoever loads it resolves the
+    paths against their own project folder. (A path given outside the project stays as given.)"""
+    root = project_root(cfg.paths.root)
+    flat = cfg.flat()
+    updates: dict = {key: relative(flat[key], root) for key in PATH_KEYS if flat[key]}
+    updates["paths.root"] = ""
+    uri = flat["tracking.uri"]
+    db = sqlite_file(uri)
+    if uri == tracking_uri(TrackingConfig(), root):  # the default store
+        uri = ""
+    elif db is not None:
+        uri = SQLITE + relative(db, root)
+    updates["tracking.uri"] = uri
+    artifacts = flat["tracking.artifact_location"]
+    default_artifacts = artifact_location(TrackingConfig(uri=uri), root)
+    updates["tracking.artifact_location"] = "" if artifacts == default_artifacts else artifacts
+    return cfg.replace(updates)

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsrefseg.platform import paths, storage
-from rsrefseg.platform.atomic import copy_dir, write_json, write_text
-from rsrefseg.platform.config import Config, ConfigError
+from rsrefseg.platform.atomic import write_json, write_text
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 
 RUN_INFO = "rsrefseg_run.json"
 SWEEP_INFO = "rsrefseg_sweep.json"
@@ -44,10 +45,6 @@ DEEPSPEED_TAG = "state"
 MODEL_DIR = "model"
 STATE_FILE = "state.json"
 
-# A model checkpoint folder (models/checkpoint.py writes it).
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 
 
 def storage_root(cfg: Config) -> storage.Location:
@@ -94,10 +91,10 @@ def finish_run(run_dir: storage.Location, cfg: Config, mlflow_run_id: str | None
     _write_run_info(run_dir, cfg, mlflow_run_id, finished={"best_metrics": dict(best_metrics), "history": history})
 
 
-def save_best(model_dir: str | os.PathLike, run_dir: storage.Location) -> storage.Location:
+def save_best(model_dir: str | os.PathLike, run_dir: storage.Location, *, last: str) -> storage.Location:
     """Copy the best epoch's model checkpoint to `<run>/best` (atomically; on an object store
-    the config last, which is what resolve_checkpoint looks for there)."""
-    return copy_dir(model_dir, run_dir / BEST_DIR, last=CONFIG_FILE)
+    the file `last` after the others: the one a checkpoint's reader looks for there)."""
+    return storage.copy_dir(model_dir, run_dir / BEST_DIR, last=last)
 
 
 def _write_run_info(run_dir: storage.Location, cfg: Config, run_id: str | None, finished: dict | None = None) -> None:
@@ -187,37 +184,12 @@ def open_sweep(root: storage.Location, ref: str) -> SavedSweep:
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """Every path and the tracking store made absolute on this machine, against paths.root
-    (Ray workers and Tune trials run in other working directories, or on other machines)."""
-    from rsrefseg.platform import tracking
-
+    """A job's config as it runs here: URIs checked (no credentials in them), then every path
+    and the tracking store absolute on this machine (`paths.localize`)."""
     flat = cfg.flat()
     for key in (*paths.PATH_KEYS, "tracking.artifact_location"):
         storage.check_uri(key, flat[key])
-    return tracking.resolved(paths.absolute(cfg))
-
-
-def portable(cfg: Config) -> Config:
-    """The inverse of resolve_paths, for what is kept with a checkpoint: paths under paths.root
-    relative to it again, paths.root and the default MLflow store left empty. The checkpoint then
-    names no folder of the machine that trained it; whoever loads it resolves the paths against
-    their own project folder. (A path given outside the project stays as it was given.)"""
-    from rsrefseg.platform import tracking
-
-    root = paths.project_root(cfg.paths.root)
-    flat = cfg.flat()
-    updates: dict = {key: paths.relative(flat[key], root) for key in paths.PATH_KEYS if flat[key]}
-    updates["paths.root"] = ""
-    uri = flat["tracking.uri"]
-    if uri == tracking.resolve_tracking_uri(tracking.TrackingConfig(), root):  # the default store
-        uri = ""
-    elif uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + paths.relative(uri[len("sqlite:///"):], root)
-    updates["tracking.uri"] = uri
-    default_artifacts = tracking.resolve_artifact_location(tracking.TrackingConfig(uri=uri), root)
-    artifacts = flat["tracking.artifact_location"]
-    updates["tracking.artifact_location"] = "" if artifacts == default_artifacts else artifacts
-    return cfg.replace(updates)
+    return paths.localize(cfg)
 
 
 # -- names as typed -----------------------------------------------------------------------------
@@ -234,44 +206,3 @@ def named_folder(root: storage.Location, ref: str, marker: str) -> storage.Locat
         if (path / marker).is_file():
             return path.resolve()
     return root / ref
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The model checkpoint a `--checkpoint PATH` names: a model checkpoint folder, a run folder
-    (its best/) or a Ray Train checkpoint (its model/). A URI (s3://...) is looked up the same
-    way and its two files are downloaded into a temporary folder of this process."""
-    if storage.is_remote(path):
-        return _remote_checkpoint(str(path))
-    p = Path(path)
-    for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
-        if any((candidate / f).is_file() for f in CHECKPOINT_FILES):
-            return candidate
-    if not p.exists():
-        raise ConfigError(f"--checkpoint {p}: no such file or folder")
-    raise ConfigError(
-        f"--checkpoint {p}: not a checkpoint; expected {' and '.join(CHECKPOINT_FILES)} in it, "
-        f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)"
-    )
-
-
-def checkpoint_source(checkpoint: str | os.PathLike, resolved: Path) -> str:
-    """How records name a checkpoint: the URI as given for one in object storage (its local copy
-    is temporary), else the folder `resolve_checkpoint` found."""
-    return str(checkpoint).rstrip("/") if storage.is_remote(checkpoint) else str(resolved)
-
-
-def _remote_checkpoint(uri: str) -> Path:
-    storage.require_credentials("--checkpoint", uri)
-    try:
-        p = storage.location(uri.rstrip("/"))
-        for candidate in (p, p / BEST_DIR, p / MODEL_DIR):
-            # CONFIG_FILE is written last to a store (save_best): with it, the weights are there.
-            if (candidate / CONFIG_FILE).is_file():
-                return storage.local_copy(candidate, CHECKPOINT_FILES)
-        answer = storage.missing_bucket(p)
-    except OSError as exc:
-        raise storage.StorageError(f"--checkpoint {uri}: {storage.describe(exc, uri)}") from None
-    if answer:
-        raise storage.StorageError(f"--checkpoint: {p}: {answer}")
-    raise ConfigError(f"--checkpoint {uri}: not a checkpoint; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it, "
-                      f"in {p / BEST_DIR} (a train run folder) or in {p / MODEL_DIR} (a Ray checkpoint)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.paths import is_uri
 
 MARKER_PREFIX = ".rsrefseg-shared-check-"

@@ -35,7 +35,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Union
 from urllib.parse import urlparse
 
-from rsrefseg.platform.config import ConfigError
+from rsrefseg.platform import atomic
+from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.paths import is_uri
 
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -254,26 +255,20 @@ def ray_storage(value: Union[str, Location]) -> dict:
 # -- copies between this machine and the store ------------------------------------------------------
 
 
-def upload_dir(src: Union[str, os.PathLike], target: RemotePath, *, last: str | None = None) -> RemotePath:
-    """Copy the local folder `src` to `target`; `last` (a file name in `src`): uploaded after all
-    the others, so a reader that waits for it finds the rest in place (object stores have no
-    rename to publish a folder at once)."""
-    src = Path(src)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.relative_to(src).as_posix() == last)
-    for path in files:
-        with open(path, "rb") as f, target.fs.open_output_stream(f"{target.path}/{path.relative_to(src).as_posix()}") as out:
-            shutil.copyfileobj(f, out, 8 << 20)
-    return target
-
-
-def download_dir(src: RemotePath, target: Union[str, os.PathLike]) -> Path:
-    """Copy the folder `src` from the store into the local folder `target`."""
+def copy_dir(src: Union[str, os.PathLike], target: Location, *, last: str | None = None) -> Location:
+    """Copy the local folder `src` to `target`, publishing it whole: a local folder is renamed
+    into place (`atomic.copy_dir`); on an object store, which cannot rename a folder, the file
+    `last` is written after the others, so a reader that looks for it finds the rest in place."""
+    if not isinstance(target, RemotePath):
+        return atomic.copy_dir(src, target)
     from pyarrow import fs
 
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    fs.copy_files(src.path, str(target), source_filesystem=src.fs, destination_filesystem=fs.LocalFileSystem())
+    src = Path(src)
+    local = fs.LocalFileSystem()
+    rest = [p for p in sorted(src.rglob("*")) if p.is_file() and p.relative_to(src).as_posix() != last]
+    for path in rest + ([src / last] if last and (src / last).is_file() else []):
+        fs.copy_files(str(path), f"{target.path}/{path.relative_to(src).as_posix()}",
+                      source_filesystem=local, destination_filesystem=target.fs)
     return target
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from rsrefseg.platform.config import Config, TrackingConfig
 from rsrefseg.platform.errors import TrainingInterrupted
-from rsrefseg.platform.paths import project_root
+from rsrefseg.platform.paths import artifact_location, portable, tracking_uri
 
 # Set on a Tune trial's run that the scheduler (ASHA) stopped before its last epoch.
 STOPPED_EARLY_TAG = "rsrefseg.stopped_early"
@@ -28,55 +28,13 @@ TRACKED_PACKAGES = (
 )
 
 
-def resolve_tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> str:
-    """The configured URI, or the project-local SQLite store as an absolute URI.
-
-    Absolute, because Ray workers run in other working directories; relative SQLite paths
-    resolve against `root` (the config's paths.root; default: the project folder).
-    """
-    root = root or project_root()
-    if tracking.uri:
-        uri = tracking.uri
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str((root / uri[len("sqlite:///"):]).resolve())
-        return uri
-    return "sqlite:///" + str(root / "mlflow.db")
-
-
-def resolve_artifact_location(tracking: TrackingConfig, root: Path | None = None) -> str | None:
-    """Artifact root for new experiments; only set for a local SQLite store (a server has its
-    own): `mlartifacts/` beside the database file, so a store and its artifacts stay together
-    (the default store: <project>/mlflow.db and <project>/mlartifacts)."""
-    root = root or project_root()
-    if tracking.artifact_location:
-        loc = tracking.artifact_location
-        if "://" not in loc:
-            loc = (root / loc).resolve().as_uri()
-        return loc
-    uri = resolve_tracking_uri(tracking, root)
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
-
-
-def resolved(cfg: Config) -> Config:
-    """The config with tracking paths made absolute (against paths.root), ready to ship to workers."""
-    root = project_root(cfg.paths.root)
-    return cfg.replace(
-        {
-            "tracking.uri": resolve_tracking_uri(cfg.tracking, root),
-            "tracking.artifact_location": resolve_artifact_location(cfg.tracking, root) or "",
-        }
-    )
-
-
 def client(tracking: TrackingConfig):
     """A client of the configured store. Everything here goes through a client bound to its URI,
     never through MLflow's process-global tracking URI or active run, so the same code works in a
     Ray worker, a Tune trial and the driver, and two stores in one process do not mix."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
+    return MlflowClient(tracking_uri=tracking_uri(tracking))
 
 
 # The states of an MLflow run: RUNNING inside run_lifecycle, then one by how its block ended.
@@ -117,7 +75,7 @@ def fluent_store(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
     import mlflow
 
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    mlflow.set_tracking_uri(tracking_uri(tracking))
     try:
         with mlflow.start_run(run_id=run_id):
             yield
@@ -141,7 +99,7 @@ def experiment_id(tracking: TrackingConfig, name: str | None = None) -> str:
     name = name or tracking.experiment
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name, artifact_location=resolve_artifact_location(tracking),
+        return c.create_experiment(name, artifact_location=artifact_location(tracking),
                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if EXPERIMENT_KIND_TAG not in exp.tags:
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -190,8 +148,6 @@ def start_run(
     run_id = run.info.run_id
     # Params as a checkpoint keeps them: paths under the project folder relative to it, so the
     # same run started on two machines (or nodes) lines up in the compare view and names neither.
-    from rsrefseg.platform.runs import portable
-
     log_params(c, run_id, portable(cfg).flat())
     log_params(c, run_id, {f"version.{k}": v for k, v in package_versions().items()})
     if config_file and Path(config_file).is_file():

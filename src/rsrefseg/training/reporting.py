@@ -13,7 +13,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
-from rsrefseg.platform import tracking
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class SystemMetrics:
 
         self.monitor = SystemMetricsMonitor(
             run_id, sampling_interval=cfg.tracking.system_metrics_s, node_id=socket.gethostname(),
-            resume_logging=resume, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking),
+            resume_logging=resume, tracking_uri=paths.tracking_uri(cfg.tracking),
         )
         self.monitor.start()
 

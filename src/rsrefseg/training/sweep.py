@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 
-from rsrefseg.platform.config import Config, ConfigError, read_yaml
+from rsrefseg.platform.config import Config, read_yaml
+from rsrefseg.platform.errors import ConfigError
 
 METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
 
