@@ -86,7 +86,7 @@ def global_batches(rows: int, batch_size: int, steps: int, seed: int):
 def eager_step(model, net, train, optimizer, scheduler=None):
     """One optimizer step of plain PyTorch on a batch of model inputs: `net` is the model itself
     or a wrapper of it (DDP); clipping as the train config says."""
-    from rsrefseg.models.inference import model_inputs
+    from rsrefseg.inference.scoring import model_inputs
 
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from rsrefseg.training.engine import build_engine, train_step
-from rsrefseg.models.inference import model_inputs
+from rsrefseg.inference.scoring import model_inputs
 from rsrefseg.models.presets import get_preset
 from rsrefseg.models.rsrefseg import build_model
 from rsrefseg.platform.config import Config

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rsrefseg.jobs.ui import SERVER_WORKERS
+from rsrefseg.platform import console
 from rsrefseg.platform.config import load_config
+from rsrefseg.platform import signals
 from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted, UserError
+from rsrefseg.platform.recipes import find_recipe
 
 
 @dataclass(frozen=True)
@@ -35,16 +38,21 @@ def arg(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
 
 
 CONFIG_ARGS = (
-    arg("--config", help="YAML recipe, e.g. configs/demo.yaml"),
+    arg("--config", help="YAML recipe: a file, or a shipped recipe's name (demo, rsrefseg-b-rrsisd, ...)"),
     arg("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=1"),
 )
+
+
+def _recipe(value: str | None) -> str | None:
+    """The file a --config value names (a shipped recipe's name included), as MLflow records it."""
+    return str(find_recipe(value)) if value else None
 
 
 def _demo_data(args) -> None:
     from rsrefseg.datasets.synthetic import generate
 
     path = generate(args.out, size=args.size, seed=args.seed)
-    print(f"[rsrefseg] wrote {args.size} synthetic triplets to {path} (RefSegRS layout)")
+    console.say(f"wrote {args.size} synthetic triplets to {path} (RefSegRS layout)")
 
 
 def _prepare(args) -> None:
@@ -58,10 +66,10 @@ def _train(args) -> None:
 
     if args.resume and (args.config or args.overrides):
         raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
-    cfg = load_config(args.config, args.overrides)
-    outcome = run_train(cfg, config_file=args.config, resume=args.resume)
-    print(f"[rsrefseg] best checkpoint (epoch {outcome.best_metrics['epoch']}, "
-          f"val gIoU {outcome.best_metrics['val/gIoU']:.2f}): {outcome.best_checkpoint}")
+    config = _recipe(args.config)
+    outcome = run_train(load_config(config, args.overrides), config_file=config, resume=args.resume)
+    console.say(f"best checkpoint (epoch {outcome.best_metrics['epoch']}, "
+                f"val gIoU {outcome.best_metrics['val/gIoU']:.2f}): {outcome.best_checkpoint}")
 
 
 def _evaluate(args) -> None:
@@ -92,8 +100,8 @@ def _tune(args) -> None:
     if args.resume and (args.config or args.overrides or args.sweep):
         raise ConfigError("--resume continues a sweep with its own saved config and sweep file; "
                           "drop --config, --sweep and overrides")
-    run_tune(load_config(args.config, args.overrides), sweep_file=args.sweep, resume=args.resume,
-             config_file=args.config)
+    config = _recipe(args.config)
+    run_tune(load_config(config, args.overrides), sweep_file=args.sweep, resume=args.resume, config_file=config)
 
 
 def _submit(args) -> int:
@@ -125,7 +133,7 @@ def _mlflow_server(args) -> int:
 def _demo(args) -> None:
     from rsrefseg.jobs.demo import run_demo
 
-    run_demo(load_config(args.config or "configs/demo.yaml", args.overrides), out=args.out, size=args.size,
+    run_demo(load_config(_recipe(args.config or "demo"), args.overrides), out=args.out, size=args.size,
              control=args.control)
 
 
@@ -182,7 +190,7 @@ COMMANDS = (
     ), _register),
     Command("tune", "Ray Tune sweep (e.g. the paper's ablation table)", (
         *CONFIG_ARGS,
-        arg("--sweep", help="sweep file, e.g. configs/sweeps/ablation.yaml"),
+        arg("--sweep", help="sweep file, or a shipped sweep's name, e.g. grid (default: ablation)"),
         arg("--resume", metavar="SWEEP", help="continue an interrupted sweep folder"),
     ), _tune),
     Command("submit", "submit a job to a Ray cluster (Ray Jobs API)", (
@@ -228,8 +236,12 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsrefseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and other libraries' own output (progress bars, INFO logs) "
+                             "here, not only in the command's log file")
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help)
+        p = sub.add_parser(command.name, help=command.help, parents=[common])
         for flags, options in command.args:
             p.add_argument(*flags, **options)
         p.set_defaults(run=command.run)
@@ -237,12 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    # The console shows the platform's lines, warnings and errors; Ray's and the other libraries'
+    # own output goes to the command's log file (--verbose: here too).
+    console.setup(args.command, args.verbose)
     # botocore says at INFO where it found credentials, each time an S3 check looks: noise on
     # every command that touches s3://, and an error's one line would no longer be one line.
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    _stop_on_sigterm()
+    # SIGTERM (`rsrefseg jobs stop`, `ray job stop`, a scheduler) ends a command as Ctrl-C does.
+    signals.install_sigterm_interrupts()
     try:
         return args.run(args) or 0
     except TrainingInterrupted as exc:
@@ -260,19 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as exc:
         print(f"rsrefseg {args.command}{_where()}: {exc}", file=sys.stderr)
         return 1
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (`rsrefseg jobs stop`, `ray job stop`, a scheduler) ends a command as Ctrl-C does,
-    so that it can close its MLflow run before Ray's grace period ends in SIGKILL."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _where() -> str:

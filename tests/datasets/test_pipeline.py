@@ -238,7 +238,7 @@ def test_a_train_job_preprocesses_a_split_that_fits_once(prepared_synthetic, tmp
     # rows (the shards could be gone). What does not fit streams every epoch.
     import shutil
 
-    from rsrefseg.training.ingest import build_datasets
+    from rsrefseg.inference.streams import build_datasets
     from tests.models.helpers import tiny_config
 
     data = tmp_path / "prepared"

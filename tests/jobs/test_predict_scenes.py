@@ -76,7 +76,8 @@ def test_gsd_resamples_by_metres_per_pixel_and_refuses_degrees():
     import pytest
     from rasterio.crs import CRS
 
-    from rsrefseg.jobs.predict import Scene, _to_training_scale
+    from rsrefseg.inference.scenes import Scene
+    from rsrefseg.jobs.predict import _to_training_scale
     from rsrefseg.platform.errors import ConfigError
 
     rgb = np.zeros((100, 200, 3), np.uint8)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from rsrefseg.jobs import train
+from rsrefseg.jobs import session, train
 from rsrefseg.models.checkpoint_folder import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 from rsrefseg.platform import runs
 from rsrefseg.platform.errors import ConfigError
@@ -46,7 +46,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path, monkeypatch, capsys):
     def no_ray(*_args, **_kwargs):
         raise AssertionError("a finished run must not start Ray or touch its MLflow run")
 
-    monkeypatch.setattr(train, "init_ray", no_ray)
+    monkeypatch.setattr(session, "start_ray", no_ray)
     monkeypatch.setattr(train, "preflight", no_ray)
     for call in ({"resume": "done"}, {"name": "done"}):  # `train --resume`, and a restarted Tune trial
         outcome = train.run_train(cfg, **call)

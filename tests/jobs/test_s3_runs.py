@@ -26,12 +26,12 @@ DEMO = str(REPO / "configs/demo.yaml")
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if the job reaches the point where it takes Ray resources."""
-    import rsrefseg.jobs.train as train
+    import rsrefseg.jobs.session as session
 
-    def refuse(cfg):
+    def refuse(cfg, **kwargs):
         raise AssertionError("the job went on to start Ray")
 
-    monkeypatch.setattr(train, "start_ray_with_ingest_cpus", refuse)
+    monkeypatch.setattr(session, "start_ray", refuse)
 
 
 def bad_storage_cases(s3, bucket: str) -> list[tuple[str, dict, str, list[str]]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rsrefseg.jobs import session
 from rsrefseg.jobs import train as train_job
 from rsrefseg.platform.config import load_config
 
@@ -37,7 +38,7 @@ def test_a_run_whose_splits_fail_to_cache_is_not_left_running(prepared_dataset, 
     def failing_trainer(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(train_job, "start_ray_with_ingest_cpus", lambda cfg: 4)
+    monkeypatch.setattr(session, "start_ray", lambda cfg, ingest: 4)
     monkeypatch.setattr(train_job, "build_trainer", failing_trainer)
     with pytest.raises(type(error)):
         train_job.run_train(_cfg(prepared_dataset, tmp_path))
@@ -69,7 +70,7 @@ def test_run_train_fits_with_the_configured_poll_interval(prepared_dataset, tmp_
             seen["interval"] = os.environ.get(train_job.POLL_INTERVAL_ENV)
             raise RuntimeError("stop here")
 
-    monkeypatch.setattr(train_job, "start_ray_with_ingest_cpus", lambda cfg: 4)
+    monkeypatch.setattr(session, "start_ray", lambda cfg, ingest: 4)
     monkeypatch.setattr(train_job, "build_trainer", lambda *a, **k: Trainer())
     cfg = load_config(REPO / "configs/demo.yaml", [
         f"data.path={prepared_dataset}", f"train.storage_path={tmp_path / 'runs'}", "tracking.enabled=false",

@@ -222,15 +222,16 @@ def test_corrupt_and_wrong_model_checkpoints_fail_clearly(trained, tmp_path, cap
 def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 
-    from rsrefseg.jobs import train as train_job
+    from rsrefseg.jobs import session
+    from rsrefseg.platform import ray_session
 
     # Whether or not this test process already holds a Ray session, reaching Ray is the failure.
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was reached before the config was checked")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(train_job, "start_ray_with_ingest_cpus", no_ray)
-    monkeypatch.setattr(train_job, "init_ray", no_ray)
+    monkeypatch.setattr(session, "start_ray", no_ray)
+    monkeypatch.setattr(ray_session, "init_ray", no_ray)
     was = ray.is_initialized()
     assert main(["train", "--config", "configs/demo.yaml", "model.lora.sam_rank=0",
                  f"train.storage_path={tmp_path}"]) == 2

@@ -12,7 +12,7 @@ import pandas as pd
 
 from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs import tune
-from rsrefseg.platform import runs, tracking
+from rsrefseg.platform import runs, signals, tracking
 from tests.models.helpers import tiny_config
 
 
@@ -77,7 +77,7 @@ def test_no_trial_run_is_left_running_after_the_sweep_loop(tmp_path):
     }
     ids = {}
     for trial, (_, finished, before) in trials.items():
-        ids[trial] = tracking.start_run(cfg, run_name=trial)
+        ids[trial] = tracking.create_run(cfg, run_name=trial)
         if before != "RUNNING":
             c.set_terminated(ids[trial], status=before)
         run_dir = tmp_path / runs.trial_name("sweep", trial)
@@ -97,7 +97,7 @@ def test_no_trial_run_is_left_running_after_the_sweep_loop(tmp_path):
 def test_a_stop_signal_during_the_sweep_stops_it_as_ctrl_c_does():
     # `rsrefseg jobs stop` sends SIGTERM; Tune's graceful stop (save state, stop trials) is its SIGINT handler.
     seen, before = [], signal.getsignal(signal.SIGTERM)
-    with tune._ctrl_c_stops_the_sweep():
+    with signals.sigterm_as_sigint(), tune._without_tuner_restore_hint():
         tune_handler = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
         try:
             os.kill(os.getpid(), signal.SIGTERM)

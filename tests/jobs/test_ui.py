@@ -62,7 +62,7 @@ def test_ui_on_loopback_and_a_server_that_answers_the_hosts_it_is_told_to_allow(
     # Both servers start side by side (each takes seconds of CPU to come up).
     # `rsrefseg ui`: the project-local store (the default tracking location), on loopback only.
     cfg = tiny_config(["tracking.experiment=ui-check"])
-    run_id = tracking.start_run(cfg, run_name="seen-in-the-ui")
+    run_id = tracking.create_run(cfg, run_name="seen-in-the-ui")
     assert paths.tracking_uri(TrackingConfig()) == f"sqlite:///{project_home / 'mlflow.db'}"
     env = {**os.environ, "RSREFSEG_HOME": str(project_home)}
     ui_port, server_port = free_port(), free_port()

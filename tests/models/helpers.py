@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from rsrefseg.models.presets import TINY
-from rsrefseg.models.tokenizer import build_tiny_tokenizer, tokenize
+from rsrefseg.datasets.pipeline import tokenize as tokenize_arrays
+from rsrefseg.models.tokenizer import build_tiny_tokenizer
 from rsrefseg.platform.config import Config, ModelConfig
 
 PHRASES = [
@@ -65,3 +66,9 @@ def siglip_tokenizer_dir(tmp_path: Path) -> Path:
     SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), model_max_length=64).save_pretrained(tmp_path / "siglip")
     (tmp_path / "siglip" / "config.json").write_text('{"model_type": "siglip"}')
     return tmp_path / "siglip"
+
+
+def tokenize(tokenizer, phrases: list[str], *, max_length: int) -> dict:
+    """The pipeline's one `tokenize`, as the model's keyword inputs."""
+    input_ids, attention_mask = tokenize_arrays(tokenizer, list(phrases), max_length)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

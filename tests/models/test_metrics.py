@@ -166,7 +166,7 @@ def test_sample_records_and_breakdowns_on_a_hand_made_case():
 
 
 def test_scoring_at_the_images_own_size_resizes_the_logits_not_the_mask():
-    from rsrefseg.models.inference import score_batch
+    from rsrefseg.inference.scoring import score_batch
 
     logits = torch.full((1, 4, 4), -5.0)
     logits[0, :, :2] = 5.0  # the left half, at the 4x4 label size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsrefseg.models.tiling import predict_scene, tile_starts, tiles
+from rsrefseg.inference.tiling import predict_scene, tile_starts, tiles
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1000, 256, 0.25), (256, 256, 0.5), (100, 256, 0.25), (513, 512, 0.0)])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rsrefseg.models.presets import TINY
-from rsrefseg.models.tokenizer import TINY_WORDS, build_tiny_tokenizer, load_tokenizer, tiny_vocabulary, tokenize
+from rsrefseg.models.tokenizer import TINY_WORDS, build_tiny_tokenizer, load_tokenizer, tiny_vocabulary
+from tests.models.helpers import tokenize
 from tests.models.helpers import PHRASES, siglip_tokenizer_dir, tiny_model_config
 
 L = TINY.siglip.max_text_len

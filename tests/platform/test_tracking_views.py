@@ -28,7 +28,7 @@ def test_experiments_open_in_the_model_training_view_unless_someone_chose_otherw
 
 def test_a_run_records_the_prepared_dataset_as_its_input(tmp_path):
     cfg = _cfg(tmp_path)
-    run_id = tracking.start_run(cfg, run_name="r")
+    run_id = tracking.create_run(cfg, run_name="r")
     manifest = {"format": "rrsisd", "content_hash": "ab" * 32, "columns": ["id", "phrase"],
                 "counts": {"train": 3, "val": 1}, "categories": {"train": {"vehicle": 3}}}
     c = tracking.client(cfg.tracking)

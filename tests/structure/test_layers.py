@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "rsrefseg"
 # Bottom to top. Each entry is one layer: a tuple of areas (module-name prefixes). An area may
 # import from itself and from every layer below; areas of one layer may not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("rsrefseg.platform.errors", "rsrefseg.platform.atomic"),
+    ("rsrefseg.platform.errors", "rsrefseg.platform.atomic", "rsrefseg.platform.metric_names"),
     ("rsrefseg.platform.console",),
     ("rsrefseg.platform.config",),
     ("rsrefseg.platform.paths", "rsrefseg.platform.signals"),

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from rsrefseg.platform import tracking
-from rsrefseg.training.reporting import (
+from rsrefseg.inference.gallery import (
     GALLERY_CAPTION,
     GALLERY_GAP,
     GALLERY_HEADINGS,
     GALLERY_TITLE,
-    EpochLogger,
     Gallery,
     prediction_image,
 )
+from rsrefseg.training.reporting import EpochLogger
 from tests.models.helpers import tiny_config
 
 
@@ -75,7 +75,7 @@ def test_gallery_keeps_the_worst_and_the_best_samples():
 
 def _logger(tmp_path):
     cfg = tiny_config([f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"])
-    run_id = tracking.start_run(cfg, run_name="logger")
+    run_id = tracking.create_run(cfg, run_name="logger")
     return cfg, run_id, EpochLogger(cfg, run_id, enabled=True)
 
 

@@ -31,7 +31,7 @@ import io
 import zlib
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -65,50 +65,81 @@ def read_fiftyone(
 
     seen: dict[str, int] = {}
     for index, sample in enumerate(samples):
-        where = f"{samples_path}[samples][{index}]"
-        if not isinstance(sample, dict) or not isinstance(sample.get("filepath"), str):
-            report(on_issue, Issue("sample has no filepath", where=where))
-            continue
-        image_path = _resolve(root, sample["filepath"])
-        stem = Path(sample["filepath"]).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        sample_id = stem if seen[stem] == 1 else f"{stem}#{seen[stem]}"
-
-        split = _split(sample)
-        if split is None:
-            report(on_issue, Issue("no split: expected a train/val/test tag or a `split` field", id=sample_id, where=where))
-            continue
-        try:
-            phrase = _phrase(sample, phrase_field)
-            label_name, label = _segmentation(sample, mask_field)
-        except DatasetError as exc:
-            report(on_issue, Issue(str(exc), id=sample_id, split=split, where=where))
-            continue
-        if not phrase:
-            report(on_issue, Issue("sample has no phrase", id=sample_id, split=split, where=where))
-            continue
-
-        context = f"id {sample_id!r}, {where}"
-        if label.get("mask_path"):
-            mask_path = _resolve(root, label["mask_path"])
-            mask_loader = partial(load_mask, mask_path, context=context, threshold=mask_threshold)
-        elif label.get("mask") is not None:
-            mask_path = f"{where}.{label_name}.mask"
-            mask_loader = partial(_inline_mask, label["mask"], source=f"{label_name} ({context})", threshold=mask_threshold)
-        else:
-            report(on_issue, Issue(f"Segmentation field {label_name!r} has neither mask_path nor mask", id=sample_id, split=split, where=where))
-            continue
-        yield Triplet(
-            id=sample_id,
-            phrase=phrase,
-            split=split,
-            image_loader=partial(load_rgb, image_path, context=context),
-            mask_loader=mask_loader,
-            where=where,
-            image_path=str(image_path),
-            mask_path=str(mask_path),
-            category=_label(sample, CATEGORY_FIELDS) or phrase_category(phrase),
+        found = _read_sample(
+            root, sample, f"{samples_path}[samples][{index}]", seen,
+            phrase_field=phrase_field, mask_field=mask_field, mask_threshold=mask_threshold,
         )
+        if isinstance(found, Issue):
+            report(on_issue, found)
+        else:
+            yield found
+
+
+def _read_sample(
+    root: Path,
+    sample: Any,
+    where: str,
+    seen: dict[str, int],
+    *,
+    phrase_field: Optional[str],
+    mask_field: Optional[str],
+    mask_threshold: int,
+) -> Triplet | Issue:
+    """The lazy Triplet of one entry of samples.json, or the Issue that leaves it out. `where`
+    locates the entry; `seen` counts the media stems met so far (the ids), and is updated."""
+    if not isinstance(sample, dict) or not isinstance(sample.get("filepath"), str):
+        return Issue("sample has no filepath", where=where)
+    image_path = _resolve(root, sample["filepath"])
+    sample_id = _sample_id(sample["filepath"], seen)
+
+    split = _split(sample)
+    if split is None:
+        return Issue("no split: expected a train/val/test tag or a `split` field", id=sample_id, where=where)
+    try:
+        phrase = _phrase(sample, phrase_field)
+        label_name, label = _segmentation(sample, mask_field)
+    except DatasetError as exc:
+        return Issue(str(exc), id=sample_id, split=split, where=where)
+    if not phrase:
+        return Issue("sample has no phrase", id=sample_id, split=split, where=where)
+
+    context = f"id {sample_id!r}, {where}"
+    try:
+        mask_path, mask_loader = _mask_source(root, label_name, label, where=where, context=context, threshold=mask_threshold)
+    except DatasetError as exc:
+        return Issue(str(exc), id=sample_id, split=split, where=where)
+    return Triplet(
+        id=sample_id,
+        phrase=phrase,
+        split=split,
+        image_loader=partial(load_rgb, image_path, context=context),
+        mask_loader=mask_loader,
+        where=where,
+        image_path=str(image_path),
+        mask_path=str(mask_path),
+        category=_label(sample, CATEGORY_FIELDS) or phrase_category(phrase),
+    )
+
+
+def _sample_id(filepath: str, seen: dict[str, int]) -> str:
+    """The media file's stem; a stem met before (counted in `seen`, updated here) gets "#2", "#3", ..."""
+    stem = Path(filepath).stem
+    seen[stem] = seen.get(stem, 0) + 1
+    return stem if seen[stem] == 1 else f"{stem}#{seen[stem]}"
+
+
+def _mask_source(
+    root: Path, label_name: str, label: dict, *, where: str, context: str, threshold: int
+) -> tuple[Path | str, Callable[[], np.ndarray]]:
+    """Where the Segmentation `label` keeps its mask (a file, or inline in samples.json, then
+    named after `where`) and the loader that reads it."""
+    if label.get("mask_path"):
+        mask_path = _resolve(root, label["mask_path"])
+        return mask_path, partial(load_mask, mask_path, context=context, threshold=threshold)
+    if label.get("mask") is not None:
+        mask_path = f"{where}.{label_name}.mask"
+        return mask_path, partial(_inline_mask, label["mask"], source=f"{label_name} ({context})", threshold=threshold)
+    raise DatasetError(f"Segmentation field {label_name!r} has neither mask_path nor mask")
 
 
 def _load_samples(path: Path) -> list:

@@ -112,10 +112,7 @@ def prepare_dataset(
     workers: threads decoding and encoding images (default: the CPU count, at most 8).
     mask_threshold: 8-bit mask values at or above it are foreground (README "Mask policy").
     """
-    if fmt not in READERS:
-        raise DatasetError(f"unknown dataset format {fmt!r}; choose one of {', '.join(READERS)}")
-    if not 1 <= mask_threshold <= 255:
-        raise DatasetError(f"mask threshold must be within 1..255 (8-bit values at or above it are foreground), got {mask_threshold}")
+    _check_arguments(fmt, mask_threshold)
     root, out = Path(root), storage.location(out)
     if isinstance(out, storage.RemotePath):
         # Before any decoding: a missing bucket or a key that may not write fails in a second.
@@ -123,64 +120,23 @@ def prepare_dataset(
     _check_replaceable(out)
     workers = workers or min(8, os.cpu_count() or 1)
 
-    # 1. Metadata: every declared sample, and the problems visible without pixels.
-    issues: list[Issue] = []
-    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold))
-    triplets = _drop_bad_ids(triplets, issues)
+    # Every sample is validated before anything is written: bad input never touches the output.
+    valid, issues, notes = _validate(fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold)
 
-    # 2. Pixels: decode every sample once (threads: tifffile, zlib and Pillow release the GIL).
-    valid, notes = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        for t, found in zip(triplets, bounded_map(pool, _pixel_check, triplets, 4 * workers)):
-            if found is None or found.kind == "note":
-                valid.append(t)
-                notes.extend([found] if found else [])
-            else:
-                issues.append(found)
-
-    _check_empty_splits(valid, triplets, issues, root)
-    if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
-        raise DatasetError(_summary(issues, fmt, root, skip_invalid))
-
-    # 3. Write (into staging, or straight to the store), then publish.
-    by_split: dict[str, list[Triplet]] = {}
-    for t in sorted(valid, key=lambda t: (t.split, natural_key(t.id))):
-        by_split.setdefault(t.split, []).append(t)
+    # Write (into staging, or straight to the store), then publish.
+    by_split = _group_by_split(valid)
 
     def write(target: storage.Location) -> dict[str, Any]:
         """The shards under `target` (a folder or a prefix), and the manifest that lists them."""
-        shards: dict[str, list[dict]] = {}
-        largest: dict[str, list[int]] = {}
-        digests: list[str] = []
-        with ThreadPoolExecutor(workers) as pool:
-            for split in _split_order(by_split):
-                if split in by_split:
-                    shards[split], largest[split] = _write_split(
-                        target, split, by_split[split], pool, 4 * workers, digests, rows_per_shard, max_shard_bytes
-                    )
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "format": fmt,
-            "source": str(root.resolve()),
-            "counts": {split: len(by_split.get(split, [])) for split in _split_order(by_split)},
-            "categories": _category_counts(by_split),
-            "largest_image": largest,  # split -> [height, width], each the split's maximum
-            "shards": shards,
-            "columns": SCHEMA.names,
-            "encoding": {**ENCODING, "compression": PIXEL_COMPRESSION},
-            "mask_threshold": mask_threshold,
-            "skipped": sorted((i.to_dict() for i in issues), key=_issue_order),
-            "warnings": [str(i) for i in sorted(notes, key=lambda i: _issue_order(i.to_dict()))],
-            "content_hash": _content_hash(digests),
-        }
+        shards, largest, digests = _write_shards(target, by_split, workers, rows_per_shard, max_shard_bytes)
+        return _manifest(
+            fmt, root, by_split, shards, largest, digests, mask_threshold=mask_threshold, issues=issues, notes=notes
+        )
 
     if isinstance(out, storage.RemotePath):
         manifest = _publish_remote(out, write)
     else:
-        with atomic_dir(out) as staging:
-            manifest = write(staging)
-            (staging / MANIFEST).write_text(_manifest_text(manifest), encoding="utf-8")
-            _check_replaceable(out)  # again: someone may have created it meanwhile
+        manifest = _publish_local(out, write)
     log.info("prepared %s: %s", out, manifest["counts"])
     return manifest
 
@@ -213,6 +169,49 @@ def natural_key(text: Optional[str]) -> tuple:
 
 # --------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_arguments(fmt: str, mask_threshold: int) -> None:
+    """Refuse a bad format or threshold before touching the input or the output."""
+    if fmt not in READERS:
+        raise DatasetError(f"unknown dataset format {fmt!r}; choose one of {', '.join(READERS)}")
+    if not 1 <= mask_threshold <= 255:
+        raise DatasetError(f"mask threshold must be within 1..255 (8-bit values at or above it are foreground), got {mask_threshold}")
+
+
+def _validate(
+    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int
+) -> tuple[list[Triplet], list[Issue], list[Issue]]:
+    """The samples to write, the problems found (the skipped samples) and the notes (samples kept
+    with a change). Raises one DatasetError listing every problem unless `skip_invalid` may skip
+    them all; a split left empty raises regardless."""
+    # 1. Metadata: every declared sample, and the problems visible without pixels.
+    issues: list[Issue] = []
+    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold))
+    triplets = _drop_bad_ids(triplets, issues)
+
+    # 2. Pixels: decode every sample once.
+    valid, notes = _check_pixels(triplets, issues, workers)
+
+    _check_empty_splits(valid, triplets, issues, root)
+    if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
+        raise DatasetError(_summary(issues, fmt, root, skip_invalid))
+    return valid, issues, notes
+
+
+def _check_pixels(triplets: list[Triplet], issues: list[Issue], workers: int) -> tuple[list[Triplet], list[Issue]]:
+    """Decode every sample (threads: tifffile, zlib and Pillow release the GIL), a bounded window
+    of them at a time. Returns the valid samples and the notes on those kept with a change; the
+    invalid ones are added to `issues`."""
+    valid, notes = [], []
+    with ThreadPoolExecutor(workers) as pool:
+        for t, found in zip(triplets, bounded_map(pool, _pixel_check, triplets, 4 * workers)):
+            if found is None or found.kind == "note":
+                valid.append(t)
+                notes.extend([found] if found else [])
+            else:
+                issues.append(found)
+    return valid, notes
 
 
 def _drop_bad_ids(triplets: list[Triplet], issues: list[Issue]) -> list[Triplet]:
@@ -311,6 +310,53 @@ def _summary(issues: list[Issue], fmt: str, root: Path, skip_invalid: bool) -> s
 
 # --------------------------------------------------------------------------------------------
 # Writing
+
+
+def _group_by_split(valid: list[Triplet]) -> dict[str, list[Triplet]]:
+    """split -> its samples, sorted by id (natural order): the order of the rows and of `index`."""
+    by_split: dict[str, list[Triplet]] = {}
+    for t in sorted(valid, key=lambda t: (t.split, natural_key(t.id))):
+        by_split.setdefault(t.split, []).append(t)
+    return by_split
+
+
+def _write_shards(
+    target: storage.Location, by_split: dict[str, list[Triplet]], workers: int, rows_per_shard: int, max_shard_bytes: int
+) -> tuple[dict[str, list[dict]], dict[str, list[int]], list[str]]:
+    """Every split's shards under `target`, one pool of encoding threads for them all. Returns
+    split -> shards (path, rows), split -> largest [height, width], and the samples' digests."""
+    shards: dict[str, list[dict]] = {}
+    largest: dict[str, list[int]] = {}
+    digests: list[str] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for split in _split_order(by_split):
+            if split in by_split:
+                shards[split], largest[split] = _write_split(
+                    target, split, by_split[split], pool, 4 * workers, digests, rows_per_shard, max_shard_bytes
+                )
+    return shards, largest, digests
+
+
+def _manifest(
+    fmt: str, root: Path, by_split: dict[str, list[Triplet]], shards: dict[str, list[dict]], largest: dict[str, list[int]],
+    digests: list[str], *, mask_threshold: int, issues: list[Issue], notes: list[Issue],
+) -> dict[str, Any]:
+    """The manifest of the written shards (its keys in the order manifest.json shows them)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": fmt,
+        "source": str(root.resolve()),
+        "counts": {split: len(by_split.get(split, [])) for split in _split_order(by_split)},
+        "categories": _category_counts(by_split),
+        "largest_image": largest,  # split -> [height, width], each the split's maximum
+        "shards": shards,
+        "columns": SCHEMA.names,
+        "encoding": {**ENCODING, "compression": PIXEL_COMPRESSION},
+        "mask_threshold": mask_threshold,
+        "skipped": sorted((i.to_dict() for i in issues), key=_issue_order),
+        "warnings": [str(i) for i in sorted(notes, key=lambda i: _issue_order(i.to_dict()))],
+        "content_hash": _content_hash(digests),
+    }
 
 
 def _encode(t: Triplet) -> tuple[bytes, bytes, int, int, str]:
@@ -442,6 +488,16 @@ def _check_replaceable(out: storage.Location) -> None:
         f"refusing to write to {out}: it exists and is not a prepared dataset (no {MANIFEST}); "
         f"choose another output folder or remove it{interrupted}"
     )
+
+
+def _publish_local(out: Path, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
+    """Write the dataset into a staging folder beside `out`, then rename it into place: `out` is
+    the previous complete dataset or the new complete one, never half of either."""
+    with atomic_dir(out) as staging:
+        manifest = write(staging)
+        (staging / MANIFEST).write_text(_manifest_text(manifest), encoding="utf-8")
+        _check_replaceable(out)  # again: someone may have created it meanwhile
+    return manifest
 
 
 def _publish_remote(out: storage.RemotePath, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config
+from rsrefseg.platform.console import say
 
 DEFAULT_SIZE = 1200  # 720 train / 120 val / 360 test triplets
 
@@ -25,7 +26,7 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
     raw, prepared = out_dir / "raw", out_dir / "prepared"
     size = size or DEFAULT_SIZE
     generate(raw, size=size, seed=cfg.train.seed)
-    print(f"[rsrefseg] 1/3 synthetic dataset: {size} triplets in {raw}", flush=True)
+    say(f"1/3 synthetic dataset: {size} triplets in {raw}")
     run_prepare("synthetic", str(raw), str(prepared))
     cfg = cfg.replace({"data.path": str(prepared)})
 
@@ -36,9 +37,9 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
         )
     results = {}
     for label, run_cfg in runs.items():
-        print(f"[rsrefseg] 2/3 training {label}", flush=True)
+        say(f"2/3 training {label}")
         outcome = run_train(run_cfg)
-        print(f"[rsrefseg] 3/3 evaluating {label} on the test split", flush=True)
+        say(f"3/3 evaluating {label} on the test split")
         results[label] = run_evaluate(str(outcome.best_checkpoint), split="test",
                                       overrides=[f"data.path={prepared}"])
 

@@ -12,16 +12,17 @@ import logging
 import re
 from pathlib import Path
 
-from rsrefseg.platform import paths, storage, tracking
+from rsrefseg.jobs import session
 from rsrefseg.models.checkpoint_folder import checkpoint_source, find_checkpoint
+from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.atomic import atomic_file, write_json
-from rsrefseg.platform import runs
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
-from rsrefseg.platform.ray_session import init_ray
+from rsrefseg.platform.metric_names import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
 # Papers name the same two metrics three ways; the headers say both so numbers line up.
 HEADERS = {"cIoU": "cIoU (=oIoU)", "gIoU": "gIoU (=mIoU)"}
 CONVENTIONS = ("gIoU = mIoU = mean of per-sample IoU; cIoU = oIoU = total intersection / total union; "
@@ -39,12 +40,12 @@ def format_table(rows: dict[str, dict], *, first: str = "") -> str:
     cIoU, gIoU, plus the sample count when the metrics carry one. `first`: the label column's
     header ("" = no label column)."""
     with_count = all("count" in m for m in rows.values()) and len(rows) > 1
-    columns = [HEADERS.get(c, c) for c in METRIC_COLUMNS] + (["n"] if with_count else [])
+    columns = [HEADERS.get(c, c) for c in METRIC_NAMES] + (["n"] if with_count else [])
     head = "| " + " | ".join(([first.strip()] if first else []) + columns) + " |"
     sep = "|" + "---|" * (len(columns) + (1 if first else 0))
     lines = [head, sep]
     for label, m in rows.items():
-        cells = ([label] if first else []) + [f"{m[c]:.2f}" for c in METRIC_COLUMNS] + ([str(m["count"])] if with_count else [])
+        cells = ([label] if first else []) + [f"{m[c]:.2f}" for c in METRIC_NAMES] + ([str(m["count"])] if with_count else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -67,54 +68,84 @@ def run_evaluate(
     has GPUs, else one CPU replica; see `plan_replicas`); the k worst and k best samples go to
     MLflow as a figure (0 = none).
     """
-    from rsrefseg.datasets.batch_inference import score_split
-    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
-    from rsrefseg.training.ingest import build_datasets
     from rsrefseg.models.checkpoint import load_checkpoint
 
     ckpt_dir = find_checkpoint(checkpoint)
     source = checkpoint_source(checkpoint, ckpt_dir)
     model, cfg = load_checkpoint(ckpt_dir)
-    # Only data/tracking/cluster/paths may change at evaluation time; the model is the checkpoint's.
+    given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
+    cfg = evaluation_config(cfg, overrides, {f"evaluate.{k}": v for k, v in given.items() if v is not None})
+    manifest = _probe_split(cfg, split)
+    session.start_ray(cfg, ingest=False)
+    tags = {"rsrefseg.checkpoint": source, "rsrefseg.dataset_hash": manifest.get("content_hash", "")}
+    inputs = session.Inputs(manifest, cfg.data.path, {"evaluation": split})
+    with session.open_run(cfg, job="evaluate", run_name=f"evaluate-{split}", tags=tags, inputs=inputs) as run:
+        rows = _score(cfg, model, split)
+        result = summarize(rows, checkpoint=source, dataset=cfg.data.path,
+                           dataset_hash=manifest.get("content_hash", ""), split=split)
+        _print_result(result, cfg.data.path, split)
+        samples = _samples_table(rows)
+        if out:
+            result["samples"] = _write_result(Path(out), result, samples)
+        if run.client is not None:
+            examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
+            _log_to_mlflow(run, cfg, result, samples, split, examples)
+            result["mlflow_run_id"] = run.run_id
+    return result
+
+
+def evaluation_config(cfg: Config, overrides: list[str] | None, evaluate: dict) -> Config:
+    """The checkpoint's config as this evaluation runs it: only data/tracking/cluster/paths/
+    evaluate may change (the model is the checkpoint's), relative paths on this command line
+    resolve here (paths.root as given now, not the training machine's), evaluate.* validated
+    before Ray."""
     for item in overrides or []:
         if not item.split("=", 1)[0].startswith(("data.", "tracking.", "cluster.", "paths.", "evaluate.")):
             raise ConfigError(f"{item.split('=', 1)[0]}: evaluate takes only data.*, tracking.*, cluster.*, "
                               "paths.* and evaluate.* overrides")
-    # Relative paths on this command line resolve here (paths.root as given now), not against
-    # the root of the machine that trained the checkpoint.
-    cfg = runs.resolve_paths(cfg.replace(["paths.root=", *(overrides or [])]))
+    return session.resolve(cfg.replace(["paths.root=", *(overrides or [])])).replace(evaluate)
+
+
+def _probe_split(cfg: Config, split: str) -> dict:
+    """The prepared dataset's manifest, once its folder and `split` are known to be there."""
+    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
+
     paths.require(cfg, ["data.path"])
-    storage.check_readable("data.path", cfg.data.path, MANIFEST)
+    session.probe_inputs(cfg, MANIFEST)
     manifest = load_manifest(cfg.data.path)
     if split not in manifest["counts"]:
         raise ConfigError(f"--split {split}: not in {cfg.data.path} (it has {', '.join(sorted(manifest['counts']))})")
+    return manifest
 
-    given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
-    cfg = cfg.replace({f"evaluate.{k}": v for k, v in given.items() if v is not None})  # validated before Ray
 
-    init_ray(cfg.cluster)
+def _score(cfg: Config, model, split: str) -> dict[str, list]:
+    """Per-sample records of the whole split, from model replicas on the cluster."""
+    from rsrefseg.inference.replicas import score_split
+    from rsrefseg.inference.streams import build_datasets
+
     ds = build_datasets(cfg, splits={"eval": split})["eval"]
-    replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas, gpus=cfg.evaluate.gpus_per_replica)
+    replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas,
+                             gpus=cfg.evaluate.gpus_per_replica)
     log.info("scoring %s/%s with %s", cfg.data.path, split, replicas)
-    rows = score_split(ds, cfg, model.trainable_state_dict(), replicas)
-    result = summarize(rows, checkpoint=source, dataset=cfg.data.path,
-                       dataset_hash=manifest.get("content_hash", ""), split=split)
-    label = f"{Path(cfg.data.path).name}/{split}"
-    print(format_row(result["metrics"], label=label))
+    return score_split(ds, cfg, model.trainable_state_dict(), replicas)
+
+
+def _print_result(result: dict, dataset: str, split: str) -> None:
+    """The paper's row, the tables by category and by object size, and the conventions."""
+    print(format_row(result["metrics"], label=f"{Path(dataset).name}/{split}"))
     print(f"\nby category ({split}):\n" + format_table(result["by_category"], first="category"))
-    print(f"\nby object size (ground truth's share of the image; {split}):\n" + format_table(result["by_size"], first="size"))
+    print(f"\nby object size (ground truth's share of the image; {split}):\n"
+          + format_table(result["by_size"], first="size"))
     print(f"\n{CONVENTIONS}")
-    samples = _samples_table(rows)
-    if out:
-        parquet = Path(out).with_suffix(".samples.parquet")
-        _write_parquet(parquet, samples)
-        result["samples"] = str(parquet)
-        write_json(Path(out), result)
-        print(f"[rsrefseg] wrote {out} and {parquet} (one row per sample)")
-    if cfg.tracking.enabled:
-        examples = gallery_examples(cfg, model, split, rows, k=cfg.evaluate.gallery)
-        result["mlflow_run_id"] = _log_to_mlflow(cfg, result, samples, source, split, examples, manifest)
-    return result
+
+
+def _write_result(out: Path, result: dict, samples) -> str:
+    """The JSON result at `out`, one Parquet row per sample beside it; returns the Parquet path."""
+    parquet = out.with_suffix(".samples.parquet")
+    _write_parquet(parquet, samples)
+    write_json(out, {**result, "samples": str(parquet)})
+    say(f"wrote {out} and {parquet} (one row per sample)")
+    return str(parquet)
 
 
 def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -> list[dict]:
@@ -123,9 +154,8 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
     from ray.data.expressions import col
 
     from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split
-    from rsrefseg.training.reporting import Gallery
-    from rsrefseg.models.device_inputs import model_batch
-    from rsrefseg.models.inference import predict_logits, score_batch
+    from rsrefseg.inference.gallery import Gallery
+    from rsrefseg.inference.scoring import score
     from rsrefseg.models.presets import input_sizes
     from rsrefseg.models.tokenizer import load_tokenizer
 
@@ -139,9 +169,7 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
     gallery = Gallery(k)
     model.eval()
     for batch in iter_batches(ds, 8):
-        batch = model_batch(batch, sizes, "cpu", originals=True)
-        logits = predict_logits(model, batch, "cpu")
-        gallery.offer(batch, logits > 0, score_batch(logits, batch)["iou"])
+        score(model, batch, sizes, "cpu", gallery=gallery)
     return gallery.examples()
 
 
@@ -151,7 +179,7 @@ def plan_replicas(cfg, *, batch_size: int, count: int = 0, gpus: float = -1):
     what its biggest node has (see `replica_cpus`). count / gpus override (0 / -1 = decide)."""
     import ray
 
-    from rsrefseg.datasets.batch_inference import Replicas
+    from rsrefseg.inference.replicas import Replicas
     from rsrefseg.platform.capacity import cluster_cpus, largest_node_cpus
 
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -201,32 +229,25 @@ def _samples_table(rows: dict[str, list]):
     return pa.table({c: [rows[c][i] for i in order] for c in SAMPLE_COLUMNS})
 
 
-def _log_to_mlflow(cfg, result: dict, samples, source: str, split: str, examples: list[dict], manifest: dict) -> str:
+def _log_to_mlflow(run: session.Run, cfg: Config, result: dict, samples, split: str, examples: list[dict]) -> None:
     import tempfile
 
-    from rsrefseg.training.reporting import prediction_image
+    from rsrefseg.inference.gallery import prediction_image
 
-    run_id = tracking.start_run(
-        cfg, run_name=f"evaluate-{split}",
-        tags={"rsrefseg.job": "evaluate", "rsrefseg.checkpoint": source,
-              "rsrefseg.dataset_hash": result["dataset_hash"]},
-    )
-    with tracking.run_lifecycle(cfg.tracking, run_id) as c:
-        tracking.log_dataset(c, run_id, manifest, cfg.data.path, {"evaluation": split})
-        metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
-        for group in ("by_category", "by_size"):
-            for name, m in result[group].items():
-                metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]
-        tracking.log_metrics(c, run_id, metrics, step=0)
-        c.log_dict(run_id, {k: v for k, v in result.items() if k != "samples"}, f"evaluation/{split}.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{split}.samples.parquet"
-            _write_parquet(path, samples)
-            c.log_artifact(run_id, str(path), "evaluation")
-        if examples:
-            image = prediction_image(examples, title=f"{split}: worst and best samples by IoU")
-            c.log_image(run_id, image, artifact_file=f"evaluation/{split}_gallery.png")
-    return run_id
+    c, run_id = run.client, run.run_id
+    metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
+    for group in ("by_category", "by_size"):
+        for name, m in result[group].items():
+            metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]
+    tracking.log_metrics(c, run_id, metrics, step=0)
+    c.log_dict(run_id, {k: v for k, v in result.items() if k != "samples"}, f"evaluation/{split}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{split}.samples.parquet"
+        _write_parquet(path, samples)
+        c.log_artifact(run_id, str(path), "evaluation")
+    if examples:
+        image = prediction_image(examples, title=f"{split}: worst and best samples by IoU")
+        c.log_image(run_id, image, artifact_file=f"evaluation/{split}_gallery.png")
 
 
 def _metric_safe(name: str) -> str:

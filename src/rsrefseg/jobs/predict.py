@@ -6,7 +6,7 @@ actors (one per GPU where the cluster has GPUs), like `rsrefseg evaluate`.
 Images up to LARGE px a side go through the model whole: the same resize as the data pipeline on
 the way in, the logits resized back to the image's size on the way out. Larger scenes (a
 10,000 x 8,000 px GeoTIFF) are cut into overlapping tiles at the training data's scale and
-stitched (`models.tiling`). A GeoTIFF's mask is written as a GeoTIFF with the same CRS and
+stitched (`inference.tiling`). A GeoTIFF's mask is written as a GeoTIFF with the same CRS and
 transform (and, with --geojson, as polygons). Raster and vector I/O go through rasterio. The
 checkpoint is safetensors + YAML, so loading it never unpickles arbitrary objects.
 """
@@ -23,39 +23,11 @@ import numpy as np
 from PIL import Image
 
 from rsrefseg.platform.atomic import atomic_file, write_text
+from rsrefseg.inference.scenes import DEFAULT_TILE, GEO_SUFFIXES, LARGE, Scene, read_scene, segment  # noqa: F401
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
-LARGE = 2048  # px: a longer side above this is tiled (default tile: DEFAULT_TILE)
-DEFAULT_TILE = 512  # px: RefSegRS's chip size, the scale the real presets train at
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-GEO_SUFFIXES = (".tif", ".tiff")
-
-
-@dataclass
-class Scene:
-    """An RGB image and, for a georeferenced raster, its rasterio profile (crs, transform)."""
-
-    rgb: np.ndarray  # uint8 [H, W, 3]
-    profile: Optional[dict] = None
-
-    @property
-    def georeferenced(self) -> bool:
-        return bool(self.profile and self.profile.get("crs"))
-
-
-def segment(model, sizes, tokenizer, rgb: np.ndarray, text: str, *, tile: int = 0, overlap: float = 0.25,
-            device=None, autocast=None) -> np.ndarray:
-    """bool mask [H, W] at the image's size for `text` on an RGB uint8 image [H, W, 3]. `tile`:
-    tile side in px (0: the whole image when its longer side is at most LARGE, else DEFAULT_TILE)."""
-    import torch
-
-    from rsrefseg.models.tiling import model_tile_predictor, predict_scene
-
-    device = device or torch.device("cpu")
-    model.eval()
-    predict = model_tile_predictor(model, sizes, tokenizer, text, device, autocast=autocast)
-    tile = tile or (max(rgb.shape[:2]) if max(rgb.shape[:2]) <= LARGE else DEFAULT_TILE)
-    return predict_scene(rgb, predict, tile=tile, overlap=overlap)
 
 
 def blend(rgb: np.ndarray, mask: np.ndarray, colour=(255, 64, 64), alpha: float = 0.5) -> np.ndarray:
@@ -109,7 +81,7 @@ class _SceneActor(ScenePredictor):
     """The Ray Data actor: a model replica built once, then one scene file per row."""
 
     def __init__(self, payload, **kwargs):
-        from rsrefseg.datasets.batch_inference import replica_model
+        from rsrefseg.inference.replicas import replica_model
 
         model, cfg, device, autocast = replica_model(payload)
         super().__init__(model, cfg, device, autocast, **kwargs)
@@ -142,7 +114,7 @@ def run_predict(
     """
     from rsrefseg.models.checkpoint_folder import find_checkpoint
     from rsrefseg.models.checkpoint import load_checkpoint
-    from rsrefseg.models.inference import inference_device
+    from rsrefseg.inference.scoring import inference_device
 
     texts = [text] if isinstance(text, str) else list(text)
     if not texts or any(not t.strip() for t in texts):
@@ -160,12 +132,12 @@ def run_predict(
     else:
         rows = _predict_with_ray(model, cfg, images, texts=texts, out=out, options=options, cpu=cpu, replicas=replicas)
     for row in rows:
-        print(f"[rsrefseg] {Path(row['image']).name} \"{row['phrase']}\": mask ({row['share'] * 100:.1f}% of the image) -> {row['target']}")
+        say(f"{Path(row['image']).name} \"{row['phrase']}\": mask ({row['share'] * 100:.1f}% of the image) -> {row['target']}")
     if overlay:
         rgb = read_scene(images[0]).rgb
         mask = np.asarray(Image.open(rows[0]["target"])) > 0
         _save_image(Image.fromarray(blend(rgb, mask)), Path(overlay))
-        print(f"[rsrefseg] overlay -> {overlay}")
+        say(f"overlay -> {overlay}")
     return {(row["image"], row["phrase"]): row["target"] for row in rows}
 
 
@@ -192,29 +164,6 @@ def _predict_with_ray(model, cfg, images: list[Path], *, texts, out, options: Op
         num_cpus=plan.cpus,
     )
     return sorted(predicted.take_all(), key=lambda r: (r["image"], texts.index(r["phrase"])))
-
-
-def read_scene(path: Path) -> Scene:
-    """An image file as RGB; a GeoTIFF through rasterio, keeping its georeferencing. Bands
-    beyond three are ignored; non-8-bit bands are stretched to 0..255 between their 2nd and 98th
-    percentiles (the usual quick-look stretch of 16-bit imagery)."""
-    from rsrefseg.datasets.imagefiles import load_rgb
-
-    if path.suffix.lower() not in GEO_SUFFIXES:
-        return Scene(load_rgb(path))
-    import rasterio
-
-    try:
-        with rasterio.open(path) as src:
-            bands = src.read(indexes=list(range(1, min(3, src.count) + 1)))
-            profile = {"crs": src.crs, "transform": src.transform, "res": src.res}
-    except rasterio.errors.RasterioIOError as exc:
-        raise ConfigError(f"--image {path}: not a readable raster ({exc})") from exc
-    if bands.shape[0] == 1:
-        bands = np.repeat(bands, 3, axis=0)
-    if bands.dtype != np.uint8:
-        bands = np.stack([_stretch(b) for b in bands])
-    return Scene(np.ascontiguousarray(bands.transpose(1, 2, 0)), profile if profile["crs"] else None)
 
 
 def write_mask(mask: np.ndarray, target: Path, scene: Scene) -> None:
@@ -264,12 +213,6 @@ def _to_training_scale(scene: Scene, gsd: float, *, where: Path | str = "") -> t
     height, width = scene.rgb.shape[:2]
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     return np.asarray(Image.fromarray(scene.rgb).resize(size, Image.BILINEAR)), factor
-
-
-def _stretch(band: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(band, (2, 98))
-    scaled = (band.astype(np.float32) - low) / max(float(high - low), 1e-6)
-    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
 def _image_files(path: Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rsrefseg.datasets.imagefiles import DEFAULT_MASK_THRESHOLD
 from rsrefseg.datasets.prepare import prepare_dataset
+from rsrefseg.platform.console import say
 
 LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest has them all
 
@@ -11,7 +12,7 @@ LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest h
 def run_prepare(fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD) -> dict:
     manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold)
     for line in summary_lines(manifest, out):
-        print(f"[rsrefseg] {line}")
+        say(line)
     return manifest
 
 

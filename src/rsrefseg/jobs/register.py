@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsrefseg.platform import paths, tracking
+from rsrefseg.jobs import session
 from rsrefseg.models.checkpoint_folder import checkpoint_source, find_checkpoint
+from rsrefseg.platform import tracking
 from rsrefseg.platform.config import Config
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_model.py"
@@ -22,27 +24,26 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
     """Register the checkpoint folder as a new version of the MLflow model `name`; return the version."""
     import mlflow
 
-
     if not name.strip():
         raise ConfigError("--name: the registered model needs a name")
     if not cfg.tracking.enabled:
         raise ConfigError("tracking.enabled=false: registering a model needs the MLflow store")
     ckpt_dir = find_checkpoint(checkpoint)
-    tags = {"rsrefseg.job": "register", "rsrefseg.checkpoint": checkpoint_source(checkpoint, ckpt_dir)}
+    tags = {"rsrefseg.checkpoint": checkpoint_source(checkpoint, ckpt_dir)}
     if source_run_id:
         tags["rsrefseg.source_run"] = source_run_id
-    run_id = tracking.start_run(cfg, run_name=f"register-{name}", tags=tags)
-    # log_model works on the fluent API's active run: open exactly this run, and close it.
-    with tracking.fluent_store(cfg.tracking, run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(MODEL_FILE),
-            artifacts={"checkpoint": str(ckpt_dir)},
-            registered_model_name=name,
-            pip_requirements=["rsrefseg"],
-        )
+    with session.open_run(cfg, job="register", run_name=f"register-{name}", tags=tags) as run:
+        # log_model works on the fluent API's active run: exactly this run, for the block.
+        with tracking.fluent_store(cfg.tracking, run.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_FILE),
+                artifacts={"checkpoint": str(ckpt_dir)},
+                registered_model_name=name,
+                pip_requirements=["rsrefseg"],
+            )
     version = int(info.registered_model_version)
-    print(f"[rsrefseg] registered {name} version {version}: mlflow.pyfunc.load_model(\"models:/{name}/{version}\")")
+    say(f"registered {name} version {version}: mlflow.pyfunc.load_model(\"models:/{name}/{version}\")")
     return version
 
 
@@ -54,4 +55,4 @@ def run_register(checkpoint: str, name: str, *, overrides: list[str] | None = No
         if not item.split("=", 1)[0].startswith(("tracking.", "paths.")):
             raise ConfigError(f"{item.split('=', 1)[0]}: register takes only tracking.* and paths.* overrides")
     cfg = load_config_file(find_checkpoint(checkpoint)).replace(["paths.root=", *(overrides or [])])
-    return register_checkpoint(paths.with_tracking_store(cfg), checkpoint, name)
+    return register_checkpoint(session.resolve(cfg), checkpoint, name)

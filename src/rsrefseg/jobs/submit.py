@@ -1,12 +1,16 @@
 """`rsrefseg submit` and `rsrefseg jobs`: running the platform's jobs on a Ray cluster.
 
-The Ray Jobs API (`JobSubmissionClient`) ships this project's code with the job: the package
-goes as a `py_modules` entry (on the path of the driver and of every worker), the recipes in
-`configs/` travel in the `working_dir`. The cluster needs only Ray and the dependencies.
-Everything the job names (config files, data paths, the MLflow URI) is resolved there, by the
-job's driver on the cluster: the laptop's paths mean nothing on it. Config files resolve in
-Ray's copy of the working_dir; data, weights and run folders against the job's project root
-(`--root`, else the RSREFSEG_HOME the cluster's nodes were started with; platform/paths.py).
+The Ray Jobs API (`JobSubmissionClient`) ships this package's code with the job: the package
+folder goes as a `py_modules` entry (on the path of the driver and of every worker), with the
+recipes it holds (rsrefseg/configs). From a source checkout (an editable install) the checkout
+also travels as the `working_dir`, so the job sees its files as they are here; an installed
+package ships itself alone, never the folder `rsrefseg submit` runs in. The cluster needs only
+Ray and the dependencies. Everything the job names (config files, data paths, the MLflow URI) is
+resolved there, by the job's driver on the cluster: the laptop's paths mean nothing on it. A
+config file resolves in Ray's copy of the working_dir, else under the job's project root, else
+as a shipped recipe's name (platform/recipes.py); data, weights and run folders against the
+project root (`--root`, else the RSREFSEG_HOME the cluster's nodes were started with;
+platform/paths.py).
 
 The same submission with Ray's own CLI:
 
@@ -24,16 +28,19 @@ import sys
 import time
 from pathlib import Path
 
-import rsrefseg
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import UserError
 from rsrefseg.platform.paths import HOME_ENV
+from rsrefseg.platform.recipes import shipped_file
 
 SUBMITTABLE = ("train", "evaluate", "tune", "predict", "prepare", "demo-data")
 # Not shipped in the working_dir: local state and large files that live on the cluster instead.
 EXCLUDES = [".venv", ".git", "runs", "data", "weights", "mlflow.db", "mlartifacts", "mlruns",
             "**/__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".gl"]
 SUBMITTED_ENV = "RSREFSEG_SUBMITTED"  # set in the job's environment: errors then name the cluster host
+# This package's folder (src/rsrefseg in a checkout, site-packages/rsrefseg when installed).
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def dashboard_address(address: str | None) -> str:
@@ -45,11 +52,27 @@ def dashboard_address(address: str | None) -> str:
     return address
 
 
-def project_dir() -> Path:
-    """The checkout that holds configs/ (the package's grandparent in a src layout)."""
-    pkg = Path(rsrefseg.__file__).resolve().parent
+class CodeNotFound(UserError):
+    """The package's code or its recipes are not where this module expects them."""
+
+
+def package_dir(pkg: Path | None = None) -> Path:
+    """The package folder the job ships: its code and its recipes (configs/), or refuse."""
+    pkg = pkg or PACKAGE
+    if not (pkg / "__init__.py").is_file() or not (pkg / "configs").is_dir():
+        raise CodeNotFound(f"submit: cannot ship the code: {pkg} is not the rsrefseg package with its "
+                           "recipes (configs/); reinstall rsrefseg")
+    return pkg
+
+
+def checkout_dir(pkg: Path | None = None) -> Path | None:
+    """The source checkout an editable install runs from (src/rsrefseg beside pyproject.toml and
+    configs/), else None: an installed package has no checkout to ship."""
+    pkg = pkg or PACKAGE
     root = pkg.parent.parent
-    return root if (root / "configs").is_dir() else Path.cwd()
+    if pkg.parent.name == "src" and (root / "pyproject.toml").is_file() and (root / "configs").is_dir():
+        return root
+    return None
 
 
 def runtime_env(root: str | None = None) -> dict:
@@ -59,16 +82,25 @@ def runtime_env(root: str | None = None) -> dict:
     (credentials never do: the nodes have their own)."""
     from rsrefseg.platform.storage import forwarded_environment
 
-    pkg = Path(rsrefseg.__file__).resolve().parent
+    pkg = package_dir()
     env_vars = {**forwarded_environment(), SUBMITTED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     if root:
         env_vars[HOME_ENV] = root
-    return {
-        "working_dir": str(project_dir()),
-        "excludes": EXCLUDES,
-        "py_modules": [str(pkg)],
-        "env_vars": env_vars,
-    }
+    env = {"excludes": EXCLUDES, "py_modules": [str(pkg)], "env_vars": env_vars}
+    checkout = checkout_dir(pkg)
+    if checkout is not None:  # never the working directory: the checkout, from wherever this runs
+        env["working_dir"] = str(checkout)
+    return env
+
+
+def local_files_left_behind(job: list[str], env: dict) -> list[str]:
+    """The job's --config/--sweep files that exist only here: with no working_dir shipped, the
+    job reads them on the cluster (under its project root), where only shipped recipes travel."""
+    if "working_dir" in env:
+        return []
+    kinds = {"--config": "recipe", "--sweep": "sweep"}
+    return [f"{flag} {value}" for flag, value in zip(job, job[1:])
+            if flag in kinds and Path(value).is_file() and shipped_file(value, kinds[flag]) is None]
 
 
 def entrypoint(job: list[str]) -> str:
@@ -129,10 +161,14 @@ def run_submit(job: list[str], *, address: str | None = None, wait: bool = True,
     command = entrypoint(job)
     if root and not os.path.isabs(root):
         raise ConfigError(f"--root {root}: name the folder on the cluster's nodes by its absolute path")
+    env = runtime_env(root)
+    for given in local_files_left_behind(job, env):
+        say(f"note: {given} is a file here, not a shipped recipe: the job reads it on the cluster, "
+            "under its project folder (--root)")
     client = _client(address)
-    job_id = _submit_when_agent_ready(client, command, runtime_env(root))
-    print(f"[rsrefseg] submitted {job_id}: {command}", flush=True)
-    print(f"[rsrefseg] follow: rsrefseg jobs logs {job_id}   stop: rsrefseg jobs stop {job_id}", flush=True)
+    job_id = _submit_when_agent_ready(client, command, env)
+    say(f"submitted {job_id}: {command}")
+    say(f"follow: rsrefseg jobs logs {job_id}   stop: rsrefseg jobs stop {job_id}")
     if not wait:
         return 0
     return follow(client, job_id)
@@ -164,7 +200,7 @@ def follow(client, job_id: str) -> int:
 
     asyncio.run(stream())
     status = client.get_job_status(job_id)
-    print(f"[rsrefseg] job {job_id}: {status.value}", flush=True)
+    say(f"job {job_id}: {status.value}")
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
@@ -182,5 +218,5 @@ def run_jobs(action: str, job_id: str | None, *, address: str | None = None) -> 
         print(client.get_job_status(job_id).value)
         return 0
     stopped = client.stop_job(job_id)
-    print(f"[rsrefseg] {job_id}: {'stop requested' if stopped else 'not running'}")
+    say(f"{job_id}: {'stop requested' if stopped else 'not running'}")
     return 0

@@ -13,14 +13,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
+from rsrefseg.jobs import session
 from rsrefseg.models.checkpoint_folder import CONFIG_FILE
 from rsrefseg.platform import paths, runs, storage, tracking
 from rsrefseg.platform.config import Config
-from rsrefseg.platform.errors import ConfigError
-from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted  # noqa: F401 (raised here, caught by the CLI)
-from rsrefseg.platform.ray_session import init_ray, joins_existing_ray
+from rsrefseg.platform.console import say
+from rsrefseg.platform.errors import ConfigError, TrainingFailed, TrainingInterrupted
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainOutcome:
 def preflight(cfg: Config) -> dict:
     """Checks that need no Ray: the prepared dataset, the model files, what the run must do at
     its end. Returns the manifest."""
-    from rsrefseg.datasets.prepare import load_manifest
+    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
     from rsrefseg.models.presets import check_model_files, get_preset
 
     if cfg.train.register_as and not cfg.tracking.enabled:
@@ -48,7 +48,7 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError("train.register_as: registers the model in MLflow, which tracking.enabled=false turns off")
     weights = ("model.sam_checkpoint", "model.siglip_path") if get_preset(cfg.model.preset).pretrained else ()
     paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
-    check_storage(cfg)
+    session.probe_inputs(cfg, MANIFEST)
     check_model_files(cfg.model)
     manifest = load_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
@@ -64,44 +64,6 @@ def preflight(cfg: Config) -> dict:
             f"{cfg.data.path} split over {cfg.train.num_workers} workers; lower it"
         )
     return manifest
-
-
-def check_storage(cfg: Config) -> None:
-    """Object storage the run will use, probed from here before any Ray resource: the dataset
-    readable and a direct MLflow artifact store writable (each error names the key, the URI and
-    what the store answered). The run folder's store was probed before the folder was read
-    (`check_storage_root`, called first by train and tune)."""
-    from rsrefseg.datasets.prepare import MANIFEST
-
-    storage.check_readable("data.path", cfg.data.path, MANIFEST)
-    if cfg.tracking.enabled and storage.is_remote(cfg.tracking.artifact_location):
-        storage.check_writable("tracking.artifact_location", cfg.tracking.artifact_location)
-
-
-def check_storage_root(root: storage.Location, resume: str | None) -> None:
-    """The store a run or sweep folder lives in, probed before that folder is read, so that a
-    missing bucket or a refused key is said as such (not as "no run folder")."""
-    if resume and storage.is_remote(resume):
-        storage.check_writable("--resume", resume)
-    elif isinstance(root, storage.RemotePath):
-        storage.check_writable("train.storage_path", str(root))
-
-
-def start_ray_with_ingest_cpus(cfg: Config) -> float:
-    """Start or join Ray, refusing a job whose train workers would leave Ray Data no CPU (one
-    run's workers; Tune then fits its trials to what is left). A local Ray's size is known before
-    it starts, so that is checked first and nothing starts in vain; a joined cluster's after.
-    On several nodes, train.storage_path must be shared by all of them. Returns the cluster's CPUs."""
-    from rsrefseg.platform.capacity import check_ingest_capacity, cluster_cpus, local_cpus
-    from rsrefseg.platform.shared_storage import check_shared_storage
-
-    if not joins_existing_ray(cfg.cluster):
-        check_ingest_capacity(cfg, local_cpus(cfg), where="the local Ray this job starts (cluster.num_cpus)")
-    where = init_ray(cfg.cluster)
-    cpus = cluster_cpus()  # a joined Ray's own CPUs, whatever cluster.num_cpus says
-    check_ingest_capacity(cfg, cpus, where=where)
-    check_shared_storage(str(runs.storage_root(cfg)))  # several nodes: one storage for all of them
-    return cpus
 
 
 def _rows(manifest: dict, split: str, limit: int) -> int:
@@ -121,7 +83,8 @@ def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rsrefseg.training.ingest import ExactEvalDataConfig, build_datasets
+    from rsrefseg.training.ingest import ExactEvalDataConfig
+    from rsrefseg.inference.streams import build_datasets
     from rsrefseg.training.worker import train_func
 
     t = cfg.train
@@ -173,64 +136,61 @@ def run_train(
     same way, which is how an interrupted sweep resumes an unfinished trial. `run_name` and
     `tags`: the new MLflow run's name (default: the folder name) and extra tags.
     """
-    cfg = runs.resolve_paths(cfg)
+    cfg = session.resolve(cfg)
     root = runs.storage_root(cfg)
-    check_storage_root(root, resume)
+    session.probe_run_store(root, resume)
     saved = runs.open_run(root, resume) if resume else (runs.find_run(root, name) if name else None)
     if saved:
-        cfg, name, root = saved.cfg, saved.name, runs.storage_root(saved.cfg)  # the saved storage (absolute)
+        cfg, name = saved.cfg, saved.name
         if saved.finished:
-            print(f"[rsrefseg] run {name} had already finished: nothing to train ({saved.run_dir})", flush=True)
+            say(f"run {name} had already finished: nothing to train ({saved.run_dir})")
             return TrainOutcome(name=name, run_dir=saved.run_dir, mlflow_run_id=saved.mlflow_run_id,
                                 best_checkpoint=saved.run_dir / runs.BEST_DIR, already_finished=True,
                                 **saved.finished)
-    run_id = saved.mlflow_run_id if saved else None
     name = name or runs.new_run_name(cfg)
-    run_dir = root / name
+    run_dir = runs.storage_root(cfg) / name  # a resumed run: its saved storage (absolute)
     manifest = preflight(cfg)
-
-    start_ray_with_ingest_cpus(cfg)
-    if run_id is None and cfg.tracking.enabled:
-        run_id = tracking.start_run(
-            cfg,
-            run_name=run_name or name.replace("/", "-"),
-            config_file=config_file,
-            parent_run_id=parent_run_id,
-            tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), "rsrefseg.job": "train", **(tags or {})},
-        )
-        tracking.log_dataset(tracking.client(cfg.tracking), run_id, manifest, cfg.data.path,
-                             {"train": cfg.data.train_split, "validation": cfg.data.val_split})
-    runs.create_run(run_dir, cfg, run_id)
-    print(f"[rsrefseg] run {name}: {run_dir}", flush=True)
-    if run_id:
-        print(f"[rsrefseg] MLflow run {run_id} at {cfg.tracking.uri}", flush=True)
-
-    resume_hint = f"Continue with: rsrefseg train --resume {run_dir}{RESUME_FROM}"
-    with tracking.run_lifecycle(cfg.tracking, run_id, continued=saved is not None) as client:
-        # Inside the run's lifecycle: caching the splits can fail or be interrupted too.
-        trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, manifest=manifest, callbacks=callbacks)
-        try:
-            with controller_poll_interval(cfg.train.poll_interval_s):
-                result = trainer.fit()
-            if result.error:
-                raise result.error
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # Ray Train's own SIGINT handler aborts the run and leaves through sys.exit(0); the
-            # CLI turns SIGTERM (`rsrefseg jobs stop`) into KeyboardInterrupt. Either way: say so.
-            raise TrainingInterrupted(
-                f"run {name} was interrupted ({type(exc).__name__})"
-                + (f"; its MLflow run {run_id} is KILLED" if run_id else "") + f".\n{resume_hint}"
-            ) from None
-        except Exception as exc:
-            raise TrainingFailed(f"run {name} failed: {type(exc).__name__}: {exc}\n{resume_hint}") from exc
-        outcome = record_best(cfg, result, name=name, run_dir=run_dir, mlflow_run_id=run_id, client=client)
+    session.start_ray(cfg, ingest=True)
+    inputs = session.Inputs(manifest, cfg.data.path, {"train": cfg.data.train_split, "validation": cfg.data.val_split})
+    with session.open_run(cfg, job="train", run_name=run_name or name.replace("/", "-"),
+                          run_id=saved.mlflow_run_id if saved else None, parent_run_id=parent_run_id,
+                          config_file=config_file, inputs=inputs,
+                          tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), **(tags or {})}) as run:
+        runs.create_run(run_dir, cfg, run.run_id)
+        say(f"run {name}: {run_dir}")
+        if run.run_id:
+            say(f"MLflow run {run.run_id} at {tracking.display_uri(cfg.tracking.uri)}")
+        outcome = fit(cfg, name=name, run_dir=run_dir, run=run, manifest=manifest, callbacks=callbacks)
     # Last, once the MLflow run is FINISHED: a run folder marked finished is never trained again.
-    runs.finish_run(run_dir, cfg, run_id, best_metrics=outcome.best_metrics, history=outcome.history)
+    runs.finish_run(run_dir, cfg, run.run_id, best_metrics=outcome.best_metrics, history=outcome.history)
     if cfg.train.register_as:
         from rsrefseg.jobs.register import register_checkpoint
 
-        register_checkpoint(cfg, outcome.best_checkpoint, cfg.train.register_as, source_run_id=run_id)
+        register_checkpoint(cfg, outcome.best_checkpoint, cfg.train.register_as, source_run_id=run.run_id)
     return outcome
+
+
+def fit(cfg: Config, *, name: str, run_dir: storage.Location, run: session.Run, manifest: dict,
+        callbacks: list | None) -> TrainOutcome:
+    """Ray Train's fit of the run, inside its MLflow lifecycle (caching the splits can fail or be
+    interrupted too), then its best checkpoint recorded."""
+    resume_hint = f"Continue with: rsrefseg train --resume {run_dir}{RESUME_FROM}"
+    trainer = build_trainer(cfg, name=name, mlflow_run_id=run.run_id, manifest=manifest, callbacks=callbacks)
+    try:
+        with controller_poll_interval(cfg.train.poll_interval_s):
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ray Train's own SIGINT handler aborts the run and leaves through sys.exit(0); the
+        # session turns SIGTERM (`rsrefseg jobs stop`) into KeyboardInterrupt. Either way: say so.
+        raise TrainingInterrupted(
+            f"run {name} was interrupted ({type(exc).__name__})"
+            + (f"; its MLflow run {run.run_id} is KILLED" if run.run_id else "") + f".\n{resume_hint}"
+        ) from None
+    except Exception as exc:
+        raise TrainingFailed(f"run {name} failed: {type(exc).__name__}: {exc}\n{resume_hint}") from exc
+    return record_best(cfg, result, name=name, run_dir=run_dir, mlflow_run_id=run.run_id, client=run.client)
 
 
 # Ray Train's controller reads its poll interval from this variable of the driver's environment,
@@ -238,19 +198,10 @@ def run_train(
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
-@contextlib.contextmanager
-def controller_poll_interval(seconds: float) -> Iterator[None]:
+def controller_poll_interval(seconds: float) -> contextlib.AbstractContextManager:
     """Ray Train's controller polls its workers every `seconds` during the block (train.poll_interval_s);
     the driver's environment is put back after it."""
-    previous = os.environ.get(POLL_INTERVAL_ENV)
-    os.environ[POLL_INTERVAL_ENV] = f"{seconds:g}"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(POLL_INTERVAL_ENV, None)
-        else:
-            os.environ[POLL_INTERVAL_ENV] = previous
+    return mock.patch.dict(os.environ, {POLL_INTERVAL_ENV: f"{seconds:g}"})
 
 
 # Where a --resume starts: the run's epoch checkpoints are kept in its folder.

@@ -12,16 +12,17 @@ import contextlib
 import io
 import json
 import logging
-import signal
-import threading
+from dataclasses import dataclass
 
-from rsrefseg.training import sweep as sweeps
-from rsrefseg.jobs.train import TrainingInterrupted
-from rsrefseg.platform import paths, runs, storage, tracking
+from rsrefseg.jobs import session
+from rsrefseg.platform import paths, runs, signals, storage, tracking
 from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
+from rsrefseg.platform.console import say
+from rsrefseg.platform.errors import TrainingInterrupted
+from rsrefseg.training import sweep as sweeps
 
-DEFAULT_SWEEP = "configs/sweeps/ablation.yaml"
+DEFAULT_SWEEP = "ablation"  # the shipped configs/sweeps/ablation.yaml (platform/recipes.py)
 TRIAL_DRIVER_CPU = 0.01  # see run_tune
 
 
@@ -99,9 +100,20 @@ def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc:
         return
     if runs.find_run(runs.storage_root(paths.with_tracking_store(cfg)), name):
         return  # run_train created the run and its lifecycle already marked it FAILED
-    run_id = tracking.start_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
-                                tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]})
-    tracking.client(cfg.tracking).set_terminated(run_id, status=tracking.FAILED)
+    run_id = tracking.create_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
+                                 tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id})
+    tracking.end_run(tracking.client(cfg.tracking), run_id, tracking.FAILED, tags={"rsrefseg.error": str(exc)[:4000]})
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep runs: its base config, its trials' settings and where it lives."""
+
+    cfg: Config
+    sweep: sweeps.Sweep
+    name: str
+    sweep_dir: storage.Location
+    parent_run_id: str | None = None  # a resumed sweep's MLflow parent run
 
 
 def run_tune(
@@ -112,96 +124,104 @@ def run_tune(
     config_file: str | None = None,
 ) -> list[dict]:
     """Run (or resume) a sweep; return the ablation table rows."""
+    from rsrefseg.jobs.train import preflight
+    from rsrefseg.platform.capacity import concurrent_trials
+
+    cfg = session.resolve(cfg)
+    root = runs.storage_root(cfg)
+    session.probe_run_store(root, resume)
+    plan = _resumed_sweep(root, resume) if resume else _new_sweep(cfg, root, sweep_file or DEFAULT_SWEEP)
+    cfg = plan.cfg
+    preflight(cfg)  # the shared dataset and model files, before any Ray resource
+    # Trials at once: as many as leave Ray Data its CPUs (fewer than asked, with a note).
+    trial = trial_config(cfg, {})
+    cpus = session.start_ray(trial, ingest=True)
+    concurrency = concurrent_trials(trial, cpus, driver_cpu=TRIAL_DRIVER_CPU, where="the Ray cluster")
+    with session.open_run(cfg, job="tune", run_name=plan.name, run_id=plan.parent_run_id, create=not resume,
+                          config_file=config_file, tags={"rsrefseg.sweep": plan.sweep.source}) as run:
+        if not resume:
+            if run.client is not None:
+                run.client.log_artifact(run.run_id, plan.sweep.source, artifact_path="config")
+            runs.create_sweep(plan.sweep_dir, cfg, plan.sweep.source, run.run_id)
+        settings = plan.sweep.trials()
+        say(f"sweep {plan.name}: {len(settings)} trials ({plan.sweep.mode}) -> {plan.sweep_dir}")
+        tuner = _tuner(plan, root, run.run_id, settings, concurrency, resume=bool(resume))
+        with signals.sigterm_as_sigint(), _without_tuner_restore_hint():
+            grid = tuner.fit()
+        rows = _finish_sweep(plan, grid, settings, run)
+    return rows
+
+
+def _new_sweep(cfg: Config, root: storage.Location, sweep_file: str) -> SweepPlan:
+    sweep = sweeps.load_sweep(sweep_file, cfg)
+    name = runs.new_sweep_name(cfg, sweep_file)
+    return SweepPlan(cfg, sweep, name, root / name)
+
+
+def _resumed_sweep(root: storage.Location, resume: str) -> SweepPlan:
+    saved = runs.open_sweep(root, resume)
+    sweep = sweeps.load_sweep(str(saved.sweep_file_copy), saved.base)
+    return SweepPlan(saved.base, sweep, saved.name, saved.sweep_dir, saved.parent_run_id)
+
+
+def _tuner(plan: SweepPlan, root: storage.Location, parent_run_id: str | None, settings: list[dict],
+           concurrency: int, *, resume: bool):
+    """A new Tuner over the settings, or the interrupted sweep's, restored from its folder."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rsrefseg.jobs.train import check_storage_root, preflight, start_ray_with_ingest_cpus
-    from rsrefseg.platform.capacity import concurrent_trials
-
-    cfg = runs.resolve_paths(cfg)
-    root = runs.storage_root(cfg)
-    check_storage_root(root, resume)
-    if resume:
-        saved = runs.open_sweep(root, resume)
-        cfg, sweep_dir, parent_run_id = saved.base, saved.sweep_dir, saved.parent_run_id
-        sweep = sweeps.load_sweep(str(saved.sweep_file_copy), cfg)
-        name = saved.name
-    else:
-        sweep_file = sweep_file or DEFAULT_SWEEP
-        sweep = sweeps.load_sweep(sweep_file, cfg)
-        name = runs.new_sweep_name(cfg, sweep_file)
-        sweep_dir = root / name
-        parent_run_id = None
-    preflight(cfg)  # the shared dataset and model files, before any Ray resource
-
-    # Trials at once: as many as leave Ray Data its CPUs (fewer than asked, with a note).
-    trial = trial_config(cfg, {})
-    cpus = start_ray_with_ingest_cpus(trial)
-    concurrency = concurrent_trials(trial, cpus, driver_cpu=TRIAL_DRIVER_CPU, where="the Ray cluster")
-    if not resume:
-        if cfg.tracking.enabled:
-            parent_run_id = tracking.start_run(cfg, run_name=name, config_file=config_file,
-                                               tags={"rsrefseg.job": "tune", "rsrefseg.sweep": sweep.source})
-            tracking.client(cfg.tracking).log_artifact(parent_run_id, sweep.source, artifact_path="config")
-        runs.create_sweep(sweep_dir, cfg, sweep.source, parent_run_id)
-    settings = sweep.trials()
-    print(f"[rsrefseg] sweep {name}: {len(settings)} trials ({sweep.mode}) -> {sweep_dir}", flush=True)
-
+    cfg = plan.cfg
     # A trial is only the driver of its TorchTrainer, which reserves the workers' resources itself
     # (train.* or tune.* cpus_per_worker / gpus_per_worker); the driver holds a token share of a CPU (Ray
     # refuses an empty request), so trials in parallel are bounded by tune.max_concurrent_trials
     # and by what the cluster can give their workers, not by driver slots.
     trainable = ray.tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPU})
     if resume:
-        where = storage.ray_storage(sweep_dir)
-        tuner = ray.tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False,
-                                       storage_filesystem=where.get("storage_filesystem"))
-    else:
-        scheduler = None
-        if cfg.tune.scheduler == "asha":
-            # max_t: the longest trial's epochs (a sweep may vary train.epochs); a trial that ends
-            # sooner reports its own last epoch when its run is complete.
-            max_t = max(trial_config(cfg, s).train.epochs for s in settings)
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.tune.grace_period,
-                                      reduction_factor=cfg.tune.reduction_factor)
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space={
-                "base": cfg.to_dict(),
-                "sweep_name": name,
-                "parent_run_id": parent_run_id,
-                "run_names": {setting_key(s): sweep.run_name(s) for s in settings},
-                "train_loop_config": {"overrides": ray.tune.grid_search(settings)},
-            },
-            tune_config=ray.tune.TuneConfig(
-                metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                max_concurrent_trials=concurrency or None,
-            ),
-            run_config=ray.tune.RunConfig(
-                name=name, **storage.ray_storage(root),
-                # A failing trial is retried tune.max_failures times, then reported, and the
-                # sweep goes on with the others.
-                failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
-            ),
+        where = storage.ray_storage(plan.sweep_dir)
+        return ray.tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False,
+                                      storage_filesystem=where.get("storage_filesystem"))
+    scheduler = None
+    if cfg.tune.scheduler == "asha":
+        # max_t: the longest trial's epochs (a sweep may vary train.epochs); a trial that ends
+        # sooner reports its own last epoch when its run is complete.
+        max_t = max(trial_config(cfg, s).train.epochs for s in settings)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.tune.grace_period,
+                                  reduction_factor=cfg.tune.reduction_factor)
+    return ray.tune.Tuner(
+        trainable,
+        param_space={
+            "base": cfg.to_dict(),
+            "sweep_name": plan.name,
+            "parent_run_id": parent_run_id,
+            "run_names": {setting_key(s): plan.sweep.run_name(s) for s in settings},
+            "train_loop_config": {"overrides": ray.tune.grid_search(settings)},
+        },
+        tune_config=ray.tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
+                                        max_concurrent_trials=concurrency or None),
+        run_config=ray.tune.RunConfig(
+            name=plan.name, **storage.ray_storage(root),
+            # A failing trial is retried tune.max_failures times, then reported, and the
+            # sweep goes on with the others.
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
+        ),
+    )
+
+
+def _finish_sweep(plan: SweepPlan, grid, settings: list[dict], run: session.Run) -> list[dict]:
+    """The table of what ran, published; no trial run left RUNNING. An interrupted sweep (Tune
+    ends its loop early only then: Ctrl-C, a stopped job) raises SweepInterrupted after that."""
+    results = collect_results(grid, plan.cfg)
+    _settle_trial_runs(plan.cfg, plan.sweep_dir, results)
+    rows = sweeps.table_rows(plan.sweep, results)
+    _publish_table(run.client, run.run_id, plan.sweep_dir, rows)
+    if len(results) < len(settings) or any(r.status in ("interrupted", "pending") for r in results):
+        raise SweepInterrupted(
+            f"sweep {plan.name} was interrupted"
+            + (f"; its MLflow run {run.run_id} and its unfinished trials' runs are KILLED" if run.run_id else "")
+            + f".\nFinished trials are kept and unfinished ones continue from their last epoch with: "
+            f"rsrefseg tune --resume {plan.sweep_dir}"
         )
-    # The parent run: KILLED when the sweep is interrupted (SweepInterrupted), FAILED on an error.
-    parent = parent_run_id if cfg.tracking.enabled else None
-    with tracking.run_lifecycle(cfg.tracking, parent, continued=bool(resume)) as client:
-        with _ctrl_c_stops_the_sweep():
-            grid = tuner.fit()
-        results = collect_results(grid, cfg)
-        _settle_trial_runs(cfg, sweep_dir, results)
-        rows = sweeps.table_rows(sweep, results)
-        _publish_table(client, parent, sweep_dir, rows)
-        # Tune ends its loop early only when interrupted (Ctrl-C, a stopped job): trials not done.
-        if len(results) < len(settings) or any(r.status in ("interrupted", "pending") for r in results):
-            raise SweepInterrupted(
-                f"sweep {name} was interrupted"
-                + (f"; its MLflow run {parent} and its unfinished trials' runs are KILLED" if parent else "")
-                + f".\nFinished trials are kept and unfinished ones continue from their last epoch with: "
-                f"rsrefseg tune --resume {sweep_dir}"
-            )
     return rows
 
 
@@ -218,21 +238,16 @@ class _NoTunerRestoreHint(logging.Filter):
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops_the_sweep():
-    """During `Tuner.fit`: Ctrl-C is Tune's (it saves the sweep's state and stops the trials, then
-    fit returns); SIGTERM (`rsrefseg jobs stop`) does the same instead of unwinding through Tune's
-    loop as a KeyboardInterrupt; and Tune's own resume hint is left out."""
+def _without_tuner_restore_hint():
+    """During `Tuner.fit` (Ctrl-C is Tune's: it saves the sweep's state and stops the trials, then
+    fit returns; `signals.sigterm_as_sigint` makes SIGTERM do the same): Tune's own resume hint,
+    which names its Python API, is left out."""
     tune_log = logging.getLogger("ray.tune.tune")
     hint_filter = _NoTunerRestoreHint()
     tune_log.addFilter(hint_filter)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         yield
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         tune_log.removeFilter(hint_filter)
 
 
@@ -283,10 +298,10 @@ def _settle_trial_runs(cfg: Config, sweep_dir: storage.Location, results: list[s
         result = by_trial.get(trial_id)
         status = result.status if result else "pending"
         if status == "stopped":
-            c.set_tag(run_id, tracking.STOPPED_EARLY_TAG, f"by the {cfg.tune.scheduler} scheduler")
-            c.set_terminated(run_id, status=tracking.KILLED)
+            tracking.end_run(c, run_id, tracking.KILLED,
+                             tags={tracking.STOPPED_EARLY_TAG: f"by the {cfg.tune.scheduler} scheduler"})
         elif status == "interrupted" or c.get_run(run_id).info.status == tracking.RUNNING:
-            c.set_terminated(run_id, status=tracking.KILLED)
+            tracking.end_run(c, run_id, tracking.KILLED)
 
 
 def _publish_table(client, parent_run_id: str | None, sweep_dir: storage.Location, rows: list[dict]) -> None:
@@ -307,5 +322,5 @@ def _publish_table(client, parent_run_id: str | None, sweep_dir: storage.Locatio
     plt.close(fig)
     print("\nAblation table (val split, percent; best epoch per trial):")
     print(markdown)
-    print(f"\n[rsrefseg] table: {sweep_dir / 'ablation.md'} (also in the sweep's MLflow parent run)")
+    say(f"table: {sweep_dir / 'ablation.md'} (also in the sweep's MLflow parent run)")
 

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from rsrefseg.platform import paths, storage, tracking
 from rsrefseg.platform.config import TrackingConfig
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
 SERVER_WORKERS = 4  # MLflow's own default for `mlflow server --workers`
@@ -33,10 +34,10 @@ def ui_command(*, host: str, port: int, tracking_uri: str | None) -> list[str]:
 def run_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
     cmd = ui_command(host=host, port=port, tracking_uri=tracking_uri)
     if not cmd:
-        print(f"[rsrefseg] {tracking_uri} is an MLflow server: open it in a browser "
-              "(through `ssh -L` or `ray dashboard` port forwarding for a cluster).")
+        say(f"{tracking_uri} is an MLflow server: open it in a browser "
+            "(through `ssh -L` or `ray dashboard` port forwarding for a cluster).")
         return 0
-    print(f"[rsrefseg] MLflow UI on http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    say(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
     return subprocess.call(cmd)
 
 
@@ -120,6 +121,6 @@ def run_mlflow_server(
     check_artifacts_writable(artifacts_destination)
     cmd = server_command(host=host, port=port, backend_store_uri=backend_store_uri,
                          artifacts_destination=artifacts_destination, allowed_hosts=allowed_hosts, workers=workers)
-    print(f"[rsrefseg] MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
-          "(or another address of this host: then add it to --allowed-hosts)", flush=True)
+    say(f"MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
+        "(or another address of this host: then add it to --allowed-hosts)")
     return subprocess.call(cmd, env=env)

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsrefseg.models.inference import TEXT_COLUMNS
 from rsrefseg.models.sizes import InputSizes
+
+# The text columns a batch carries through to the per-sample records (not tensors).
+TEXT_COLUMNS = ("id", "phrase", "category")
 
 Pixels = Union[torch.Tensor, Sequence]  # a stacked [B, ...] tensor, or one array per sample
 

@@ -1,6 +1,8 @@
 """Referring-segmentation metrics: per-sample IoU, gIoU (= mIoU), cIoU (= oIoU), Pr@0.5..0.9.
 
-Conventions (DESIGN.md, "Metrics"):
+Conventions: the field's, made explicit because papers and their code name and count them
+differently (RMSIN, FIANet and DiCoR call gIoU "mIoU"; RMSIN calls cIoU "oIoU"; LAVT's and
+RMSIN's code count Pr@X with IoU >= X):
 - per-sample IoU = |P∩G| / |P∪G| on binary masks at the label resolution;
 - gIoU = mean of per-sample IoU; cIoU = ΣI / ΣU over all samples;
 - Pr@X = share of samples with IoU > X (strictly greater);
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+from rsrefseg.platform.metric_names import PR_THRESHOLDS
+
 # Fixed-point unit of the IoU sum: 2^-30 (~1e-9) resolution per sample; exact up to 2^23 samples.
 IOU_SCALE = float(2**30)
-METRIC_KEYS = tuple(f"Pr@{x}" for x in PR_THRESHOLDS) + ("cIoU", "gIoU")
 
 # Layout of SegMetrics.state.
 _COUNT, _IOU_SUM, _INTER, _UNION = 0, 1, 2, 3

@@ -97,22 +97,3 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
             f"must hold the full {SIGLIP_REPO} download (spiece.model and tokenizer config), and the "
             "sentencepiece package must be installed"
         ) from exc
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, phrases: list[str], *, max_length: int) -> dict[str, np.ndarray]:
-    """phrases -> {"input_ids": int64 [B, L], "attention_mask": int64 [B, L]}, L = max_length.
-
-    Pads to max_length, as SigLIP was trained; the mask marks real tokens (EOS included).
-    """
-    enc = tokenizer(
-        list(phrases),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=True,
-        return_tensors="np",
-    )
-    return {
-        "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
-        "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
-    }

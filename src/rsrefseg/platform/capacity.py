@@ -13,6 +13,7 @@ import math
 import os
 
 from rsrefseg.platform.config import Config
+from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
 # What to do about it, in the words of the config keys.
@@ -66,12 +67,11 @@ def concurrent_trials(cfg: Config, cluster_cpus: float, *, driver_cpu: float, wh
     fit = max(1, math.floor((cluster_cpus - cfg.train.ingest_cpus) / per_trial + 1e-9))
     if asked and asked <= fit:
         return asked
-    print(
-        f"[rsrefseg] running {fit} trial(s) at a time: each needs {per_trial:g} CPUs "
+    say(
+        f"running {fit} trial(s) at a time: each needs {per_trial:g} CPUs "
         f"(train.num_workers x train.cpus_per_worker, or tune.* where set, plus its driver) and Ray Data keeps "
         f"train.ingest_cpus={cfg.train.ingest_cpus} of the {cluster_cpus:g} CPUs of {where}"
-        + (f" (tune.max_concurrent_trials={asked} would starve it)" if asked else ""),
-        flush=True,
+        + (f" (tune.max_concurrent_trials={asked} would starve it)" if asked else "")
     )
     return fit
 
@@ -82,14 +82,10 @@ def cluster_cpus() -> float:
     autoscaler may bring up, read where Ray Train reads it for its own worker-group check."""
     import ray
 
-    now = float(ray.cluster_resources().get("CPU", 0.0))
-    try:
-        from ray._private.state import state  # private: guarded, so another Ray only loses the max
+    from rsrefseg.platform.ray_compat import autoscaler_max_resources
 
-        most = float((state.get_max_resources_from_cluster_config() or {}).get("CPU") or 0.0)
-    except Exception:
-        most = 0.0
-    return max(now, most)
+    now = float(ray.cluster_resources().get("CPU", 0.0))
+    return max(now, autoscaler_max_resources().get("CPU", 0.0))
 
 
 def largest_node_cpus() -> float:

@@ -21,6 +21,7 @@ from pydantic import ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from rsrefseg.platform.errors import ConfigError
+from rsrefseg.platform.metric_names import METRIC_NAMES
 
 # Validation is pydantic's (v2, already in the dependency tree through Ray, MLflow and DeepSpeed):
 # the sections are pydantic dataclasses, so types, ranges, choices and unknown keys are declared on
@@ -260,9 +261,7 @@ class TuneConfig:
     reduction_factor: Annotated[Int, Field(ge=2)] = 3
     # The one selection metric (higher is better): it picks every run's best epoch (the `best/`
     # checkpoint, train and tune alike), the sweep's best trial, and what ASHA compares.
-    metric: Literal[
-        "val/gIoU", "val/cIoU", "val/Pr@0.5", "val/Pr@0.6", "val/Pr@0.7", "val/Pr@0.8", "val/Pr@0.9"
-    ] = "val/gIoU"
+    metric: Literal[tuple(f"val/{name}" for name in METRIC_NAMES)] = "val/gIoU"  # type: ignore[valid-type]
     # Retries of a failed trial before it is marked failed (workers inside a trial restart on
     # their own per train.max_failures).
     max_failures: Annotated[Int, Field(ge=-1, description="-1 = retry forever")] = 0

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import ray
 
+from rsrefseg.platform import ray_compat
 from rsrefseg.platform.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,7 @@ def running_local_ray() -> str | None:
     `ray stop`) does not count."""
     if os.environ.get("RAY_ADDRESS"):
         return None  # an explicit address wins; init_ray joins that one
-    try:
-        from ray._private import services  # private: guarded, so another Ray only loses the detection
-
-        address = services.canonicalize_bootstrap_address(None)
-        return address if address and address in services.find_gcs_addresses() else None
-    except Exception:
-        return None
+    return ray_compat.started_ray_address()
 
 
 def joins_existing_ray(cluster: ClusterConfig) -> bool:
@@ -40,13 +34,7 @@ def joins_existing_ray(cluster: ClusterConfig) -> bool:
 def _job_env_vars() -> dict:
     """The env_vars of the Ray job this driver runs in (`rsrefseg submit` already put the S3
     endpoint there); Ray refuses a ray.init that names one of them again."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # private: guarded
-
-    try:
-        config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
-        return dict((config.get("runtime_env") or {}).get("env_vars") or {})
-    except (ValueError, AttributeError):
-        return {}
+    return ray_compat.job_env_vars()
 
 
 def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
@@ -55,7 +43,9 @@ def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
 
     A driver that already called `ray.init` (tests, a Ray job on a cluster) is left as it is:
     inside a submitted job `ray.init()` attaches to the job's cluster, which is what we want.
+    Ray's own output goes to the command's log file, not the console (`_route_ray_output`).
     """
+    _route_ray_output()
     if ray.is_initialized():
         return "the Ray cluster"
     from rsrefseg.platform.storage import forwarded_environment
@@ -96,6 +86,45 @@ def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
     return "the local Ray this job started"
 
 
-def shutdown_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+def _route_ray_output() -> None:
+    """The console keeps the platform's lines, warnings and errors; Ray's own output goes to the
+    command's log file (console.setup), and with --verbose to both:
+    - the driver's Ray loggers (ray, ray.data, ...) lose their console handlers (console.adopt);
+    - Ray Data's progress bars are off (DataContext here, RAY_DATA_DISABLE_PROGRESS_BARS in the
+      processes a local Ray starts); it logs its progress to the file instead;
+    - the lines log_to_driver forwards from workers (Ray Train's per-rank "Reporting training
+      result" and "Checkpoint successfully created", Ray Data's execution notices) are sorted by
+      console.worker_lines before Ray prints them. Ray's own knobs do not reach those: a job's
+      ray.LoggingConfig also reconfigures this driver's root logger, and Ray Train resets its
+      workers' loggers to INFO when their group starts.
+    Nothing changes where the host process owns logging (tests, an embedding application)."""
+    from rsrefseg.platform import console
+
+    if not console.active():
+        return
+    import ray.data
+    from ray.util.debug import log_once
+
+    console.adopt()
+    console.name_log()
+    if not console.verbose():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        log_once("ray_data_progress_manager_disabled")  # Ray Data's warning that they are off: we know
+    try:
+        from ray._private import worker as ray_worker  # private: guarded, another Ray prints as it did
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "rsrefseg_sorted", False):
+        return
+
+    def print_worker_logs(data: dict, print_file, ignore_prefix: bool = False):
+        if data.get("pid") not in ("autoscaler", "raylet"):  # the cluster's own events stay as they are
+            source = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
+            data = {**data, "lines": console.worker_lines(list(data.get("lines") or []), source)}
+        if data.get("lines"):
+            original(data, print_file, ignore_prefix)
+
+    print_worker_logs.rsrefseg_sorted = True
+    ray_worker.print_worker_logs = print_worker_logs

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.paths import is_uri
-
-MARKER_PREFIX = ".rsrefseg-shared-check-"
+from rsrefseg.platform.storage import probe_file
 
 
 class StorageNotShared(ConfigError):
@@ -36,12 +35,8 @@ def check_shared_storage(storage_path: str) -> None:
     folder = Path(storage_path)
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
-    marker = folder / f"{MARKER_PREFIX}{token}"
-    marker.write_text(token)
-    try:
+    with probe_file(folder, token) as marker:
         seen = sees_marker(nodes, str(marker), token)
-    finally:
-        marker.unlink(missing_ok=True)
     blind = sorted(f"{nodes[node]} ({node[:8]})" for node, ok in seen.items() if not ok)
     if blind:
         raise StorageNotShared(

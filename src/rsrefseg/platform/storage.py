@@ -30,6 +30,8 @@ import posixpath
 import re
 import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Union
@@ -48,7 +50,7 @@ FORWARDED_ENVS = (*ENDPOINT_ENVS, *REGION_ENVS)
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 RETRY_ATTEMPTS = 6
-PROBE_PREFIX = ".rsrefseg-write-check-"
+PROBE_PREFIX = ".rsrefseg-probe-"  # the files `probe_file` writes and removes
 
 
 class StorageError(ConfigError):
@@ -277,10 +279,13 @@ def local_copy(src: RemotePath, files: tuple[str, ...]) -> Path:
     (removed when it exits): what code that reads local files (checkpoint loading) is given."""
     import atexit
 
+    from pyarrow import fs
+
     folder = Path(tempfile.mkdtemp(prefix=f"rsrefseg-{src.name}-"))
     atexit.register(shutil.rmtree, folder, True)
-    for name in files:
-        (folder / name).write_bytes((src / name).read_bytes())
+    for name in files:  # streamed to disk: weights may not fit in memory twice
+        fs.copy_files(f"{src.path}/{name}", str(folder / name),
+                      source_filesystem=src.fs, destination_filesystem=fs.LocalFileSystem())
     return folder
 
 
@@ -325,6 +330,19 @@ def require_credentials(key: str, uri: str) -> None:
         )
 
 
+@contextmanager
+def probe_file(folder: Location, text: str = "rsrefseg") -> Iterator[Location]:
+    """A file holding `text`, written under `folder` under a name of its own and removed when the
+    `with` block ends: how a check learns that storage takes a write (`check_writable`) or is
+    the same for every node (`shared_storage`)."""
+    probe = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    probe.write_text(text)
+    try:
+        yield probe
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def check_writable(key: str, uri: str) -> None:
     """Fail, naming the config key, the URI and what S3 answered, unless this machine can write
     under `uri` (a probe object is written and removed). Local paths pass: their own checks apply."""
@@ -332,9 +350,8 @@ def check_writable(key: str, uri: str) -> None:
         return
     require_credentials(key, uri)
     try:
-        probe = location(uri) / f"{PROBE_PREFIX}{os.getpid()}"
-        probe.write_bytes(b"rsrefseg")
-        probe.unlink(missing_ok=True)
+        with probe_file(location(uri)):
+            pass
     except StorageError:
         raise
     except OSError as exc:

@@ -28,6 +28,16 @@ TRACKED_PACKAGES = (
 )
 
 
+def display_uri(uri: str) -> str:
+    """A store's URI as a message may show it: a `user:password@` in it left out."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def client(tracking: TrackingConfig):
     """A client of the configured store. Everything here goes through a client bound to its URI,
     never through MLflow's process-global tracking URI or active run, so the same code works in a
@@ -59,26 +69,45 @@ def run_lifecycle(tracking: TrackingConfig, run_id: str | None, *, continued: bo
             c.delete_tag(run_id, STOPPED_EARLY_TAG)
     try:
         yield c
-    except (KeyboardInterrupt, SystemExit, TrainingInterrupted):
-        c.set_terminated(run_id, status=KILLED)
-        raise
-    except BaseException:
-        c.set_terminated(run_id, status=FAILED)
+    except BaseException as exc:
+        c.set_terminated(run_id, status=ending_status(exc))
         raise
     c.set_terminated(run_id, status=FINISHED)
+
+
+def ending_status(exc: BaseException | None) -> str:
+    """How a run ends when its block is left by `exc`: KILLED for Ctrl-C, SIGTERM (the CLI turns
+    it into KeyboardInterrupt), SystemExit or a `TrainingInterrupted`; FAILED for anything else;
+    FINISHED without an exception."""
+    if exc is None:
+        return FINISHED
+    return KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit, TrainingInterrupted)) else FAILED
+
+
+def end_run(c, run_id: str, status: str, *, tags: dict[str, str] | None = None) -> None:
+    """End a run whose process is gone (a Tune trial stopped by its scheduler, killed by an
+    interruption, or failed before its own lifecycle began): the one other place a state is set."""
+    for key, value in (tags or {}).items():
+        c.set_tag(run_id, key, value)
+    c.set_terminated(run_id, status=status)
 
 
 @contextlib.contextmanager
 def fluent_store(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
     """For the few MLflow calls that only exist in its fluent API (`pyfunc.log_model`): the
-    store and run are set for the block and put back after it."""
+    store and run are set for the block and put back after it. The run's state stays
+    `run_lifecycle`'s to set: the fluent run is detached as RUNNING, never ended here (MLflow's
+    own context would end it FAILED on Ctrl-C)."""
     import mlflow
 
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(tracking_uri(tracking))
     try:
-        with mlflow.start_run(run_id=run_id):
+        mlflow.start_run(run_id=run_id)
+        try:
             yield
+        finally:
+            mlflow.end_run(status=RUNNING)
     finally:
         mlflow.set_tracking_uri(previous)  # None: unset again, as before
 
@@ -131,21 +160,19 @@ def log_dataset(c, run_id: str, manifest: dict, path: str, splits: dict[str, str
     c.log_inputs(run_id, datasets=inputs)
 
 
-def start_run(
-    cfg: Config,
-    *,
-    run_name: str,
-    tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
-    config_file: str | None = None,
-) -> str:
-    """Create a run with the config as flat params and the provenance tags; return its id."""
+def create_run(cfg: Config, *, run_name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """A new RUNNING run with its name and provenance tags; return its id. What else it records
+    (`record_run`) is written inside its lifecycle, so that a failure there ends it."""
     c = client(cfg.tracking)
     all_tags = {"mlflow.runName": run_name, "rsrefseg.git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(experiment_id(cfg.tracking), run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    return c.create_run(experiment_id(cfg.tracking), run_name=run_name, tags=all_tags).info.run_id
+
+
+def record_run(c, run_id: str, cfg: Config, *, config_file: str | None = None) -> None:
+    """The config as flat params, the package versions, the recipe file and the resolved config."""
     # Params as a checkpoint keeps them: paths under the project folder relative to it, so the
     # same run started on two machines (or nodes) lines up in the compare view and names neither.
     log_params(c, run_id, portable(cfg).flat())
@@ -153,15 +180,13 @@ def start_run(
     if config_file and Path(config_file).is_file():
         c.log_artifact(run_id, config_file, artifact_path="config")
     c.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
-    return run_id
 
 
 def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        c.log_batch(run_id, params=items[i : i + 100])
+    # Any number: MlflowClient.log_batch sends them in requests of the 100 params a store takes.
+    c.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
 
 
 def now_ms() -> int:

@@ -21,7 +21,7 @@ import numpy as np
 class RSRefSegModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from rsrefseg.models.checkpoint import load_checkpoint
-        from rsrefseg.models.inference import inference_device
+        from rsrefseg.inference.scoring import inference_device
         from rsrefseg.models.presets import input_sizes
         from rsrefseg.models.tokenizer import load_tokenizer
 
@@ -31,7 +31,7 @@ class RSRefSegModel(mlflow.pyfunc.PythonModel):
         self.sizes, self.tokenizer = input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model)
 
     def predict(self, context, model_input, params=None) -> list[np.ndarray]:
-        from rsrefseg.jobs.predict import segment
+        from rsrefseg.inference.scenes import segment
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         return [segment(self.model, self.sizes, self.tokenizer, _rgb(row["image"]), str(row["text"]),
@@ -44,7 +44,7 @@ def _rgb(image) -> np.ndarray:
 
     from PIL import Image
 
-    from rsrefseg.jobs.predict import read_scene
+    from rsrefseg.inference.scenes import read_scene
 
     if isinstance(image, (bytes, bytearray)):
         with Image.open(io.BytesIO(image)) as im:

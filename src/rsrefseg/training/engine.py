@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from rsrefseg.models.inference import model_inputs
+from rsrefseg.inference.scoring import model_inputs
 from rsrefseg.platform.config import TrainConfig
 
 

@@ -47,4 +47,6 @@ def build_cpu_comm_op() -> bool:
 
 if __name__ == "__main__":
     built = build_cpu_comm_op()
-    print("DeepSpeed CPU communication op: " + ("built" if built else "not needed on this accelerator"))
+    from rsrefseg.platform.console import say
+
+    say("DeepSpeed CPU communication op: " + ("built" if built else "not needed on this accelerator"))

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
+
+from rsrefseg.platform import console
 
 
 def say(line: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver and the job log.
-
-    Not `print`: inside a Ray Train worker `print` is patched to go through Train's logger and,
-    when stdout is wrapped, also to stdout, so each line would show up twice in the job log.
-    """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    """One `[rsrefseg] ...` line to the worker's stdout, which Ray forwards to the driver and the
+    job log (console.say: not `print`, which Ray Train patches in its workers)."""
+    console.say(line)
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -30,8 +30,10 @@ from typing import Any
 
 from rsrefseg.platform.config import Config, read_yaml
 from rsrefseg.platform.errors import ConfigError
+from rsrefseg.platform.metric_names import METRIC_NAMES
+from rsrefseg.platform.recipes import find_recipe
 
-METRIC_COLUMNS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "cIoU", "gIoU")
+METRIC_COLUMNS = METRIC_NAMES  # the sweep table's metric columns
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,7 @@ class Sweep:
 
 def load_sweep(path: str | Path, base: Config) -> Sweep:
     """Read and check a sweep file; every trial's config is validated against `base` here."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--sweep {path}: no such file (see configs/sweeps/)")
+    path = find_recipe(str(path), kind="sweep")  # a file, else a shipped sweep's name
     data = read_yaml(path, what="a mapping (mode, axes, fixed)")
     unknown = set(data) - {"mode", "axes", "fixed"}
     if unknown:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rsrefseg.models.device_inputs import model_batch
-from rsrefseg.models.inference import predict_logits, score_batch
+from rsrefseg.inference.scoring import score
 from rsrefseg.models.sizes import InputSizes
 from rsrefseg.platform import runs
 from rsrefseg.platform.config import Config
@@ -213,23 +213,19 @@ def validate(engine, shard, batch_size: int, device, sizes: InputSizes, metrics_
              timeout_s: float = 0.0):
     """Metrics over this worker's share of the split, summed over all workers.
 
-    Scored like `rsrefseg evaluate` (`score_batch`: at each image's own size when the stream
-    carries the original masks). Returns (metrics dict, this worker's `keep` worst then `keep`
+    Scored as `rsrefseg evaluate` scores (`inference.scoring.score`: each sample at its image's
+    own size). Returns (metrics dict, this worker's `keep` worst then `keep`
     best samples by IoU, for the prediction figure)."""
     engine.eval()
     from rsrefseg.datasets.pipeline import iter_batches
+    from rsrefseg.inference.gallery import Gallery
     from rsrefseg.platform.capacity import describe_resources
-
-    from rsrefseg.training.reporting import Gallery
 
     acc = metrics_cls()
     gallery = Gallery(keep)
     for batch in iter_batches(shard, batch_size, timeout_s=timeout_s, on_timeout=describe_resources):
-        batch = model_batch(batch, sizes, device, originals=True)
-        logits = predict_logits(engine, batch, device)
-        records = score_batch(logits, batch, empty_iou=acc.empty_iou)
+        records = score(engine, batch, sizes, device, empty_iou=acc.empty_iou, gallery=gallery)
         acc.add(torch.tensor(records["intersection"]), torch.tensor(records["union"]))
-        gallery.offer(batch, logits > 0, records["iou"])
     if dist.is_initialized():
         # One all-reduce of the metric sums: every sample counted once over all workers.
         acc.to(device if dist.get_backend() == "nccl" else "cpu")

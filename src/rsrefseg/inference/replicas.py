@@ -4,7 +4,7 @@
 Each replica rebuilds the model once from the checkpoint (its config and trainable weights travel
 through the object store, so any node can run one; the frozen base weights load from the paths
 in the config, as on the training workers), then scores batch after batch with the same
-`predict_masks` / `score_batch` as training's validation. Replicas take one GPU each where the
+`inference.scoring.score` as training's validation. Replicas take one GPU each where the
 cluster has GPUs (forward under bf16 autocast), else CPUs. Only the per-sample records leave the
 actors (a few numbers per sample), never masks or images.
 """
@@ -30,7 +30,7 @@ class Replicas:
 def replica_model(payload: Any):
     """(model on its device, config, device, autocast dtype) of one replica, from the checkpoint
     payload `(config, trainable state)` (or an object ref to it)."""
-    from rsrefseg.models.inference import inference_device
+    from rsrefseg.inference.scoring import inference_device
     from rsrefseg.models.rsrefseg import build_model
 
     config, state = payload if isinstance(payload, tuple) else _resolve(payload)
@@ -51,12 +51,10 @@ class Scorer:
         self.empty_iou = empty_iou
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from rsrefseg.models.device_inputs import model_batch
-        from rsrefseg.models.inference import predict_logits, score_batch
+        from rsrefseg.inference.scoring import score
 
-        tensors = model_batch(batch, self.sizes, self.device, originals=True)  # resized on the replica's device
-        logits = predict_logits(self.model, tensors, self.device, autocast=self.autocast)
-        records = score_batch(logits, tensors, empty_iou=self.empty_iou)
+        # Resized on the replica's device; only the per-sample records leave the actor.
+        records = score(self.model, batch, self.sizes, self.device, autocast=self.autocast, empty_iou=self.empty_iou)
         return {k: np.asarray(v, dtype=object if k in ("id", "phrase", "category", "size") else None) for k, v in records.items()}
 
 

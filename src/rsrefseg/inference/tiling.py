@@ -57,7 +57,7 @@ def model_tile_predictor(model, sizes, tokenizer, text: str, device: torch.devic
     """A `TilePredictor` of an RSRefSeg model for one phrase: the data pipeline's resize on the
     way in, the logits resized (bilinear) back to the tile on the way out."""
     from rsrefseg.datasets.pipeline import resize_image, tokenize
-    from rsrefseg.models.inference import predict_logits
+    from rsrefseg.inference.scoring import predict_logits
 
     input_ids, attention_mask = tokenize(tokenizer, [text], sizes.max_text_len)
 

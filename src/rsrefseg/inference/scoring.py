@@ -1,9 +1,9 @@
-"""The one forward-and-score path of validation, evaluation and batch inference.
+"""The one forward -> score -> gallery path of validation, evaluation and batch inference.
 
-Training's per-epoch validation (a DeepSpeed engine on a Ray Train worker) and `rsrefseg
-evaluate` (model replicas in Ray Data actors) both call `predict_masks` on a batch of the data
-pipeline and score its output with the functions of `metrics`, so the two can never disagree on
-what a prediction or a metric is.
+Training's per-epoch validation (a DeepSpeed engine on a Ray Train worker), `rsrefseg evaluate`
+(model replicas in Ray Data actors, and its gallery pass) all call `score` on a batch of the data
+pipeline, so they can never disagree on what a prediction or a metric is. `predict` and the
+MLflow model run the same `predict_logits` on images without masks (`inference.scenes`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .metrics import sample_records
+from rsrefseg.models.device_inputs import TEXT_COLUMNS, model_batch
+from rsrefseg.models.metrics import sample_records
 
 MODEL_INPUTS = ("sam_image", "siglip_image", "input_ids", "attention_mask")
-TEXT_COLUMNS = ("id", "phrase", "category")
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
@@ -38,11 +38,6 @@ def predict_logits(forward: Callable, batch: dict, device: torch.device | str, *
     with context:
         logits = forward(**inputs)
     return logits.float()
-
-
-def predict_masks(forward: Callable, batch: dict, device: torch.device | str, *, autocast: Optional[torch.dtype] = None) -> torch.Tensor:
-    """bool [B, label, label] on `device`: where the logits of `predict_logits` are positive."""
-    return predict_logits(forward, batch, device, autocast=autocast) > 0
 
 
 def inference_device(prefer_gpu: bool = True) -> tuple[torch.device, Optional[torch.dtype]]:
@@ -74,4 +69,18 @@ def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) ->
     for name in TEXT_COLUMNS:
         values = batch.get(name)
         records[name] = [str(v) for v in values] if values is not None else [""] * logits.shape[0]
+    return records
+
+
+def score(forward: Callable, batch: dict, sizes, device: torch.device | str, *,
+          autocast: Optional[torch.dtype] = None, empty_iou: float = 1.0, gallery=None) -> dict[str, list]:
+    """Per-sample records of one batch of the data pipeline: made model-ready at `sizes` on
+    `device` (the original masks kept, so each sample is scored at its image's own size), the
+    forward of `forward` (a model or a DeepSpeed engine), the scores, and the batch offered to
+    `gallery` (an `inference.gallery.Gallery`, or None)."""
+    tensors = model_batch(batch, sizes, device, originals=True)
+    logits = predict_logits(forward, tensors, device, autocast=autocast)
+    records = score_batch(logits, tensors, empty_iou=empty_iou)
+    if gallery is not None:
+        gallery.offer(tensors, logits > 0, records["iou"])
     return records
