@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) runs data mlflow.db mlartifacts
+	rm -rf $(VENV) runs data mlflow.db mlartifacts build

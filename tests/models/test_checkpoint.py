@@ -100,7 +100,7 @@ def test_weights_of_another_model_shape_raise(tmp_path, edit, needle):
 
 def test_checkpoint_names_no_folder_of_the_training_machine(tmp_path, monkeypatch):
     # What a train worker saves: the driver's config with every path made absolute on its host.
-    from rsrefseg.platform.runs import resolve_paths
+    from rsrefseg.jobs.session import resolve as resolve_paths
 
     trainer_home, other_home = tmp_path / "trainer", tmp_path / "elsewhere"
     outside = tmp_path / "shared" / "prepared"

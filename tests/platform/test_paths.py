@@ -10,7 +10,7 @@ import pytest
 
 from rsrefseg.cli import main
 from rsrefseg.jobs.submit import runtime_env, run_submit
-from rsrefseg.platform.runs import resolve_paths
+from rsrefseg.jobs.session import resolve as resolve_paths
 from rsrefseg.platform import paths
 from rsrefseg.platform.config import load_config
 from rsrefseg.platform.errors import ConfigError

@@ -22,7 +22,7 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
     from rsrefseg.jobs.prepare import run_prepare
     from rsrefseg.jobs.train import run_train
 
-    out_dir = Path(paths.resolve(out, paths.project_root(cfg.paths.root)))  # where training looks too
+    out_dir = Path(paths.rooted(out, paths.project_root(cfg.paths.root)))  # where training looks too
     raw, prepared = out_dir / "raw", out_dir / "prepared"
     size = size or DEFAULT_SIZE
     generate(raw, size=size, seed=cfg.train.seed)

@@ -17,13 +17,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from rsrefseg.platform.atomic import atomic_file, write_text
-from rsrefseg.inference.scenes import DEFAULT_TILE, GEO_SUFFIXES, LARGE, Scene, read_scene, segment  # noqa: F401
+from rsrefseg.inference.scenes import GEO_SUFFIXES, Scene, read_scene, segment
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 

@@ -23,7 +23,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from rsrefseg.platform import runs, signals, storage, tracking
+from rsrefseg.platform import paths, runs, signals, storage, tracking
 from rsrefseg.platform.config import Config
 
 
@@ -47,8 +47,12 @@ class Inputs:
 
 
 def resolve(cfg: Config) -> Config:
-    """Step 1: the config as it runs on this machine (`runs.resolve_paths`)."""
-    return runs.resolve_paths(cfg)
+    """Step 1: the config as it runs on this machine: URIs checked (no credentials in them), then
+    every path and the tracking store absolute here (`paths.localize`)."""
+    flat = cfg.flat()
+    for key in (*paths.PATH_KEYS, "tracking.artifact_location"):
+        storage.check_uri(key, flat[key])
+    return paths.localize(cfg)
 
 
 def probe_run_store(root: storage.Location, resume: str | None = None) -> None:

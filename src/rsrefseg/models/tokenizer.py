@@ -11,7 +11,6 @@ pooled token (position -1) is always an EOS/pad token, as in SigLIP training.
 
 from __future__ import annotations
 
-import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast

@@ -121,6 +121,13 @@ def setup(command: str, verbose: bool = False, *, log_dir: str | Path | None = N
     return _state.path
 
 
+class _Plain(logging.Formatter):
+    """The log file's format, without the terminal's colour codes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ESCAPES.sub("", super().format(record))
+
+
 class _LogFile(logging.FileHandler):
     """The log file, created (with its folder) by the first record: a command that has nothing
     to log leaves no file behind."""
@@ -151,7 +158,7 @@ def _open_log(command: str, log_dir: str | Path | None) -> Path | None:
             path = folder.resolve() / name
             _state.file = _LogFile(path)
             _state.file.setLevel(logging.INFO)
-            _state.file.setFormatter(logging.Formatter(FILE_FORMAT))
+            _state.file.setFormatter(_Plain(FILE_FORMAT))
             logging.getLogger().addHandler(_state.file)
             return path
         logging.getLogger(__name__).warning("cannot write a log file in %s", folder)
@@ -206,7 +213,7 @@ def worker_lines(lines: list[str], source: str = "") -> list[str]:
     if _state.file is not None:
         for line in lines:
             record = logging.LogRecord("ray.worker", logging.INFO, "", 0, "(%s) %s",
-                                       (source, _ESCAPES.sub("", line)), None)
+                                       (source, line), None)
             _state.file.handle(record)
     if _state.verbose:
         return list(lines)

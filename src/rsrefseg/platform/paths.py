@@ -57,7 +57,7 @@ def sqlite_file(uri: str) -> str | None:
     return uri[len(SQLITE):] if uri.startswith(SQLITE) else None
 
 
-def resolve(value: str, root: Path) -> str:
+def rooted(value: str, root: Path) -> str:
     """`value` made absolute against `root`; empty values, absolute paths and URIs unchanged."""
     if not value or is_uri(value) or os.path.isabs(value):
         return value
@@ -65,7 +65,7 @@ def resolve(value: str, root: Path) -> str:
 
 
 def relative(value: str, root: Path) -> str:
-    """The inverse of `resolve`: an absolute path under `root` made relative to it; anything else
+    """The inverse of `rooted`: an absolute path under `root` made relative to it; anything else
     unchanged."""
     if not value or is_uri(value) or not os.path.isabs(value):
         return value
@@ -80,7 +80,7 @@ def absolute(cfg: Config) -> Config:
     that resolves the same config again, such as a Tune trial, gets the same answer)."""
     root = project_root(cfg.paths.root)
     flat = cfg.flat()
-    updates = {key: resolve(flat[key], root) for key in PATH_KEYS if flat[key]}
+    updates = {key: rooted(flat[key], root) for key in PATH_KEYS if flat[key]}
     updates["paths.root"] = str(root)
     return cfg.replace(updates)
 
@@ -95,7 +95,7 @@ def require(cfg: Config, keys: tuple[str, ...] | list[str]) -> None:
         value = flat[key]
         if not value or is_uri(value):
             continue
-        path = Path(resolve(value, root))
+        path = Path(rooted(value, root))
         if not path.exists():
             expected = f" (expected: {EXPECTED[key]})" if key in EXPECTED else ""
             raise MissingPath(

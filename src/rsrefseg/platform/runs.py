@@ -50,7 +50,7 @@ STATE_FILE = "state.json"
 def storage_root(cfg: Config) -> storage.Location:
     """Where the config's runs and sweeps live (train.storage_path, against paths.root): a local
     folder or a storage.RemotePath (s3://...)."""
-    return storage.location(paths.resolve(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
+    return storage.location(paths.rooted(cfg.train.storage_path, paths.project_root(cfg.paths.root)))
 
 
 def new_run_name(cfg: Config) -> str:
@@ -181,15 +181,6 @@ def open_sweep(root: storage.Location, ref: str) -> SavedSweep:
         copy = storage.local_copy(copy.parent, (copy.name,)) / copy.name
     return SavedSweep(sweep_dir, Config.from_dict(info["base"], source=str(info_path)), info.get("parent_run_id"),
                       info.get("sweep_file", str(copy)), copy)
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """A job's config as it runs here: URIs checked (no credentials in them), then every path
-    and the tracking store absolute on this machine (`paths.localize`)."""
-    flat = cfg.flat()
-    for key in (*paths.PATH_KEYS, "tracking.artifact_location"):
-        storage.check_uri(key, flat[key])
-    return paths.localize(cfg)
 
 
 # -- names as typed -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from rsrefseg.platform.config import Config, TrackingConfig
 from rsrefseg.platform.errors import TrainingInterrupted
-from rsrefseg.platform.paths import artifact_location, portable, tracking_uri
+from rsrefseg.platform.paths import artifact_location, is_uri, portable, tracking_uri
 
 # Set on a Tune trial's run that the scheduler (ASHA) stopped before its last epoch.
 STOPPED_EARLY_TAG = "rsrefseg.stopped_early"
@@ -143,7 +143,7 @@ def log_dataset(c, run_id: str, manifest: dict, path: str, splits: dict[str, str
     counts."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    source_type = path.split("://", 1)[0] if "://" in path else "local"
+    source_type = path.split("://", 1)[0] if is_uri(path) else "local"
     folder = Path(path.rstrip("/")).name
     inputs = []
     for context, split in splits.items():

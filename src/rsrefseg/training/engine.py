@@ -16,7 +16,7 @@ from rsrefseg.inference.scoring import model_inputs
 from rsrefseg.platform.config import TrainConfig
 
 
-def resolve_precision(train: TrainConfig) -> str:
+def choose_precision(train: TrainConfig) -> str:
     if train.precision != "auto":
         return train.precision
     if train.use_gpu and torch.cuda.is_available():
@@ -113,7 +113,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, *, world_size: int,
     from rsrefseg.training.native_ops import use_venv_tools
 
     use_venv_tools()  # the ninja DeepSpeed builds its CPU op with: see native_ops
-    precision = precision or resolve_precision(train)
+    precision = precision or choose_precision(train)
     model = cast_for_precision(model, precision)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(train, steps_per_epoch))

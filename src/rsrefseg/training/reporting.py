@@ -11,13 +11,10 @@ held up the whole group (about 0.25 s an epoch on the demo recipe).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from rsrefseg.platform import paths, tracking
 from rsrefseg.platform.config import Config
-
-if TYPE_CHECKING:
-    import torch
 
 
 class EpochLogger:
