@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from ray.train import DataConfig
 
-from rsrefseg.platform.config import Config
-
 
 class ExactEvalDataConfig(DataConfig):
     """Splits every dataset across the workers; only those named in `split_equal` evenly."""
