@@ -58,7 +58,8 @@ def _demo_data(args) -> None:
 def _prepare(args) -> None:
     from rsrefseg.jobs.prepare import run_prepare
 
-    run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold)
+    run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
+                max_pixels=args.max_pixels)
 
 
 def _train(args) -> None:
@@ -150,6 +151,8 @@ COMMANDS = (
         arg("--skip-invalid", action="store_true", help="skip bad triplets, listing them in the manifest"),
         arg("--mask-threshold", type=int, default=128, metavar="N",
             help="8-bit mask values >= N are foreground (default 128; 1 = any non-zero pixel)"),
+        arg("--max-pixels", type=int, default=100_000_000, metavar="N",
+            help="refuse, before decoding, an image or mask of more than N pixels (default 100000000)"),
     ), _prepare),
     Command("train", "train with Ray Train + DeepSpeed ZeRO-2, tracked in MLflow", (
         *CONFIG_ARGS,

@@ -112,3 +112,19 @@ def test_the_autoscaler_max_comes_from_the_cluster_config_an_autoscaler_publishe
     finally:
         _internal_kv_del(key, namespace=namespace)
     assert ray_compat.autoscaler_max_resources() == {}
+
+
+def test_the_worker_log_printer_exists_and_filters(monkeypatch):
+    import io
+
+    from ray._private import worker
+
+    assert _parameters(worker.print_worker_logs)[:2] == ["data", "print_file"], (
+        "ray._private.worker.print_worker_logs(data, print_file, ...) changed")
+    printed = []
+    monkeypatch.setattr(worker, "print_worker_logs",
+                        lambda data, print_file, ignore_prefix=False: printed.append(list(data["lines"])))
+    assert ray_compat.filter_worker_logs(lambda data: [l for l in data["lines"] if l.startswith("[rsrefseg]")])
+    worker.print_worker_logs({"lines": ["Reporting training result", "[rsrefseg] epoch 1"], "pid": 1}, io.StringIO())
+    worker.print_worker_logs({"lines": ["noise only"], "pid": 1}, io.StringIO())
+    assert printed == [["[rsrefseg] epoch 1"]]  # a batch with nothing to show is not printed at all

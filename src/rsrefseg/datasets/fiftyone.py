@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import zlib
 from functools import partial
 from pathlib import Path
@@ -36,8 +37,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from .categories import phrase_category
-from .imagefiles import DEFAULT_MASK_THRESHOLD, as_binary_mask, load_mask, load_rgb
-from .triplet import DatasetError, Issue, IssueHandler, Triplet, read_json, report
+from .imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS, as_binary_mask, check_max_pixels, check_size, load_mask, load_rgb
+from .triplet import DatasetError, Issue, IssueHandler, Triplet, check_split_name, read_json, report
 
 SAMPLES_FILE = "samples.json"
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -53,9 +54,13 @@ def read_fiftyone(
     phrase_field: Optional[str] = None,
     mask_field: Optional[str] = None,
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Triplet]:
-    """Yield one lazy `Triplet` per sample of samples.json, in file order."""
-    root = Path(root)
+    """Yield one lazy `Triplet` per sample of samples.json, in file order.
+
+    max_pixels: images and masks (files, or inline .npy) whose header declares more pixels are
+    refused before decoding."""
+    root, max_pixels = Path(root), check_max_pixels(max_pixels)
     samples_path = root / SAMPLES_FILE
     if not root.is_dir():
         raise DatasetError(f"FiftyOne dataset folder not found: {root}")
@@ -67,7 +72,7 @@ def read_fiftyone(
     for index, sample in enumerate(samples):
         found = _read_sample(
             root, sample, f"{samples_path}[samples][{index}]", seen,
-            phrase_field=phrase_field, mask_field=mask_field, mask_threshold=mask_threshold,
+            phrase_field=phrase_field, mask_field=mask_field, limits=(mask_threshold, max_pixels),
         )
         if isinstance(found, Issue):
             report(on_issue, found)
@@ -83,16 +88,17 @@ def _read_sample(
     *,
     phrase_field: Optional[str],
     mask_field: Optional[str],
-    mask_threshold: int,
+    limits: tuple[int, int],
 ) -> Triplet | Issue:
     """The lazy Triplet of one entry of samples.json, or the Issue that leaves it out. `where`
-    locates the entry; `seen` counts the media stems met so far (the ids), and is updated."""
+    locates the entry; `seen` counts the media stems met so far (the ids), and is updated;
+    limits: (mask threshold, max pixels). A `split` field that is not a plain name raises."""
     if not isinstance(sample, dict) or not isinstance(sample.get("filepath"), str):
         return Issue("sample has no filepath", where=where)
     image_path = _resolve(root, sample["filepath"])
     sample_id = _sample_id(sample["filepath"], seen)
 
-    split = _split(sample)
+    split = _split(sample, where=where, sample_id=sample_id)
     if split is None:
         return Issue("no split: expected a train/val/test tag or a `split` field", id=sample_id, where=where)
     try:
@@ -105,14 +111,14 @@ def _read_sample(
 
     context = f"id {sample_id!r}, {where}"
     try:
-        mask_path, mask_loader = _mask_source(root, label_name, label, where=where, context=context, threshold=mask_threshold)
+        mask_path, mask_loader = _mask_source(root, label_name, label, where=where, context=context, limits=limits)
     except DatasetError as exc:
         return Issue(str(exc), id=sample_id, split=split, where=where)
     return Triplet(
         id=sample_id,
         phrase=phrase,
         split=split,
-        image_loader=partial(load_rgb, image_path, context=context),
+        image_loader=partial(load_rgb, image_path, context=context, max_pixels=limits[1]),
         mask_loader=mask_loader,
         where=where,
         image_path=str(image_path),
@@ -129,16 +135,18 @@ def _sample_id(filepath: str, seen: dict[str, int]) -> str:
 
 
 def _mask_source(
-    root: Path, label_name: str, label: dict, *, where: str, context: str, threshold: int
+    root: Path, label_name: str, label: dict, *, where: str, context: str, limits: tuple[int, int]
 ) -> tuple[Path | str, Callable[[], np.ndarray]]:
     """Where the Segmentation `label` keeps its mask (a file, or inline in samples.json, then
-    named after `where`) and the loader that reads it."""
+    named after `where`) and the loader that reads it; limits: (mask threshold, max pixels)."""
+    threshold, max_pixels = limits
     if label.get("mask_path"):
         mask_path = _resolve(root, label["mask_path"])
-        return mask_path, partial(load_mask, mask_path, context=context, threshold=threshold)
+        return mask_path, partial(load_mask, mask_path, context=context, threshold=threshold, max_pixels=max_pixels)
     if label.get("mask") is not None:
         mask_path = f"{where}.{label_name}.mask"
-        return mask_path, partial(_inline_mask, label["mask"], source=f"{label_name} ({context})", threshold=threshold)
+        source = f"{label_name} ({context})"
+        return mask_path, partial(_inline_mask, label["mask"], source=source, threshold=threshold, max_pixels=max_pixels)
     raise DatasetError(f"Segmentation field {label_name!r} has neither mask_path nor mask")
 
 
@@ -155,10 +163,15 @@ def _resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def _split(sample: dict) -> Optional[str]:
+def _split(sample: dict, *, where: str, sample_id: str) -> Optional[str]:
+    """The sample's split: its `split` field, else its one split tag (None: neither). Tags are
+    free labels, so only split names count among them; a `split` field is a split name, and
+    one that is not a plain name raises (`check_split_name`)."""
     value = sample.get("split")
     if isinstance(value, str) and value.lower() in SPLIT_ALIASES:
         return SPLIT_ALIASES[value.lower()]
+    if isinstance(value, str):
+        check_split_name(value, where=where, id=sample_id)
     tags = [SPLIT_ALIASES[t.lower()] for t in sample.get("tags") or [] if isinstance(t, str) and t.lower() in SPLIT_ALIASES]
     return tags[0] if len(set(tags)) == 1 else None
 
@@ -198,18 +211,47 @@ def _segmentation(sample: dict, field: Optional[str]) -> tuple[str, dict]:
     raise DatasetError(f"several Segmentation fields ({', '.join(sorted(found))}); choose one with mask_field=")
 
 
-def _inline_mask(value: Any, *, source: str, threshold: int = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
+def _inline_mask(
+    value: Any, *, source: str, threshold: int = DEFAULT_MASK_THRESHOLD, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """A mask stored in samples.json: FiftyOne writes np.save bytes, zlib-compressed, as
-    extended JSON {"$binary": {"base64": ...}}."""
+    extended JSON {"$binary": {"base64": ...}}. The .npy header's shape is checked against the
+    cap before the array is inflated: a few KB of zlib can inflate to gigabytes."""
     try:
         raw = value.get("$binary", value) if isinstance(value, dict) else value
         raw = raw.get("base64") if isinstance(raw, dict) else raw
-        data = base64.b64decode(raw)
-        try:
-            data = zlib.decompress(data)
-        except zlib.error:
-            pass  # older exports store plain np.save bytes
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = _npy(base64.b64decode(raw), max_pixels=max_pixels, source=f"inline mask of {source}")
+    except DatasetError:
+        raise
     except Exception as exc:
         raise DatasetError(f"inline mask of {source} cannot be decoded: {type(exc).__name__}: {exc}") from exc
     return as_binary_mask(np.asarray(array), source=source, threshold=threshold)
+
+
+NPY_HEADER_BYTES = 1 << 16  # np.lib.format reads headers of at most 10,000 bytes by default
+
+
+def _npy(data: bytes, *, max_pixels: int, source: str) -> np.ndarray:
+    """np.save bytes, zlib-compressed or (older exports) plain, inflated no further than the size
+    their header declares once that size is within the cap."""
+    inflate = None
+    if not data.startswith(np.lib.format.MAGIC_PREFIX):
+        inflate = zlib.decompressobj()
+        head = inflate.decompress(data, NPY_HEADER_BYTES)
+    else:
+        head = data[:NPY_HEADER_BYTES]
+    stream = io.BytesIO(head)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+        np.lib.format.read_magic(stream), np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not masks")
+    pixels = math.prod(shape[:2]) if shape else 1
+    found = "x".join(str(n) for n in shape[1::-1]) + (f" (shape {shape})" if len(shape) != 2 else "")
+    check_size(found, pixels, math.prod(shape) * dtype.itemsize, max_pixels=max_pixels, source=source)
+    needed = stream.tell() + math.prod(shape) * dtype.itemsize
+    if inflate is not None:
+        head += inflate.decompress(inflate.unconsumed_tail, max(needed - len(head), 1))
+        data = head
+    return np.load(io.BytesIO(data[:needed]), allow_pickle=False)

@@ -37,7 +37,7 @@ from ray.data.expressions import col
 
 from rsrefseg.platform import storage
 
-from .prepare import load_manifest, natural_key
+from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
 from .shard_codec import packed_width, pixel_rows
 from .triplet import DatasetError
 
@@ -88,7 +88,7 @@ def read_split(
             break
         chosen.append(shard)
         rows += int(shard["rows"])
-    files, filesystem = _shard_files(path, chosen)
+    files, filesystem = _shard_files(path, chosen, split)
     shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     # Ray 2.60's default ("datasource V2") Parquet reader bin-packs the shards into a couple of
     # long read tasks whose worker memory grows with the split (measured here: 4.1 GB process
@@ -123,17 +123,26 @@ def split_size(path: Union[str, Path], split: str, *, limit: int = 0) -> int:
     return min(count, limit) if limit else count
 
 
-def _shard_files(path: Union[str, Path], shards: list[dict]) -> tuple[list[str], Any]:
+def _shard_files(path: Union[str, Path], shards: list[dict], split: str = "") -> tuple[list[str], Any]:
     """The shards' paths and the pyarrow filesystem they are in (None: this machine's disk), as
     `read_parquet` takes them. On object storage, the read tasks stream the shards from the store
-    with the driver's filesystem (endpoint and region; every node has its own credentials)."""
+    with the driver's filesystem (endpoint and region; every node has its own credentials).
+
+    The shards come from one reading of the manifest, so they are all of the one version it
+    published (prepare.py, "Publishing is versioned"). A newer prepare deletes that version once
+    its own manifest is published: a pipeline still streaming it then fails on the first shard
+    that is gone, with pyarrow's "not found" naming it (`<path>/v-.../<split>/part-NNNNN.parquet`);
+    run again, it reads the new version. Each path is checked to lie inside the dataset first
+    (load_manifest checked them too): a manifest never makes a job read another dataset's files."""
     where = storage.location(str(path).rstrip("/"))
+    manifest = f"{str(path).rstrip('/')}/{MANIFEST}"
+    relative = [check_shard_path(manifest, split, shard.get("path")) for shard in shards]
     if isinstance(where, storage.RemotePath):
-        return [f"{where.path}/{shard['path']}" for shard in shards], where.fs
+        return [f"{where.path}/{name}" for name in relative], where.fs
     # Workers do not share the driver's working directory (Ray jobs run in their own), so a
     # relative path would point elsewhere on them.
     base = where.resolve()
-    return [str(base / shard["path"]) for shard in shards], None
+    return [str(base / name) for name in relative], None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """`rsrefseg prepare`: validate a dataset, then write it as Parquet shards with a manifest.
 
-    <out>/manifest.json
-    <out>/<split>/part-00000.parquet, part-00001.parquet, ...
+    <out>/manifest.json                                  the published version's shard list
+    <out>/v-20250101T120000.123Z-1a2b3c4d/<split>/part-00000.parquet, part-00001.parquet, ...
+
+The manifest lists each shard by its path relative to `<out>` ("v-.../train/part-00000.parquet");
+datasets prepared before versions list "train/part-00000.parquet" and load the same way. Every
+shard path is checked to lie inside the dataset (`check_shard_path`) before anything reads it.
 
 Validation comes first and covers every sample (a missing or unreadable file, an image that is
 not RGB, an image/mask size mismatch, a mask that is not binary, a line without a phrase, a
@@ -13,24 +17,42 @@ in the manifest's warnings. Validation decodes every sample, then writing
 decodes it again: more time than one pass, in exchange for never touching the disk when the
 input is bad. Pixels are stored raw under Parquet compression (`shard_codec`).
 
-Output is atomic. A local `out`: shards are written into a staging folder beside it and renamed
-into place, so `out` is either the previous complete dataset or the new complete one. Object
-storage (`s3://BUCKET/PREFIX`) has no rename, so there manifest.json is the publish marker: the
-shards stream straight to the store (no local copy of the dataset), the manifest is written
-last, and a reader sees a complete dataset or "not a prepared dataset", never half of one.
-Replacing a prepared dataset there unpublishes it first (its manifest is removed), then writes
-the new shards and manifest, then deletes the old shards the new manifest does not list.
+Publishing is versioned, the same way in a local folder and under an object-store prefix
+(`s3://BUCKET/PREFIX`, which has no rename): each prepare writes a new version under its own
+prefix `<out>/v-TIME-RANDOM/` (shards streamed straight to the store, no local copy), and the
+version becomes the dataset only when `<out>/manifest.json` naming its shards is written (locally
+write-then-rename, on a store one PUT, which replaces the object whole). Then, and only then, the
+versions it replaced are deleted. So a reader sees the previous complete dataset or the new
+complete one; a prepare that fails or is killed at any moment leaves the previous dataset
+published and whole (a failure removes its own version; a kill leaves an unpublished one, which
+the next prepare that publishes there deletes as stale).
+
+A reader that read the manifest (`pipeline.read_split`) streams the one version it names. That
+version is deleted right after a newer one is published, not kept a generation longer (which
+would double the storage of every dataset): a job still streaming it then fails on the first
+shard that is gone, with the error naming that shard's path under its version, and reads the
+new version when run again.
+
+Concurrent prepares to one `out` end with one published dataset and one clear error: locally a
+lock (`<out>/.prepare.lock`) lets one write at a time and the other fails at once; on a store
+each prepare records the manifest it started from and re-reads it just before publishing: if
+another prepare published meanwhile, it removes its own version and fails, naming `out`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -39,11 +61,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rsrefseg.platform import storage
-from rsrefseg.platform.atomic import atomic_dir
+from rsrefseg.platform import atomic, storage
 
 from .fiftyone import read_fiftyone
-from .imagefiles import DEFAULT_MASK_THRESHOLD
+from .imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS
 from .refsegrs import read_refsegrs
 from .rrsisd import read_rrsisd
 from .shard_codec import ENCODING, PIXEL_COMPRESSION, encode_image, encode_mask
@@ -88,9 +109,12 @@ MAX_SHARD_BYTES = 256 << 20
 ROWS_PER_ROW_GROUP = 16
 DICTIONARY_PAGE_BYTES = 64 << 20  # a row group's distinct images (16 x 800 x 800 x 3 = 31 MB)
 MAX_LISTED_ISSUES = 20
-# The keys prepare writes under a dataset prefix in object storage (besides manifest.json): what
-# it may delete there (stale shards of a replaced dataset, the shards of a failed upload).
-SHARD_KEY = re.compile(r"[^/]+/part-\d{5}\.parquet")
+# What prepare writes inside a dataset besides manifest.json, and so what it may delete there: a
+# version's shards (`v-TIME-RANDOM/split/part-NNNNN.parquet`), the shards of a dataset prepared
+# before versions (`split/part-NNNNN.parquet`) and, in a local folder, the lock.
+VERSION = re.compile(r"v-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}")
+SHARD_KEY = re.compile(rf"(?:(?P<version>{VERSION.pattern})/)?[^/]+/part-\d{{5}}\.parquet")
+LOCK = ".prepare.lock"
 
 
 def prepare_dataset(
@@ -103,6 +127,7 @@ def prepare_dataset(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     workers: Optional[int] = None,
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Validate the dataset at `root` (format `fmt`) and write it to `out`; return the manifest.
 
@@ -111,6 +136,7 @@ def prepare_dataset(
         a split left empty still raises.
     workers: threads decoding and encoding images (default: the CPU count, at most 8).
     mask_threshold: 8-bit mask values at or above it are foreground (README "Mask policy").
+    max_pixels: an image or mask whose header declares more pixels is refused before decoding.
     """
     _check_arguments(fmt, mask_threshold)
     root, out = Path(root), storage.location(out)
@@ -121,7 +147,9 @@ def prepare_dataset(
     workers = workers or min(8, os.cpu_count() or 1)
 
     # Every sample is validated before anything is written: bad input never touches the output.
-    valid, issues, notes = _validate(fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold)
+    valid, issues, notes = _validate(
+        fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels
+    )
 
     # Write (into staging, or straight to the store), then publish.
     by_split = _group_by_split(valid)
@@ -159,7 +187,45 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}/{MANIFEST}: schema_version {version} is not {SCHEMA_VERSION}; "
             "run `rsrefseg prepare` again with this version"
         )
+    _check_shard_paths(manifest, f"{str(path).rstrip('/')}/{MANIFEST}")
     return manifest
+
+
+def shard_path_problem(relative: Any) -> Optional[str]:
+    """Why a manifest's shard path would read outside its dataset (None: it is inside). A shard
+    path is relative to the dataset folder or prefix: no leading '/', no scheme or drive (':'),
+    no '..' or '.' or empty segment, no backslash."""
+    if not isinstance(relative, str) or not relative:
+        return "it is not a path"
+    if relative.startswith("/"):
+        return "it is absolute"
+    if ":" in relative or "\\" in relative:
+        return "it names a scheme, a drive or a Windows path"
+    if any(part in ("", ".", "..") for part in relative.split("/")):
+        return "it has a '..', '.' or empty segment"
+    return None
+
+
+def check_shard_path(manifest_path: str, split: str, relative: Any) -> str:
+    """`relative`, a shard path of the manifest at `manifest_path`, once it is known to lie
+    inside the dataset; else a DatasetError naming the manifest and the path."""
+    problem = shard_path_problem(relative)
+    if problem:
+        raise DatasetError(
+            f"{manifest_path}: shard {relative!r} of split {split!r} is not inside the dataset ({problem}); "
+            "a manifest lists its shards relative to its own folder. Run `rsrefseg prepare` again"
+        )
+    return relative
+
+
+def _check_shard_paths(manifest: dict[str, Any], manifest_path: str) -> None:
+    """Every shard path of the manifest lies inside its dataset (`check_shard_path`)."""
+    shards = manifest.get("shards", {})
+    if not isinstance(shards, dict) or not all(isinstance(v, list) for v in shards.values()):
+        raise DatasetError(f"{manifest_path}: 'shards' is not a mapping of split to a list of shards")
+    for split, listed in shards.items():
+        for shard in listed:
+            check_shard_path(manifest_path, split, shard.get("path") if isinstance(shard, dict) else shard)
 
 
 def natural_key(text: Optional[str]) -> tuple:
@@ -180,14 +246,14 @@ def _check_arguments(fmt: str, mask_threshold: int) -> None:
 
 
 def _validate(
-    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int
+    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[Triplet], list[Issue], list[Issue]]:
     """The samples to write, the problems found (the skipped samples) and the notes (samples kept
     with a change). Raises one DatasetError listing every problem unless `skip_invalid` may skip
     them all; a split left empty raises regardless."""
     # 1. Metadata: every declared sample, and the problems visible without pixels.
     issues: list[Issue] = []
-    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold))
+    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold, max_pixels=max_pixels))
     triplets = _drop_bad_ids(triplets, issues)
 
     # 2. Pixels: decode every sample once.
@@ -384,7 +450,7 @@ def _write_split(
     rows_per_shard: int, max_bytes: int,
 ) -> tuple[list[dict], list[int]]:
     """The split's shards (path, rows) and its largest image height and width."""
-    (target / split).mkdir()  # an object store has no folders: nothing to do there
+    (target / split).mkdir(parents=True)  # an object store has no folders: nothing to do there
     shards: list[dict] = []
     writer: Optional[pq.ParquetWriter] = None
     rows: list[tuple] = []
@@ -471,57 +537,219 @@ def _split_order(by_split: dict[str, list]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The output folder
+# The output folder: versions, published by the manifest
 
 
 def _check_replaceable(out: storage.Location) -> None:
-    """Replace only what prepare made (a folder or prefix with manifest.json) or an empty one."""
+    """Replace only what prepare made: a folder or prefix with manifest.json, an empty one, or
+    one holding nothing but what a killed prepare leaves (unpublished versions, the lock)."""
     if not out.exists():
         return
-    remote = isinstance(out, storage.RemotePath)
-    if out.is_dir() and ((out / MANIFEST).is_file() or not (_objects(out) if remote else any(out.iterdir()))):
+    if out.is_dir() and ((out / MANIFEST).is_file() or all(_is_leftover(name) for name in _files(out))):
         return
-    interrupted = ""
-    if remote:
-        interrupted = f" (a prepare that was killed while uploading leaves such a prefix: `aws s3 rm --recursive {out}`)"
     raise DatasetError(
         f"refusing to write to {out}: it exists and is not a prepared dataset (no {MANIFEST}); "
-        f"choose another output folder or remove it{interrupted}"
+        "choose another output folder or remove it"
     )
 
 
+def _is_leftover(relative: str) -> bool:
+    """Whether a file under a dataset (path relative to it) is one prepare writes besides the
+    manifest: a shard, the lock, a manifest being written."""
+    return bool(SHARD_KEY.fullmatch(relative)) or relative == LOCK or relative.startswith(f".{MANIFEST}.tmp-")
+
+
+def _files(out: storage.Location) -> list[str]:
+    """The files under `out`, as paths relative to it."""
+    if isinstance(out, storage.RemotePath):
+        return _objects(out)
+    return [p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()]
+
+
 def _publish_local(out: Path, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
-    """Write the dataset into a staging folder beside `out`, then rename it into place: `out` is
-    the previous complete dataset or the new complete one, never half of either."""
-    with atomic_dir(out) as staging:
-        manifest = write(staging)
-        (staging / MANIFEST).write_text(_manifest_text(manifest), encoding="utf-8")
-        _check_replaceable(out)  # again: someone may have created it meanwhile
-    return manifest
+    """Publish a new version inside the folder `out`, holding its lock (one prepare at a time:
+    another one fails at once, naming the folder). A folder this call created and did not
+    publish to is removed again, as if nothing had been written."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _local_lock(out):
+            _check_replaceable(out)  # again: someone may have written there meanwhile
+            return _publish(out, write)
+    finally:
+        if created and not (out / MANIFEST).exists():
+            try:
+                out.rmdir()  # only if empty: nothing of anyone else's is removed
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def _local_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.prepare.lock` (flock, so the kernel releases it when its process dies, even by
+    SIGKILL: a killed prepare never blocks the next). The file is removed on release; a lock
+    taken on a file its holder removed meanwhile is dropped and taken again on the new one."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatasetError(
+                f"another prepare is writing to {out} (it holds {path}); nothing was written: "
+                "run this one again once it has finished"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it
+        os.close(fd)
 
 
 def _publish_remote(out: storage.RemotePath, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
-    """Write the dataset under the prefix `out`, publishing it by its manifest, written last.
-
-    A previous dataset there is unpublished first (its manifest removed: readers then see "not
-    a prepared dataset" rather than old shards mixed with new ones), and its shards that the new
-    manifest does not list are deleted once the new one is published. A failure removes what
-    was written (the prefix then holds no dataset, and prepare can run again)."""
+    """Publish a new version under the prefix `out` (an object store has no lock: concurrent
+    prepares are told apart by the manifest each started from, `_publish`)."""
     _check_replaceable(out)  # again: someone may have written there meanwhile
-    manifest_path = out / MANIFEST
+    return _publish(out, write)
+
+
+def _publish(out: storage.Location, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
+    """Write a new version under `out/v-...`, publish it by writing `out/manifest.json`, then
+    delete the versions it replaced. Until the manifest is written the previous dataset stays
+    published and whole; on any failure this version is removed again (best effort: what a
+    kill or an outage leaves, the next prepare removes as stale)."""
+    version = _new_version()
+    base = _published_text(out)  # the published dataset this one replaces (None: none)
+    stage = "writing"
     try:
-        manifest_path.unlink(missing_ok=True)
-        manifest = write(out)
-        manifest_path.write_text(_manifest_text(manifest))
+        manifest = _in_version(write(out / version), version)
+        _check_unchanged(out, base)
+        stage = "publishing"
+        atomic.write_text(out / MANIFEST, _manifest_text(manifest))
     except BaseException as exc:
-        _delete_shards(out, keep=set(), manifest_too=True)
-        if isinstance(exc, OSError) and "AWS Error" in str(exc):
-            raise storage.StorageError(
-                f"--out: writing {out} failed, nothing was published there: {storage.describe(exc, str(out))}"
-            ) from exc
+        remote = isinstance(out, storage.RemotePath)
+        # A manifest upload that failed may still have landed: then its shards must stay.
+        if stage == "writing" or not remote:
+            _remove_version(out, version)
+        if remote and isinstance(exc, OSError) and "AWS Error" in str(exc):
+            said = storage.describe(exc, str(out))
+            if stage == "writing":
+                raise storage.StorageError(f"--out: writing {out} failed, nothing was published there "
+                                           f"(the previous dataset, if any, is unchanged): {said}") from exc
+            raise storage.StorageError(f"--out: publishing {out}/{MANIFEST} failed; either the previous "
+                                       f"dataset or this one is published there, whole: {said}") from exc
         raise
-    _delete_shards(out, keep={s["path"] for shards in manifest["shards"].values() for s in shards})
+    if _confirm_published(out, manifest, version):
+        _remove_stale(out, version, base)
     return manifest
+
+
+def _new_version() -> str:
+    """A version's name: its start time (UTC, to the millisecond, so names sort by age) and a
+    random part (two prepares started in the same millisecond)."""
+    now = datetime.now(timezone.utc)
+    return f"v-{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:8]}"
+
+
+def _in_version(manifest: dict[str, Any], version: str) -> dict[str, Any]:
+    """The manifest with its shard paths relative to the dataset (`version/split/part-...`)
+    rather than to the version. Nothing else changes: the content hash is of the samples."""
+    manifest["shards"] = {split: [{**shard, "path": f"{version}/{shard['path']}"} for shard in shards]
+                          for split, shards in manifest["shards"].items()}
+    return manifest
+
+
+def _published_text(out: storage.Location) -> Optional[str]:
+    return _read_text(str(out).rstrip("/") + "/" + MANIFEST)
+
+
+def _check_unchanged(out: storage.Location, base: Optional[str]) -> None:
+    """Just before publishing: fail if another prepare published at `out` since this one began
+    (it would otherwise replace that one's dataset unseen, or interleave with it)."""
+    if _published_text(out) != base:
+        raise DatasetError(
+            f"another prepare published a dataset at {out} while this one was writing; its dataset stays "
+            "published and this one's shards were removed: run prepare again to replace it"
+        )
+
+
+def _confirm_published(out: storage.Location, manifest: dict[str, Any], version: str) -> bool:
+    """After publishing: whether `out/manifest.json` is this prepare's. Two prepares that both
+    passed `_check_unchanged` (an object store has no conditional write, so the check and the
+    write are two requests) publish one after the other, and the first one then fails here,
+    removing its version. False when the manifest cannot be read back: nothing is deleted then."""
+    try:
+        text = _published_text(out)
+    except DatasetError as exc:
+        log.warning("published %s, but could not read its manifest back (%s); old versions are kept", out, exc)
+        return False
+    if text != _manifest_text(manifest):
+        _remove_version(out, version)
+        raise DatasetError(
+            f"another prepare published a dataset at {out} at the same moment as this one; its dataset stays "
+            "published and this one's shards were removed: run prepare again to replace it"
+        )
+    return True
+
+
+def _remove_stale(out: storage.Location, current: str, base: Optional[str]) -> None:
+    """Once `current` is published: delete the versions it replaced and the leftovers of killed
+    prepares, and the shards of a dataset prepared before versions (directly under their split).
+    In a local folder (locked: no other prepare writes there) that is every other version. Under
+    a prefix it is every other version that started before `current`: a later one may be another
+    prepare still writing, which will find this manifest, fail and remove its own. Best effort:
+    what cannot be deleted is logged and left for the next prepare."""
+    remote = isinstance(out, storage.RemotePath)
+    try:
+        if remote:
+            keys = [(key, m) for key in _objects(out) if (m := SHARD_KEY.fullmatch(key))]
+            versions = {m.group("version") for _, m in keys if m.group("version")}
+            for key in [key for key, m in keys if not m.group("version")]:
+                (out / key).unlink(missing_ok=True)
+        else:
+            versions = {p.name for p in out.iterdir() if VERSION.fullmatch(p.name)}
+            for split in _unversioned_splits(base):
+                shutil.rmtree(out / split, ignore_errors=True)
+            atomic.clear_stale_siblings(out / MANIFEST)  # `.manifest.json.tmp-*` of killed prepares
+        for version in sorted(v for v in versions if v != current and (v < current or not remote)):
+            _remove_version(out, version)
+    except OSError as exc:
+        log.warning("could not delete old versions under %s: %s", out, _describe(exc, out))
+
+
+def _describe(exc: BaseException, out: storage.Location) -> str:
+    return storage.describe(exc, str(out)) if isinstance(out, storage.RemotePath) else str(exc)
+
+
+def _unversioned_splits(manifest_text: Optional[str]) -> set[str]:
+    """The split folders of a dataset prepared before versions (its shards at `split/part-*`)."""
+    try:
+        shards = json.loads(manifest_text or "{}").get("shards", {})
+        paths = [shard["path"] for split in shards.values() for shard in split]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return set()
+    return {m.group(0).split("/")[0] for m in map(SHARD_KEY.fullmatch, paths) if m and not m.group("version")}
+
+
+def _remove_version(out: storage.Location, version: str) -> None:
+    """Delete the version `version` under `out`, best effort (logged when it cannot be)."""
+    try:
+        if isinstance(out, storage.RemotePath):
+            out.fs.delete_dir(f"{out.path}/{version}")
+        else:
+            shutil.rmtree(out / version)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not delete %s/%s (the next prepare there removes it): %s", out, version, _describe(exc, out))
 
 
 def _objects(out: storage.RemotePath) -> list[str]:
@@ -532,19 +760,6 @@ def _objects(out: storage.RemotePath) -> list[str]:
 
     found = out.fs.get_file_info(fs.FileSelector(out.path, recursive=True, allow_not_found=True))
     return [i.path[len(out.path) + 1:] for i in found if i.type == fs.FileType.File]
-
-
-def _delete_shards(out: storage.RemotePath, *, keep: set[str], manifest_too: bool = False) -> None:
-    """Delete the shard objects under `out` that are not in `keep` (paths relative to `out`),
-    and the manifest with `manifest_too`. Best effort: what cannot be deleted is logged."""
-    try:
-        if manifest_too:
-            (out / MANIFEST).unlink(missing_ok=True)
-        for relative in _objects(out):
-            if SHARD_KEY.fullmatch(relative) and relative not in keep:
-                (out / relative).unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not delete old or partial shards under %s: %s", out, storage.describe(exc, str(out)))
 
 
 def _read_text(uri: str) -> Optional[str]:

@@ -8,6 +8,7 @@ time. Loaders raise `DatasetError` whose message names the file and the sample i
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -91,6 +92,38 @@ class Triplet:
 
     def issue(self, reason: str) -> Issue:
         return Issue(reason=reason, id=self.id, split=self.split, where=self.where or None)
+
+
+# A split names a folder of the prepared dataset (<out>/<split>/part-*.parquet, or a key prefix in
+# object storage), so a split read from a dataset file must be a plain name: one path segment that
+# cannot climb ("..", "../x"), be absolute ("/tmp/x") or nest ("a/b"). train, val, test, testA,
+# testB (RemoteSAM-270K) all fit.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_split_name(name: object, *, where: str, id: Optional[str] = None) -> str:
+    """`name` if it is a safe split name, else DatasetError naming `where` (the file, line or
+    entry that declares it), the sample `id` and the name.
+
+    Always raised, never reported as a skippable Issue: a split name is not a per-sample slip
+    but the output path of a whole group of samples, and one that climbs or is absolute is a
+    crafted file, not a typo. Refusing the dataset (nothing written) is safer than preparing
+    the rest of a file made to write elsewhere, with some of its samples silently left out.
+    """
+    if isinstance(name, str) and SPLIT_NAME.fullmatch(name):
+        return name
+    sample = f"id {id!r}: " if id is not None else ""
+    raise DatasetError(
+        f"{where}: {sample}split name {name!r} refused: a split becomes a folder of the output, so it "
+        "must be 1-64 letters, digits, '_' or '-', starting with a letter or digit (train, val, test, "
+        "testA, ...), never a path"
+    )
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether `name` (a file name a dataset gives, to be joined to one of its folders) stays in
+    that folder: one path segment, not "." or "..", no separator of any platform."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def read_json(path: Path):

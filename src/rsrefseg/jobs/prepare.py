@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from rsrefseg.datasets.imagefiles import DEFAULT_MASK_THRESHOLD
+from rsrefseg.datasets.imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS
 from rsrefseg.datasets.prepare import prepare_dataset
 from rsrefseg.platform.console import say
 
 LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest has them all
 
 
-def run_prepare(fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD) -> dict:
-    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold)
+def run_prepare(
+    fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
+    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels)
     for line in summary_lines(manifest, out):
         say(line)
     return manifest

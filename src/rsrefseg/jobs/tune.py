@@ -18,6 +18,7 @@ from rsrefseg.jobs import session
 from rsrefseg.platform import paths, runs, signals, storage, tracking
 from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
+from rsrefseg.platform import console
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import TrainingInterrupted
 from rsrefseg.training import sweep as sweeps
@@ -201,6 +202,8 @@ def _tuner(plan: SweepPlan, root: storage.Location, parent_run_id: str | None, s
                                         max_concurrent_trials=concurrency or None),
         run_config=ray.tune.RunConfig(
             name=plan.name, **storage.ray_storage(root),
+            # Tune's status tables are its own output: the log file's, unless --verbose.
+            verbose=None if console.verbose() else 0,
             # A failing trial is retried tune.max_failures times, then reported, and the
             # sweep goes on with the others.
             failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),

@@ -12,7 +12,9 @@ through Ray's log_to_driver.
 - everything at INFO and up, the libraries' chatter included (Ray Data's execution notices, Ray
   Train's per-rank reports, MLflow's), goes to the command's log file,
   `<project>/logs/<command>-<date>-<time>-<pid>.log` (the project folder is $RSREFSEG_HOME, else
-  the working directory; always a local file, also when the run folder is s3://);
+  the working directory; always a local file, also when the run folder is s3://). The file is
+  written once `name_log` names it (init_ray does, when Ray starts), from the command's first
+  record on; a command that never names it (prepare, submit, ...) leaves no file;
 - `verbose=True` (`--verbose`) puts that chatter back on the console as well.
 Lines Ray forwards from its worker processes are sorted the same way by `worker_lines`, which
 `ray_session.init_ray` hooks into Ray's log_to_driver.
@@ -23,6 +25,7 @@ own setup: `setup` then changes nothing and returns None, as `logging.basicConfi
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -47,6 +50,17 @@ _TRACEBACK = "Traceback (most recent call last)"
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+class _Pending(logging.Handler):
+    """The records (INFO and up, the last 10,000) before the log file is named: its first lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=10_000)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 class _State:
     active = False  # setup installed the handlers below
     verbose = True  # until setup says otherwise, nothing is held back
@@ -55,6 +69,7 @@ class _State:
     command = ""
     console: logging.Handler | None = None
     file: logging.Handler | None = None
+    pending: _Pending | None = None  # the records before the file is named
 
 
 _state = _State()
@@ -70,9 +85,6 @@ def say(message: str) -> None:
 class _Stderr(logging.StreamHandler):
     """The console: whatever sys.stderr is when a record comes (pytest and the like replace it)."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
@@ -83,24 +95,20 @@ class _Stderr(logging.StreamHandler):
 
 
 def _for_console(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.INFO:  # Ray Data's logger passes on DEBUG records (for its own files)
+        return False
     if getattr(record, "hide", False):  # Ray Data marks records meant for its log files only
-        return _state.verbose and record.levelno >= logging.INFO
-    if record.levelno >= logging.WARNING or _state.verbose:
-        return True
-    return record.name.partition(".")[0] == "rsrefseg" and record.levelno >= logging.INFO
+        return _state.verbose
+    return _state.verbose or record.levelno >= logging.WARNING or record.name.partition(".")[0] == "rsrefseg"
 
 
 def setup(command: str, verbose: bool = False, *, log_dir: str | Path | None = None) -> Path | None:
-    """Route logging for one command: returns its log file (None where this process's logging
-    was configured by its host, which is then left alone). `log_dir`: the folder of the log file
-    (default `<project>/logs`). Calling it again replaces what it set up before."""
+    """Route logging for one command: returns its log file, written once `name_log` names it
+    (None where this process's logging was configured by its host, which is then left alone).
+    `log_dir`: the folder of the log file (default `<project>/logs`). Calling it again replaces
+    what it set up before."""
+    close()
     root = logging.getLogger()
-    for handler in (_state.console, _state.file):
-        if handler is not None:
-            root.removeHandler(handler)
-            handler.close()
-    _state.active, _state.verbose, _state.path, _state.named = False, True, None, False
-    _state.console = _state.file = None
     if root.handlers:
         return None
     _state.active, _state.verbose, _state.command = True, verbose, command
@@ -159,10 +167,22 @@ def _open_log(command: str, log_dir: str | Path | None) -> Path | None:
             _state.file = _LogFile(path)
             _state.file.setLevel(logging.INFO)
             _state.file.setFormatter(_Plain(FILE_FORMAT))
-            logging.getLogger().addHandler(_state.file)
+            _state.pending = _Pending()
+            logging.getLogger().addHandler(_state.pending)
             return path
         logging.getLogger(__name__).warning("cannot write a log file in %s", folder)
     return None
+
+
+def close() -> None:
+    """Undo setup: remove its handlers and close the log file (setup calls it first)."""
+    root = logging.getLogger()
+    for handler in (_state.console, _state.pending, _state.file):
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+    _state.active, _state.verbose, _state.path, _state.named = False, True, None, False
+    _state.console = _state.pending = _state.file = None
 
 
 def adopt(*names: str) -> None:
@@ -190,7 +210,7 @@ def active() -> bool:
 
 
 def log_path() -> Path | None:
-    """This command's log file, or None."""
+    """This command's log file (written once named), or None."""
     return _state.path
 
 
@@ -199,9 +219,14 @@ def name_log() -> Path | None:
     libraries' chatter starts going there, e.g. when Ray starts."""
     if _state.path is not None and not _state.named:
         _state.named = True
-        if _state.file is not None:
-            _state.file.handle(logging.LogRecord(__name__, logging.INFO, "", 0, "rsrefseg %s (pid %d)",
-                                                 (_state.command, os.getpid()), None))
+        root = logging.getLogger()
+        _state.file.handle(logging.LogRecord(__name__, logging.INFO, "", 0, "rsrefseg %s (pid %d)",
+                                             (_state.command, os.getpid()), None))
+        root.removeHandler(_state.pending)
+        for record in _state.pending.records:
+            _state.file.handle(record)
+        _state.pending = None
+        root.addHandler(_state.file)
         say(f"log: {_state.path}" + ("" if _state.verbose else " (Ray's own output; --verbose shows it here too)"))
     return _state.path
 
@@ -210,11 +235,10 @@ def worker_lines(lines: list[str], source: str = "") -> list[str]:
     """Lines Ray forwarded from a worker process (`source` names it): all go to the log file; the
     ones returned are for the console: the platform's own lines, warnings and errors (with a
     traceback's remaining lines), or every line with --verbose."""
-    if _state.file is not None:
+    log = _state.pending or (_state.file if _state.named else None)
+    if log is not None:
         for line in lines:
-            record = logging.LogRecord("ray.worker", logging.INFO, "", 0, "(%s) %s",
-                                       (source, line), None)
-            _state.file.handle(record)
+            log.handle(logging.LogRecord("ray.worker", logging.INFO, "", 0, "(%s) %s", (source, line), None))
     if _state.verbose:
         return list(lines)
     kept, traceback = [], False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 # The variable in which Ray's job supervisor hands a submitted job's driver its job config (JSON
 # with "runtime_env" and "metadata"), which `ray.init` then applies. Ray names it by this same
@@ -58,3 +58,28 @@ def autoscaler_max_resources() -> dict[str, float]:
         return {key: float(value) for key, value in (state.get_max_resources_from_cluster_config() or {}).items()}
     except Exception:
         return {}
+
+
+def filter_worker_logs(keep: Callable[[dict], list[str]]) -> bool:
+    """Have the lines that log_to_driver forwards from workers pass through `keep` (one batch of
+    Ray's log records -> the lines to print) before Ray prints them on this driver. Ray offers no
+    public hook: its printer is `ray._private.worker.print_worker_logs`. Installed once; False for
+    a Ray without it (then every line prints as Ray prints it)."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return False
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None:
+        return False
+    if getattr(original, "rsrefseg_filter", False):
+        return True
+
+    def print_worker_logs(data: dict, print_file, ignore_prefix: bool = False):
+        lines = keep(data)
+        if lines:
+            original({**data, "lines": lines}, print_file, ignore_prefix)
+
+    print_worker_logs.rsrefseg_filter = True
+    ray_worker.print_worker_logs = print_worker_logs
+    return True

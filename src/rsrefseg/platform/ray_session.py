@@ -31,12 +31,6 @@ def joins_existing_ray(cluster: ClusterConfig) -> bool:
             or running_local_ray() is not None)
 
 
-def _job_env_vars() -> dict:
-    """The env_vars of the Ray job this driver runs in (`rsrefseg submit` already put the S3
-    endpoint there); Ray refuses a ray.init that names one of them again."""
-    return ray_compat.job_env_vars()
-
-
 def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
     """Join the Ray named by `cluster.address`, else one already running on this machine, else
     start a local one. Returns how messages should name that Ray.
@@ -55,7 +49,7 @@ def init_ray(cluster: ClusterConfig, *, runtime_env: dict | None = None) -> str:
         kwargs["runtime_env"] = runtime_env
     address = cluster.address or os.environ.get("RAY_ADDRESS", "")
     forwarded = {key: value for key, value in forwarded_environment().items()
-                 if key not in _job_env_vars()}
+                 if key not in ray_compat.job_env_vars()}  # Ray refuses a ray.init that names one again
     if address and forwarded:
         # A joined cluster's processes have their nodes' environment, not ours: the S3 endpoint
         # and region this driver uses go with the job (credentials stay with each node).
@@ -91,7 +85,7 @@ def _route_ray_output() -> None:
     command's log file (console.setup), and with --verbose to both:
     - the driver's Ray loggers (ray, ray.data, ...) lose their console handlers (console.adopt);
     - Ray Data's progress bars are off (DataContext here, RAY_DATA_DISABLE_PROGRESS_BARS in the
-      processes a local Ray starts); it logs its progress to the file instead;
+      processes a local Ray starts); its execution notices still reach the file;
     - the lines log_to_driver forwards from workers (Ray Train's per-rank "Reporting training
       result" and "Checkpoint successfully created", Ray Data's execution notices) are sorted by
       console.worker_lines before Ray prints them. Ray's own knobs do not reach those: a job's
@@ -111,20 +105,16 @@ def _route_ray_output() -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         ray.data.DataContext.get_current().enable_progress_bars = False
         log_once("ray_data_progress_manager_disabled")  # Ray Data's warning that they are off: we know
-    try:
-        from ray._private import worker as ray_worker  # private: guarded, another Ray prints as it did
-    except ImportError:
-        return
-    original = getattr(ray_worker, "print_worker_logs", None)
-    if original is None or getattr(original, "rsrefseg_sorted", False):
-        return
+    ray_compat.filter_worker_logs(_sorted_worker_lines)
 
-    def print_worker_logs(data: dict, print_file, ignore_prefix: bool = False):
-        if data.get("pid") not in ("autoscaler", "raylet"):  # the cluster's own events stay as they are
-            source = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
-            data = {**data, "lines": console.worker_lines(list(data.get("lines") or []), source)}
-        if data.get("lines"):
-            original(data, print_file, ignore_prefix)
 
-    print_worker_logs.rsrefseg_sorted = True
-    ray_worker.print_worker_logs = print_worker_logs
+def _sorted_worker_lines(data: dict) -> list[str]:
+    """The lines of one batch that log_to_driver forwards that the console shows (all of them go
+    to the log file); the cluster's own events (autoscaler, raylet) stay as they are."""
+    from rsrefseg.platform import console
+
+    lines = list(data.get("lines") or [])
+    if data.get("pid") in ("autoscaler", "raylet"):
+        return lines
+    source = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
+    return console.worker_lines(lines, source)

@@ -72,12 +72,13 @@ def setup(cfg: Config, *, rank: int, world: int, steps_per_epoch: int, device: t
 def restore(worker: Worker, checkpoint) -> LoopState:
     """The engine state and loop state of a Ray Train checkpoint (a resumed or restarted run);
     a fresh LoopState without one."""
+    from rsrefseg.training.safe_resume import load_engine_state
+
     if checkpoint is None:
         return LoopState()
     with checkpoint.as_directory() as ckpt_dir:
-        worker.engine.load_checkpoint(
-            os.path.join(ckpt_dir, runs.DEEPSPEED_DIR), tag=runs.DEEPSPEED_TAG, load_module_strict=False
-        )
+        # Not engine.load_checkpoint itself: it unpickles whatever the run store holds.
+        load_engine_state(worker.engine, os.path.join(ckpt_dir, runs.DEEPSPEED_DIR), tag=runs.DEEPSPEED_TAG)
         return LoopState(**json.loads(Path(ckpt_dir, runs.STATE_FILE).read_text()))
 
 
