@@ -6,7 +6,10 @@ two cores on purpose: two train workers plus Ray Data's CPU tasks must fit side 
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -87,3 +90,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "best"
     save_checkpoint(build_model(cfg.model, cfg.data.label_size), cfg, out)
     return out
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """The single-process gloo group a Ray Train worker would have (DeepSpeed needs one), on a
+    free loopback port, with the environment DeepSpeed reads; destroyed after the block."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()

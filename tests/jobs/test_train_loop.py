@@ -6,18 +6,17 @@ import functools
 import math
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from rsrefseg.training.engine import (build_engine, build_optimizer, deepspeed_config,
                                       lr_schedule, train_step, warmup_cosine)
 from rsrefseg.models.rsrefseg import build_model
 from rsrefseg.training.native_ops import use_venv_tools
+from tests.conftest import single_process_group
 from tests.models.helpers import forward, make_batch, tiny_config
 
 
@@ -114,16 +113,8 @@ def test_deepspeed_builds_its_cpu_op_with_the_ninja_beside_this_python(monkeypat
 def one_process_group():
     """The single-process gloo group a Ray Train worker would have; DeepSpeed needs one, and
     caches the first it sees, so all engines of this module share it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    with single_process_group():
         yield
-        dist.destroy_process_group()
 
 
 def _deepspeed_steps(overrides: list[str], batch: dict, steps: int = 2, precision: str = "fp32",

@@ -9,7 +9,6 @@ import pathlib
 import pickle
 import re
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from rsrefseg.platform.errors import UserError
 from rsrefseg.training.engine import build_engine, train_step
 from rsrefseg.training.safe_resume import DEEPSPEED_SAFE_GLOBALS, UnsafeCheckpoint, safe_load
 from rsrefseg.training.worker import restore
+from tests.conftest import single_process_group
 from tests.models.helpers import make_batch, tiny_config
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -38,17 +38,11 @@ def one_process_group():
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        _forget_deepspeed_world_group()
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
+    _forget_deepspeed_world_group()
+    try:
+        with single_process_group():
+            yield
+    finally:
         _forget_deepspeed_world_group()
 
 
