@@ -16,6 +16,7 @@ from typing import Callable
 from rsrefseg.jobs.ui import SERVER_WORKERS
 from rsrefseg.platform import console
 from rsrefseg.platform.config import load_config
+from rsrefseg.platform.paths import redact
 from rsrefseg.platform import signals
 from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import TrainingFailed, TrainingInterrupted, UserError
@@ -41,6 +42,17 @@ CONFIG_ARGS = (
     arg("--config", help="YAML recipe: a file, or a shipped recipe's name (demo, rsrefseg-b-rrsisd, ...)"),
     arg("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=1"),
 )
+
+
+def port(value: str) -> int:
+    """A TCP port number (1-65535), for argparse: a bad one is a usage error, not a traceback."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port number (1-65535)")
+    return number
 
 
 def _recipe(value: str | None) -> str | None:
@@ -128,7 +140,7 @@ def _mlflow_server(args) -> int:
 
     return run_mlflow_server(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
                              artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts,
-                             workers=args.workers)
+                             workers=args.workers, auth=args.auth, auth_database_uri=args.auth_database_uri)
 
 
 def _demo(args) -> None:
@@ -211,12 +223,12 @@ COMMANDS = (
     ), _jobs),
     Command("ui", "open the MLflow UI on the project's store (127.0.0.1)", (
         arg("--host", default="127.0.0.1"),
-        arg("--port", type=int, default=5000),
+        arg("--port", type=port, default=5000),
         arg("--tracking-uri", help="default: the project-local store"),
     ), _ui),
     Command("mlflow-server", "run an MLflow tracking server for a cluster", (
         arg("--host", default="127.0.0.1"),
-        arg("--port", type=int, default=5000),
+        arg("--port", type=port, default=5000),
         arg("--backend-store-uri", default="", help="default: sqlite:///<project>/mlflow.db; or postgresql://..."),
         arg("--artifacts-destination", default="",
             help="default: <project>/mlartifacts; or s3://BUCKET/PREFIX, written by this server with this "
@@ -226,6 +238,13 @@ COMMANDS = (
                  "private IPs); add the name or address clients use to reach it, e.g. 203.0.113.7:5000"),
         arg("--workers", type=int, default=SERVER_WORKERS,
             help=f"server processes (MLflow's default {SERVER_WORKERS}; 1 for a few clients)"),
+        arg("--auth", action="store_true",
+            help="require a user and password on every request (MLflow's basic-auth app); the admin user "
+                 "comes from MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD in this environment, "
+                 "clients sign in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"),
+        arg("--auth-database-uri", default="",
+            help="with --auth: where users and permissions live (default: basic_auth.db beside a SQLite "
+                 "--backend-store-uri; required with another backend)"),
     ), _mlflow_server),
     Command("demo", "synthetic data -> prepare -> train (tiny, 2 workers) -> evaluate", (
         arg("--out", default="data/demo"),
@@ -278,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as exc:
         print(f"rsrefseg {args.command}{_where()}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a disk full, a permission refused, a name taken: say which file and why
+        print(f"rsrefseg {args.command}{_where()}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError in one line: the file(s) it names and the system's reason."""
+    files = " -> ".join(redact(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return f"{files}: {reason}" if files else reason
 
 
 def _where() -> str:

@@ -113,7 +113,8 @@ def test_the_cap_is_a_parameter_and_pillow_follows_it(tmp_path):
     Image.new("RGB", (300, 200)).save(tmp_path / "small.png")
     tiff_bomb(tmp_path / "small.tif", 192, 300)
     for name in ("small.png", "small.tif"):
-        assert read_array(tmp_path / name, what="image", max_pixels=60_000).shape[:2] == (200 if name.endswith("png") else 192, 300)
+        height = 200 if name.endswith("png") else 192
+        assert read_array(tmp_path / name, what="image", max_pixels=60_000).shape[:2] == (height, 300)
         with pytest.raises(DatasetError) as info:
             read_array(tmp_path / name, what="image", max_pixels=50_000)
         _assert_refused(str(info.value), name, "300x", cap=50_000)
@@ -172,8 +173,12 @@ CHILD = textwrap.dedent("""
         print("PREPARED")
     except DatasetError as exc:
         print("REFUSED", exc)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    print("PEAK_BYTES", peak if sys.platform == "darwin" else peak * 1024)
+    try:  # Linux: this process's own high-water mark (ru_maxrss would include the forked parent's)
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    print("PEAK_BYTES", peak)
 """)
 
 
@@ -287,3 +292,19 @@ def test_an_inline_mask_bomb_is_refused_from_its_npy_header(tmp_path):
     with pytest.raises(DatasetError) as info:
         prepare_dataset("fiftyone", tmp_path / "fo", tmp_path / "out", workers=1)
     _assert_refused(str(info.value), "samples.json[samples][4]", "20000x20000")
+
+
+def test_the_prepare_command_takes_max_pixels(tmp_path, capsys):
+    from rsrefseg import cli
+
+    make_refsegrs(tmp_path / "rs")
+    tiff_bomb(tmp_path / "rs" / "images" / "2.tif", 192, 320)  # 61,440 pixels, a plain image size
+    args = ["prepare", "--format", "refsegrs", "--root", str(tmp_path / "rs"), "--out", str(tmp_path / "out")]
+    assert cli.main(args + ["--max-pixels", "60000"]) == 2
+    err = capsys.readouterr().err
+    assert "2.tif" in err and "320x192" in err and "60,000" in err and "--max-pixels" in err, err
+    assert cli.main(args + ["--max-pixels", "0"]) == 2
+    assert "max_pixels must be a positive" in capsys.readouterr().err
+    # Under a higher cap the image is read (then refused for its size against its mask, as before)
+    assert cli.main(args + ["--max-pixels", "70000"]) == 2
+    assert "is 320x192 but mask" in capsys.readouterr().err

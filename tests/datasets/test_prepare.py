@@ -60,7 +60,8 @@ def test_shards_are_bounded_sorted_by_id_and_indexed(tmp_path):
     make_refsegrs(tmp_path / "src", counts=(("train", 12), ("val", 1), ("test", 1)))
     manifest = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "out", rows_per_shard=5)
     shards = manifest["shards"]["train"]
-    assert [s["path"] for s in shards] == [f"train/part-0000{i}.parquet" for i in range(3)]
+    version = shards[0]["path"].split("/")[0]  # the version prefix this prepare wrote under
+    assert [s["path"] for s in shards] == [f"{version}/train/part-0000{i}.parquet" for i in range(3)]
     assert [s["rows"] for s in shards] == [5, 5, 2]
     table = pq.read_table([tmp_path / "out" / s["path"] for s in shards][0])
     assert table.schema.names == ["id", "phrase", "split", "category", "image", "mask", "height", "width", "index"]
@@ -87,10 +88,13 @@ def test_same_input_gives_the_same_hash_and_different_input_a_different_one(tmp_
 
 def test_rerun_writes_identical_shards(tmp_path):
     make_refsegrs(tmp_path / "src")
-    prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "a")
-    prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "b")
-    for shard in (tmp_path / "a").rglob("*.parquet"):
-        assert shard.read_bytes() == (tmp_path / "b" / shard.relative_to(tmp_path / "a")).read_bytes()
+    a = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "a")
+    b = prepare_dataset("refsegrs", tmp_path / "src", tmp_path / "b")
+    assert a["shards"].keys() == b["shards"].keys()
+    for split in a["shards"]:
+        assert len(a["shards"][split]) == len(b["shards"][split])
+        for sa, sb in zip(a["shards"][split], b["shards"][split]):
+            assert (tmp_path / "a" / sa["path"]).read_bytes() == (tmp_path / "b" / sb["path"]).read_bytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,10 +202,11 @@ def test_errors_list_every_problem_at_once(tmp_path):
 def test_output_replaces_a_previous_prepared_dataset_but_nothing_else(tmp_path):
     make_refsegrs(tmp_path / "src")
     out = tmp_path / "out"
-    prepare_dataset("refsegrs", tmp_path / "src", out)
-    (out / "train" / "stale.parquet").write_bytes(b"old")
-    prepare_dataset("refsegrs", tmp_path / "src", out)  # replaced as a whole
-    assert not (out / "train" / "stale.parquet").exists()
+    first = prepare_dataset("refsegrs", tmp_path / "src", out)
+    version = first["shards"]["train"][0]["path"].split("/")[0]
+    (out / version / "train" / "stale.parquet").write_bytes(b"old")
+    prepare_dataset("refsegrs", tmp_path / "src", out)  # the old version replaced as a whole
+    assert not (out / version).exists()
 
     other = tmp_path / "notes"
     other.mkdir()

@@ -188,6 +188,27 @@ def test_a_failed_replacement_leaves_the_previous_dataset_published_and_whole(ou
                "unchanged): S3 at" in str(info.value)
 
 
+def test_a_first_local_prepare_that_fails_leaves_no_folder(tmp_path, synthetic_root, monkeypatch):
+    out = str(tmp_path / "out")
+    Outage(monkeypatch, out)
+    with pytest.raises(OSError, match="No space"):
+        prepare_dataset("synthetic", synthetic_root, out, rows_per_shard=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # as before: no folder, no lock, no version
+
+
+def test_a_local_filesystem_without_locks_still_prepares(tmp_path, synthetic_root, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    manifest = prepare_dataset("synthetic", synthetic_root, tmp_path / "out", rows_per_shard=8)
+    assert files(str(tmp_path / "out")) == published(manifest)
+    assert "this filesystem has no file locks" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # Killed at any moment
 
@@ -318,6 +339,36 @@ def test_two_prepares_publishing_at_the_same_moment_leave_the_last_and_fail_the_
     assert_whole(out, other["manifest"])
 
 
+def test_a_manifest_landing_on_a_version_just_deleted_is_replaced_by_the_whole_one(s3_server, synthetic_root,
+                                                                                  monkeypatch):
+    """The narrowest race: the first prepare passed its check; the second publishes and deletes
+    the first's version (it started earlier); only then does the first's manifest land, naming
+    shards that are gone. The second puts its own manifest back, and the first fails."""
+    out = f"s3://{s3_server.new_bucket()}/prepared"
+    prepare_dataset("synthetic", synthetic_root, out, rows_per_shard=8)
+    real_write, real_remove, state = atomic.write_text, prepare_module._remove_version, {}
+
+    def write_text(target, text):
+        if str(target).endswith(MANIFEST) and "first" not in state:
+            state["first"] = text  # the first prepare's manifest: it lands during the second's cleanup
+            state["second"] = prepare_dataset("synthetic", synthetic_root, out, rows_per_shard=16)
+            return None
+        return real_write(target, text)
+
+    def remove_version(where, version):
+        real_remove(where, version)
+        if version in state.get("first", "") and "landed" not in state:
+            state["landed"] = real_write(storage.location(out) / MANIFEST, state["first"])
+
+    monkeypatch.setattr(atomic, "write_text", write_text)
+    monkeypatch.setattr(prepare_module, "_remove_version", remove_version)
+    with pytest.raises(DatasetError, match=rf"another prepare published a dataset at {out} at the same moment"):
+        prepare_dataset("synthetic", synthetic_root, out, rows_per_shard=4)
+    assert "landed" in state
+    assert files(out) == published(state["second"])
+    assert_whole(out, state["second"])
+
+
 # --------------------------------------------------------------------------------------------
 # A reader of a version that a replacement deleted
 
@@ -368,7 +419,7 @@ def test_a_manifest_naming_a_shard_outside_its_dataset_is_refused(out, case, ray
 def test_the_pipeline_checks_shard_paths_where_it_joins_them(tmp_path):
     from rsrefseg.datasets.pipeline import _shard_files
 
-    assert _shard_files(tmp_path, [{"path": "v-1/train/part-00000.parquet"}], "train")[0] == [
+    assert _shard_files(tmp_path, [{"path": "v-1/train/part-00000.parquet"}])[0] == [
         str(tmp_path.resolve() / "v-1/train/part-00000.parquet")]
     for bad in ("../x/part-00000.parquet", "/abs/part-00000.parquet", "s3://b/part-00000.parquet"):
         with pytest.raises(DatasetError, match=rf"{tmp_path}/manifest.json: shard '.*' of split .* is not inside"):

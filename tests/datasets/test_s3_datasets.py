@@ -27,6 +27,14 @@ def expected_keys(manifest: dict, prefix: str) -> list[str]:
     return sorted(f"{prefix}/{name}" for name in [*shards, MANIFEST])
 
 
+def unversioned(manifest: dict) -> dict:
+    """The manifest without its shards' version prefix (`v-TIME-RANDOM/`): what two prepares of the
+    same samples with the same settings share, wherever they publish."""
+    shards = {split: [{**s, "path": s["path"].split("/", 1)[1]} for s in listed]
+              for split, listed in manifest["shards"].items()}
+    return {**manifest, "shards": shards}
+
+
 def objects(s3, bucket: str) -> list[str]:
     """The bucket's objects, without pyarrow's empty "folder/" markers (pyarrow's S3 filesystem
     writes one where a delete empties a folder: the write probe's, in a fresh prefix)."""
@@ -93,18 +101,18 @@ def test_cli_prepare_to_s3_writes_the_manifest_a_local_prepare_writes(s3_server,
     local = tmp_path / "local"
     assert main(["prepare", "--format", "synthetic", "--root", str(synthetic_root), "--out", str(local)]) == 0
 
-    def no_staging(target):
-        raise AssertionError(f"a remote prepare staged the dataset locally ({target})")
+    def no_local_publishing(*args):
+        raise AssertionError("a remote prepare published through the local folder path")
 
-    monkeypatch.setattr(prepare_module, "atomic_dir", no_staging)
+    monkeypatch.setattr(prepare_module, "_publish_local", no_local_publishing)
     uri = f"s3://{s3_bucket}/data/synthetic/prepared"
     assert main(["prepare", "--format", "synthetic", "--root", str(synthetic_root), "--out", uri]) == 0
     assert f"prepared {uri}: train" in capsys.readouterr().out
 
     remote_text = s3_server.client().get_object(Bucket=s3_bucket, Key=f"data/synthetic/prepared/{MANIFEST}")["Body"].read()
-    # Byte for byte: same counts, shards, source, encoding, content hash; nothing differs.
-    assert remote_text == (local / MANIFEST).read_bytes()
-    assert load_manifest(uri) == load_manifest(local)
+    # Same counts, shards, source, encoding, content hash; only the version prefix differs.
+    assert remote_text.decode() == json.dumps(load_manifest(uri), indent=2) + "\n"
+    assert unversioned(load_manifest(uri)) == unversioned(load_manifest(local))
     # The content hash is of the samples, not of the shard layout: equal to a prepare with other shards.
     assert load_manifest(uri)["content_hash"] == load_manifest(prepared_synthetic)["content_hash"]
     # Exactly the shards and the manifest: no probe object, no staging leftovers.
@@ -114,7 +122,7 @@ def test_cli_prepare_to_s3_writes_the_manifest_a_local_prepare_writes(s3_server,
 def test_prepare_to_s3_publishes_exactly_the_shards_and_the_local_manifest(s3_server, s3_prepared, prepared_synthetic):
     uri, bucket = s3_prepared
     manifest = load_manifest(uri)
-    assert manifest == load_manifest(prepared_synthetic)  # every field, shards included
+    assert unversioned(manifest) == unversioned(load_manifest(prepared_synthetic))  # every field, shards included
     assert shard_count(manifest) > 3
     assert objects(s3_server, bucket) == expected_keys(manifest, "prepared")
 
@@ -175,20 +183,19 @@ def test_a_failed_upload_publishes_nothing_and_prepare_can_run_again(s3_server, 
     assert objects(s3_server, s3_bucket) == expected_keys(manifest, "prepared")
 
 
-def test_a_failed_replacement_leaves_no_dataset_rather_than_a_mix(s3_server, s3_bucket, synthetic_root, outage):
+def test_a_failed_replacement_leaves_the_previous_dataset_published(s3_server, s3_bucket, synthetic_root, outage):
     uri = f"s3://{s3_bucket}/prepared"
-    prepare_dataset("synthetic", synthetic_root, uri, rows_per_shard=ROWS_PER_SHARD)
+    old = prepare_dataset("synthetic", synthetic_root, uri, rows_per_shard=ROWS_PER_SHARD)
     outage.armed = True
     with pytest.raises(StorageError, match="nothing was published"):
         prepare_dataset("synthetic", synthetic_root, uri, rows_per_shard=ROWS_PER_SHARD)
-    # The old manifest went first; old and new shards are all gone: a reader is told there is no
-    # dataset, and never reads the new first shard under the old manifest.
-    assert objects(s3_server, s3_bucket) == []
-    with pytest.raises(DatasetError, match="is not a prepared dataset"):
-        load_manifest(uri)
+    # The new version's shard is removed again; the old manifest and its shards were never touched.
+    assert objects(s3_server, s3_bucket) == expected_keys(old, "prepared")
+    assert load_manifest(uri) == old
 
 
-def test_replacing_unpublishes_first_then_deletes_the_stale_shards(s3_server, s3_bucket, synthetic_root, monkeypatch):
+def test_replacing_keeps_the_old_version_published_until_the_new_manifest_then_deletes_it(s3_server, s3_bucket,
+                                                                                           synthetic_root, monkeypatch):
     uri = f"s3://{s3_bucket}/prepared"
     old = prepare_dataset("synthetic", synthetic_root, uri, rows_per_shard=4)
     old_keys = expected_keys(old, "prepared")
@@ -204,9 +211,9 @@ def test_replacing_unpublishes_first_then_deletes_the_stale_shards(s3_server, s3
 
     monkeypatch.setattr(prepare_module, "_open_shard", open_shard)
     new = prepare_dataset("synthetic", synthetic_root, uri, rows_per_shard=16)
-    # When the first new shard was written, the old manifest was gone and its shards still there.
-    assert seen_at_first_shard == [[k for k in old_keys if not k.endswith(MANIFEST)]]
-    # Published: the new manifest and exactly its shards; the old shards it does not list deleted.
+    # When the first new shard was written, the old dataset was still published, whole.
+    assert seen_at_first_shard == [old_keys]
+    # Published: the new manifest and exactly its shards; the old version deleted.
     assert shard_count(new) < shard_count(old)
     assert objects(s3_server, s3_bucket) == expected_keys(new, "prepared")
     assert load_manifest(uri) == new and new["content_hash"] == old["content_hash"]
@@ -256,4 +263,4 @@ def test_a_read_only_key_reads_a_published_dataset(s3_server, s3_prepared, prepa
     uri, _ = s3_prepared
     for key, value in s3_server.env(s3_server.reader).items():
         monkeypatch.setenv(key, value)
-    assert load_manifest(uri) == load_manifest(prepared_synthetic)
+    assert unversioned(load_manifest(uri)) == unversioned(load_manifest(prepared_synthetic))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -117,5 +118,6 @@ def test_rrsisd_file_name_that_is_a_path_is_skipped_never_read(tmp_path):
     data["images"][1]["file_name"] = "../../../../secret.jpg"
     instances_path.write_text(json.dumps(data))
 
-    with pytest.raises(DatasetError, match=r"refs\(unc\)\.p\[1\]: id '2_0'.*file_name '\.\./\.\./\.\./\.\./secret\.jpg' is not a plain"):
+    name = re.escape("file_name '../../../../secret.jpg' is not a plain file name")
+    with pytest.raises(DatasetError, match=r"refs\(unc\)\.p\[1\]: id '2_0'.*" + name):
         prepare_dataset("rrsisd", tmp_path / "RRSIS-D", tmp_path / "out", workers=1)

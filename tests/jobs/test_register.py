@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.types import DataType
 from PIL import Image
 
 from rsrefseg.cli import main
 
 
-def test_registered_model_loads_by_name_and_predicts_the_same_mask(tiny_checkpoint, tmp_path, capsys):
+def test_registered_model_predicts_from_bytes_or_arrays_and_never_reads_a_path(tiny_checkpoint, tmp_path, capsys):
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -28,10 +31,32 @@ def test_registered_model_loads_by_name_and_predicts_the_same_mask(tiny_checkpoi
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/rsrefseg-tiny/1")
-    (from_path,) = model.predict(pd.DataFrame({"image": [str(image)], "text": ["road"]}))
+    rgb = np.asarray(Image.open(image).convert("RGB"))
     (from_bytes,) = model.predict(pd.DataFrame({"image": [image.read_bytes()], "text": ["road"]}))
-    np.testing.assert_array_equal(from_path, expected)
+    (from_array,) = model.predict([{"image": rgb, "text": "road"}])
     np.testing.assert_array_equal(from_bytes, expected)
+    np.testing.assert_array_equal(from_array, expected)
+    tiff = tmp_path / "scene.tif"
+    Image.fromarray(rgb).save(tiff)
+    (from_tiff,) = model.predict(pd.DataFrame({"image": [tiff.read_bytes()], "text": ["road"]}))
+    np.testing.assert_array_equal(from_tiff, expected)
+
+    # The signature: what a served model takes (a binary column: base64 in JSON) and returns.
+    signature = model.metadata.signature
+    assert signature is not None
+    assert {c.name: c.type for c in signature.inputs.inputs} == {"image": DataType.binary, "text": DataType.string}
+    assert [c.name for c in signature.outputs.inputs] == ["mask"]
+
+    # A caller names no file on the serving machine: a path (str or Path) is refused, unread.
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image.read_bytes())
+    for given in (str(secret), secret):
+        with pytest.raises(MlflowException, match="file path or other string is not accepted"):
+            model.predict(pd.DataFrame({"image": [given], "text": ["road"]}))
+    with pytest.raises(MlflowException, match="not a readable PNG, JPEG or TIFF"):
+        model.predict(pd.DataFrame({"image": [b"<VRTDataset>/etc/passwd</VRTDataset>"], "text": ["road"]}))
+    with pytest.raises(MlflowException, match="not RGB uint8"):
+        model.predict([{"image": rgb.astype(np.float32), "text": "road"}])
 
     # Logged as code with the safetensors checkpoint: no pickled model object to load.
     local = Path(mlflow.artifacts.download_artifacts("models:/rsrefseg-tiny/1", dst_path=str(tmp_path / "dl")))

@@ -47,6 +47,15 @@ def test_the_printed_tracking_uri_is_an_address_clients_can_reach():
     assert client_uri("10.0.0.5", 5001) == "http://10.0.0.5:5001"
 
 
+def test_the_server_keeps_artifacts_in_the_project_by_default(project_home):
+    from rsrefseg.jobs.ui import server_command
+
+    cmd = server_command(host="127.0.0.1", port=5000, backend_store_uri="", artifacts_destination="")
+    assert cmd[cmd.index("--artifacts-destination") + 1] == (project_home / "mlartifacts").as_uri()
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{project_home / 'mlflow.db'}"
+    assert "--app-name" not in cmd  # no --auth: MLflow's own app
+
+
 def _status_with_host(port: int, host_header: str) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
                                  headers={"Host": host_header})
@@ -93,8 +102,14 @@ def test_ui_on_loopback_and_a_server_that_answers_the_hosts_it_is_told_to_allow(
         assert _status_with_host(server_port, f"mlflow.rsrefseg.example:{server_port}") == 200
         assert _status_with_host(server_port, f"other.rsrefseg.example:{server_port}") == 403
     finally:
+        # SIGTERM to each command alone ends all it started (tests/jobs/test_server_processes.py).
         for proc in (ui, server):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            os.kill(proc.pid, signal.SIGTERM)
+        for proc in (ui, server):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
 
 

@@ -37,7 +37,9 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from .categories import phrase_category
-from .imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS, as_binary_mask, check_max_pixels, check_size, load_mask, load_rgb
+from .imagefiles import (
+    DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS, as_binary_mask, check_max_pixels, check_size, load_mask, load_rgb,
+)
 from .triplet import DatasetError, Issue, IssueHandler, Triplet, check_split_name, read_json, report
 
 SAMPLES_FILE = "samples.json"

@@ -85,8 +85,10 @@ def read_array(path: str | Path, *, what: str, context: str = "", max_pixels: in
         # refuses before our check can see the size: say it the same way, with its count.
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(found[1]):,} pixels" if found else "more pixels than Pillow allows"
-        raise DatasetError(f"{source}: {pixels} by its header, over the cap of {max_pixels:,} "
-                           f"(refused before decoding: a decompression bomb, or a dataset of larger images: {RAISE_CAP})") from exc
+        raise DatasetError(
+            f"{source}: {pixels} by its header, over the cap of {max_pixels:,} (refused before "
+            f"decoding: a decompression bomb, or a dataset of larger images: {RAISE_CAP})"
+        ) from exc
     except Exception as exc:  # tifffile and Pillow raise many types for broken files
         raise DatasetError(
             f"{what} file unreadable or truncated: {path}{suffix}: {type(exc).__name__}: {exc}"

@@ -36,12 +36,15 @@ new version when run again.
 Concurrent prepares to one `out` end with one published dataset and one clear error: locally a
 lock (`<out>/.prepare.lock`) lets one write at a time and the other fails at once; on a store
 each prepare records the manifest it started from and re-reads it just before publishing: if
-another prepare published meanwhile, it removes its own version and fails, naming `out`.
+another prepare published meanwhile, it removes its own version and fails, naming `out`. (The
+check and the write are two requests, as the store has no conditional write: two prepares that
+publish within one request of each other are sorted out after the fact, `_confirm_published`.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -151,11 +154,12 @@ def prepare_dataset(
         fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels
     )
 
-    # Write (into staging, or straight to the store), then publish.
+    # Write a new version (in the folder, or straight to the store), then publish it.
     by_split = _group_by_split(valid)
 
     def write(target: storage.Location) -> dict[str, Any]:
-        """The shards under `target` (a folder or a prefix), and the manifest that lists them."""
+        """The shards under `target` (the version's folder or prefix), and the manifest that
+        lists them (paths relative to `target`: `_in_version` makes them relative to `out`)."""
         shards, largest, digests = _write_shards(target, by_split, workers, rows_per_shard, max_shard_bytes)
         return _manifest(
             fmt, root, by_split, shards, largest, digests, mask_threshold=mask_threshold, issues=issues, notes=notes
@@ -587,9 +591,22 @@ def _publish_local(out: Path, write: Callable[[storage.Location], dict[str, Any]
 @contextlib.contextmanager
 def _local_lock(out: Path) -> Iterator[None]:
     """Hold `out/.prepare.lock` (flock, so the kernel releases it when its process dies, even by
-    SIGKILL: a killed prepare never blocks the next). The file is removed on release; a lock
-    taken on a file its holder removed meanwhile is dropped and taken again on the new one."""
+    SIGKILL: a killed prepare never blocks the next), removed again on release. A filesystem
+    without locks (some NFS mounts) gets a warning, and the manifest check (`_check_unchanged`)
+    alone then guards against a concurrent prepare."""
     path = out / LOCK
+    fd = _take_lock(out, path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still holding it
+            os.close(fd)
+
+
+def _take_lock(out: Path, path: Path) -> Optional[int]:
+    """The descriptor of the locked `path`, None where the filesystem has no locks. A lock taken
+    on a file its holder removed meanwhile is dropped and taken again on the new file."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -600,17 +617,19 @@ def _local_lock(out: Path) -> Iterator[None]:
                 f"another prepare is writing to {out} (it holds {path}); nothing was written: "
                 "run this one again once it has finished"
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("%s: this filesystem has no file locks (%s); writing without one", path, exc)
+            path.unlink(missing_ok=True)
+            return None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still holding it
+            return fd
         os.close(fd)
 
 
@@ -648,7 +667,7 @@ def _publish(out: storage.Location, write: Callable[[storage.Location], dict[str
                                        f"dataset or this one is published there, whole: {said}") from exc
         raise
     if _confirm_published(out, manifest, version):
-        _remove_stale(out, version, base)
+        _remove_stale(out, version, base, _manifest_text(manifest))
     return manifest
 
 
@@ -700,29 +719,56 @@ def _confirm_published(out: storage.Location, manifest: dict[str, Any], version:
     return True
 
 
-def _remove_stale(out: storage.Location, current: str, base: Optional[str]) -> None:
-    """Once `current` is published: delete the versions it replaced and the leftovers of killed
-    prepares, and the shards of a dataset prepared before versions (directly under their split).
-    In a local folder (locked: no other prepare writes there) that is every other version. Under
-    a prefix it is every other version that started before `current`: a later one may be another
-    prepare still writing, which will find this manifest, fail and remove its own. Best effort:
-    what cannot be deleted is logged and left for the next prepare."""
-    remote = isinstance(out, storage.RemotePath)
+def _remove_stale(out: storage.Location, current: str, base: Optional[str], ours: str) -> None:
+    """Once `current` is published (its manifest text `ours`): delete the versions it replaced
+    and the leftovers of killed prepares, and the shards of a dataset prepared before versions
+    (directly under their split). In a local folder (locked: no other prepare writes there) that
+    is every other version. Under a prefix it is every other version that started before
+    `current`: a later one may be another prepare still writing, which will find this manifest,
+    fail and remove its own. Best effort: what cannot be deleted is left for the next prepare."""
     try:
-        if remote:
-            keys = [(key, m) for key in _objects(out) if (m := SHARD_KEY.fullmatch(key))]
-            versions = {m.group("version") for _, m in keys if m.group("version")}
-            for key in [key for key, m in keys if not m.group("version")]:
-                (out / key).unlink(missing_ok=True)
-        else:
-            versions = {p.name for p in out.iterdir() if VERSION.fullmatch(p.name)}
-            for split in _unversioned_splits(base):
-                shutil.rmtree(out / split, ignore_errors=True)
-            atomic.clear_stale_siblings(out / MANIFEST)  # `.manifest.json.tmp-*` of killed prepares
-        for version in sorted(v for v in versions if v != current and (v < current or not remote)):
+        if _published_text(out) != ours:
+            return  # published over since then: the prepare that did so cleans up
+        stale = _stale_versions(out, current, base)
+        for version in stale:
             _remove_version(out, version)
-    except OSError as exc:
+        _restore_if_overwritten(out, ours, stale)
+    except (OSError, DatasetError) as exc:
         log.warning("could not delete old versions under %s: %s", out, _describe(exc, out))
+
+
+def _stale_versions(out: storage.Location, current: str, base: Optional[str]) -> list[str]:
+    """The versions `_remove_stale` deletes; the shards of a dataset prepared before versions
+    are deleted here."""
+    remote = isinstance(out, storage.RemotePath)
+    if remote:
+        keys = [(key, m) for key in _objects(out) if (m := SHARD_KEY.fullmatch(key))]
+        versions = {m.group("version") for _, m in keys if m.group("version")}
+        for key in [key for key, m in keys if not m.group("version")]:
+            (out / key).unlink(missing_ok=True)
+    else:
+        versions = {p.name for p in out.iterdir() if VERSION.fullmatch(p.name)}
+        for split in _unversioned_splits(base):
+            shutil.rmtree(out / split, ignore_errors=True)
+        atomic.clear_stale_siblings(out / MANIFEST)  # `.manifest.json.tmp-*` of killed prepares
+    return sorted(v for v in versions if v != current and (v < current or not remote))
+
+
+def _restore_if_overwritten(out: storage.Location, ours: str, deleted: list[str]) -> None:
+    """An object store has no conditional write, so a prepare that passed its check just before
+    this one published may still publish just after it, naming a version deleted here. Then
+    this one's manifest (its version is whole) is put back; that prepare fails on reading it
+    back (`_confirm_published`). One dataset stays published, whole."""
+    text = _published_text(out)
+    if text is None or text == ours:
+        return
+    try:
+        named = {s["path"].split("/")[0] for split in json.loads(text)["shards"].values() for s in split}
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return
+    if named & set(deleted):
+        atomic.write_text(out / MANIFEST, ours)
+        log.warning("%s: a concurrent prepare published a version this one had just deleted; republished this one", out)
 
 
 def _describe(exc: BaseException, out: storage.Location) -> str:
@@ -736,7 +782,9 @@ def _unversioned_splits(manifest_text: Optional[str]) -> set[str]:
         paths = [shard["path"] for split in shards.values() for shard in split]
     except (ValueError, AttributeError, TypeError, KeyError):
         return set()
-    return {m.group(0).split("/")[0] for m in map(SHARD_KEY.fullmatch, paths) if m and not m.group("version")}
+    # Only paths that passed load_manifest's check: a split named ".." must not delete the parent.
+    return {path.split("/")[0] for path in paths
+            if shard_path_problem(path) is None and (m := SHARD_KEY.fullmatch(path)) and not m.group("version")}
 
 
 def _remove_version(out: storage.Location, version: str) -> None:

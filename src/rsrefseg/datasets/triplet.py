@@ -94,7 +94,7 @@ class Triplet:
         return Issue(reason=reason, id=self.id, split=self.split, where=self.where or None)
 
 
-# A split names a folder of the prepared dataset (<out>/<split>/part-*.parquet, or a key prefix in
+# A split names a folder of the prepared dataset (<out>/<version>/<split>/part-*.parquet, or a key prefix in
 # object storage), so a split read from a dataset file must be a plain name: one path segment that
 # cannot climb ("..", "../x"), be absolute ("/tmp/x") or nest ("a/b"). train, val, test, testA,
 # testB (RemoteSAM-270K) all fit.

@@ -9,10 +9,23 @@ the way in, the logits resized back to the image's size on the way out. Larger s
 stitched (`inference.tiling`). A GeoTIFF's mask is written as a GeoTIFF with the same CRS and
 transform (and, with --geojson, as polygons). Raster and vector I/O go through rasterio. The
 checkpoint is safetensors + YAML, so loading it never unpickles arbitrary objects.
+
+Memory: a GeoTIFF is read one tile window at a time (`inference.scenes.SceneFile`), the logits are
+stitched in row bands, and the mask (1 byte a pixel) is written window by window, so a scene is
+never in memory whole, let alone as float32. With --gsd the scene is read through a WarpedVRT at
+the training scale, again window by window; the mask is resized back to the scene's own grid.
+
+File names (a folder --out): `<image>.<phrase>.<png|tif>`. <image> is the image's stem, or its
+whole name where two images of the call share a stem (a.png and a.tif: `a.png.road.png`,
+`a.tif.road.tif`). <phrase> is the phrase itself where it is already lower-case letters, digits
+and single dashes, at most 60 characters ("road", "car-park"); any other phrase is its readable
+slug plus 8 hex digits of the phrase's SHA-1 ("Red car": `red-car-9616fee6`), so phrases that
+differ only in case or punctuation, or after 60 characters, never share a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from rsrefseg.platform.atomic import atomic_file, write_text
-from rsrefseg.inference.scenes import GEO_SUFFIXES, Scene, read_scene, segment
+from rsrefseg.inference.scenes import GEO_SUFFIXES, SceneFile, open_scene, read_scene, segment_scene
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
@@ -49,30 +62,35 @@ class ScenePredictor:
     """One model, its phrases and where masks go: `predict_file` writes every mask of one scene.
     Used in-process for one image, and as the Ray Data actor (`_SceneActor`) for many."""
 
-    def __init__(self, model, cfg, device, autocast, *, texts: list[str], out: str, single: bool, options: Options):
+    def __init__(self, model, cfg, device, autocast, *, texts: list[str], out: str, single: bool, options: Options,
+                 prefixes: dict[str, str] | None = None):
         from rsrefseg.models.presets import input_sizes
         from rsrefseg.models.tokenizer import load_tokenizer
 
         self.model, self.device, self.autocast = model, device, autocast
         self.sizes, self.tokenizer = input_sizes(cfg.model, cfg.data.label_size), load_tokenizer(cfg.model)
         self.texts, self.out, self.single, self.options = texts, Path(out), single, options
+        self.names, self.prefixes = phrase_names(texts), prefixes or {}
 
     def predict_file(self, path: Path) -> list[dict]:
         """Rows (image, phrase, mask file, share of the image covered) of one scene's masks."""
-        scene = read_scene(path)
-        rgb, factor = _to_training_scale(scene, self.options.gsd, where=path)
         rows = []
-        for phrase in self.texts:
-            mask = segment(self.model, self.sizes, self.tokenizer, rgb, phrase, tile=self.options.tile,
-                           overlap=self.options.overlap, device=self.device, autocast=self.autocast)
-            if factor != 1.0:  # back onto the scene's own grid
-                mask = np.asarray(Image.fromarray(mask).resize(scene.rgb.shape[1::-1], Image.NEAREST))
+        with open_scene(path) as scene:
+            factor = training_scale(scene, self.options.gsd, where=path)
+            if factor != 1.0:
+                scene.rescale(factor)
             suffix = ".tif" if scene.georeferenced else ".png"
-            target = self.out if self.single else self.out / f"{path.stem}.{_slug(phrase)}{suffix}"
-            write_mask(mask, target, scene)
-            if self.options.geojson and scene.georeferenced:
-                write_geojson(mask, target.with_suffix(".geojson"), scene, phrase)
-            rows.append({"image": str(path), "phrase": phrase, "target": str(target), "share": float(mask.mean())})
+            prefix = self.prefixes.get(str(path), path.stem)
+            for phrase in self.texts:
+                mask = segment_scene(self.model, self.sizes, self.tokenizer, scene, phrase, tile=self.options.tile,
+                                     overlap=self.options.overlap, device=self.device, autocast=self.autocast)
+                if factor != 1.0:  # back onto the scene's own grid
+                    mask = np.asarray(Image.fromarray(mask).resize(scene.scene_shape[::-1], Image.NEAREST))
+                target = self.out if self.single else self.out / f"{prefix}.{self.names[phrase]}{suffix}"
+                write_mask(mask, target, scene)
+                if self.options.geojson and scene.georeferenced:
+                    write_geojson(mask, target.with_suffix(".geojson"), scene, phrase)
+                rows.append({"image": str(path), "phrase": phrase, "target": str(target), "share": float(mask.mean())})
         return rows
 
 
@@ -108,25 +126,29 @@ def run_predict(
 
     image: a file, or a folder (every image file in it; its scenes go through Ray Data, one
         model replica per GPU, or `replicas`). text: one phrase or several.
-    out: the mask file for one image and one phrase, else a folder of `<stem>.<phrase>.<ext>`.
+    out: the mask file for one image and one phrase, else a folder of `<image>.<phrase>.<ext>`
+        (the module's docstring: names never collide within a call).
     gsd: metres per pixel of the training data; a georeferenced scene is resampled to it first.
     """
     from rsrefseg.models.checkpoint_folder import find_checkpoint
     from rsrefseg.models.checkpoint import load_checkpoint
     from rsrefseg.inference.scoring import inference_device
 
-    texts = [text] if isinstance(text, str) else list(text)
+    given = [text] if isinstance(text, str) else list(text)
+    texts = list(dict.fromkeys(given))  # a phrase given twice: one mask
     if not texts or any(not t.strip() for t in texts):
         raise ConfigError("--text: a phrase is empty")
+    phrase_names(texts)  # refuses phrases that would share a file before any work
     images = _image_files(Path(image))
-    single = len(images) == 1 and len(texts) == 1 and not Path(image).is_dir()
+    single = len(images) == 1 and len(given) == 1 and not Path(image).is_dir()
     if overlay and not single:
         raise ConfigError("--overlay takes one image and one phrase; for several, the masks go to the --out folder")
     model, cfg = load_checkpoint(find_checkpoint(checkpoint))
     options = Options(tile=tile, overlap=overlap, gsd=gsd, geojson=geojson)
     if len(images) == 1:
         device, autocast = inference_device(prefer_gpu=not cpu)
-        predictor = ScenePredictor(model.to(device), cfg, device, autocast, texts=texts, out=out, single=single, options=options)
+        predictor = ScenePredictor(model.to(device), cfg, device, autocast, texts=texts, out=out, single=single,
+                                   options=options, prefixes=image_prefixes(images))
         rows = predictor.predict_file(images[0])
     else:
         rows = _predict_with_ray(model, cfg, images, texts=texts, out=out, options=options, cpu=cpu, replicas=replicas)
@@ -152,11 +174,12 @@ def _predict_with_ray(model, cfg, images: list[Path], *, texts, out, options: Op
     init_ray(cfg.cluster)
     plan = plan_replicas(cfg, batch_size=1, count=replicas, gpus=0 if cpu else -1)
     payload = ray.put((cfg, model.trainable_state_dict()))
-    ds = ray.data.from_items([{"path": str(p.resolve())} for p in images])
+    resolved = [p.resolve() for p in images]
+    ds = ray.data.from_items([{"path": str(p)} for p in resolved])
     predicted = ds.map_batches(
         _SceneActor,
         fn_constructor_kwargs={"payload": payload, "texts": texts, "out": str(Path(out).resolve()), "single": False,
-                               "options": options},
+                               "options": options, "prefixes": image_prefixes(resolved)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(plan.count, len(images))),
         num_gpus=plan.gpus,
@@ -165,29 +188,38 @@ def _predict_with_ray(model, cfg, images: list[Path], *, texts, out, options: Op
     return sorted(predicted.take_all(), key=lambda r: (r["image"], texts.index(r["phrase"])))
 
 
-def write_mask(mask: np.ndarray, target: Path, scene: Scene) -> None:
-    """0/255 mask: a GeoTIFF with the scene's CRS and transform for a georeferenced scene, else
-    an image file (PNG unless `target` says otherwise). Written, then renamed into place."""
+WRITE_ROWS = 512  # rows of a GeoTIFF mask written at once
+
+
+def write_mask(mask: np.ndarray, target: Path, scene: SceneFile) -> None:
+    """0/255 mask: a GeoTIFF with the scene's CRS and transform for a georeferenced scene (written
+    WRITE_ROWS rows at a time), else an image file (PNG unless `target` says otherwise). Written,
+    then renamed into place. `scene`: anything with `georeferenced` and `profile`."""
+    mask = np.asarray(mask, bool)
     with atomic_file(target) as tmp:
         if scene.georeferenced and target.suffix.lower() in GEO_SUFFIXES:
             import rasterio
+            from rasterio.windows import Window
 
             height, width = mask.shape
             with rasterio.open(tmp, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
                                crs=scene.profile["crs"], transform=scene.profile["transform"],
                                compress="deflate") as dst:
-                dst.write(mask.astype(np.uint8) * 255, 1)
+                for top in range(0, height, WRITE_ROWS):
+                    rows = mask[top : top + WRITE_ROWS]
+                    dst.write(rows.view(np.uint8) * np.uint8(255), 1, window=Window(0, top, width, len(rows)))
         else:
-            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format=_pil_format(target))
+            Image.fromarray(mask.view(np.uint8) * np.uint8(255)).save(tmp, format=_pil_format(target))
 
 
-def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> None:
+def write_geojson(mask: np.ndarray, target: Path, scene: SceneFile, phrase: str) -> None:
     """The mask's polygons in the scene's CRS (rasterio.features.shapes), as a FeatureCollection."""
     from rasterio import features
 
+    mask = np.asarray(mask, bool)
     polygons = [
         {"type": "Feature", "geometry": geometry, "properties": {"phrase": phrase}}
-        for geometry, value in features.shapes(mask.astype(np.uint8), mask=mask, transform=scene.profile["transform"])
+        for geometry, value in features.shapes(mask.view(np.uint8), mask=mask, transform=scene.profile["transform"])
         if value == 1
     ]
     collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": scene.profile["crs"].to_string()}},
@@ -195,10 +227,12 @@ def write_geojson(mask: np.ndarray, target: Path, scene: Scene, phrase: str) -> 
     write_text(target, json.dumps(collection))
 
 
-def _to_training_scale(scene: Scene, gsd: float, *, where: Path | str = "") -> tuple[np.ndarray, float]:
-    """The scene resampled so that a pixel covers `gsd` metres (0: as it is), and the factor."""
+def training_scale(scene, gsd: float, *, where: Path | str = "") -> float:
+    """The factor that resamples a scene (anything with `georeferenced` and `profile`) so that a
+    pixel covers `gsd` metres: 1.0 with no gsd, for a scene that is not georeferenced, or within
+    0.1% of 1. `SceneFile.rescale` then reads it at that scale, window by window."""
     if not gsd or not scene.georeferenced:
-        return scene.rgb, 1.0
+        return 1.0
     crs = scene.profile["crs"]
     if not crs.is_projected:  # degrees per pixel are no ground sampling
         raise ConfigError(
@@ -207,11 +241,36 @@ def _to_training_scale(scene: Scene, gsd: float, *, where: Path | str = "") -> t
         )
     metres_per_unit = float(crs.linear_units_factor[1])  # 1 for metres, 0.3048 for feet
     factor = float(scene.profile["res"][0]) * metres_per_unit / gsd
-    if abs(factor - 1.0) < 1e-3:
-        return scene.rgb, 1.0
-    height, width = scene.rgb.shape[:2]
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return np.asarray(Image.fromarray(scene.rgb).resize(size, Image.BILINEAR)), factor
+    return 1.0 if abs(factor - 1.0) < 1e-3 else factor
+
+
+def phrase_names(texts: list[str]) -> dict[str, str]:
+    """Each phrase's part of a mask's file name (the module's docstring); refuses two phrases
+    that would still share one (a SHA-1 prefix collision, or a phrase spelt as another's name)."""
+    names = {text: _phrase_name(text) for text in texts}
+    seen: dict[str, str] = {}
+    for text, name in names.items():
+        if name in seen:
+            raise ConfigError(f"--text: {seen[name]!r} and {text!r} would both be written as {name!r}; "
+                              "reword one (or run them in separate calls)")
+        seen[name] = text
+    return names
+
+
+def image_prefixes(images: list[Path]) -> dict[str, str]:
+    """Each image's part of its masks' file names: its stem, or its whole name where another image
+    of the call has the same stem (compared case-blind: a case-insensitive file system would
+    merge `A.road.png` and `a.road.png`)."""
+    prefix = {str(p): p.stem for p in images}
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for p in images:
+            groups.setdefault(prefix[str(p)].casefold(), []).append(p)
+        clashing = [p for group in groups.values() if len(group) > 1 for p in group if prefix[str(p)] != p.name]
+        if not clashing:
+            return prefix
+        for p in clashing:
+            prefix[str(p)] = p.name
 
 
 def _image_files(path: Path) -> list[Path]:
@@ -227,6 +286,12 @@ def _image_files(path: Path) -> list[Path]:
 
 def _slug(phrase: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", phrase.strip()).strip("-").lower()[:60] or "phrase"
+
+
+def _phrase_name(phrase: str) -> str:
+    """The phrase where it is its own slug, else its slug and 8 hex digits of its SHA-1."""
+    slug = _slug(phrase)
+    return slug if slug == phrase else f"{slug}-{hashlib.sha1(phrase.encode()).hexdigest()[:8]}"
 
 
 def _pil_format(target: Path) -> str:

@@ -24,6 +24,8 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
     """Register the checkpoint folder as a new version of the MLflow model `name`; return the version."""
     import mlflow
 
+    from rsrefseg.serving.mlflow_model import model_signature
+
     if not name.strip():
         raise ConfigError("--name: the registered model needs a name")
     if not cfg.tracking.enabled:
@@ -39,6 +41,7 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
                 name="model",
                 python_model=str(MODEL_FILE),
                 artifacts={"checkpoint": str(ckpt_dir)},
+                signature=model_signature(),  # image: a file's bytes (or an array), text: the phrase
                 registered_model_name=name,
                 pip_requirements=["rsrefseg"],
             )

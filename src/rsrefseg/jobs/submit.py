@@ -22,16 +22,20 @@ The same submission with Ray's own CLI:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.errors import UserError
-from rsrefseg.platform.paths import HOME_ENV
+from rsrefseg.platform.paths import HOME_ENV, redact
 from rsrefseg.platform.recipes import shipped_file
 
 SUBMITTABLE = ("train", "evaluate", "tune", "predict", "prepare", "demo-data")
@@ -41,6 +45,10 @@ EXCLUDES = [".venv", ".git", "runs", "data", "weights", "mlflow.db", "mlartifact
 SUBMITTED_ENV = "RSREFSEG_SUBMITTED"  # set in the job's environment: errors then name the cluster host
 # This package's folder (src/rsrefseg in a checkout, site-packages/rsrefseg when installed).
 PACKAGE = Path(__file__).resolve().parents[1]
+# A URI with a user name or password in it (scheme://user:password@host or scheme://user@host).
+_URI_LOGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
+
+log = logging.getLogger(__name__)
 
 
 def dashboard_address(address: str | None) -> str:
@@ -109,6 +117,12 @@ def entrypoint(job: list[str]) -> str:
     if not job or job[0] not in SUBMITTABLE:
         raise ConfigError(f"submit: name the job after --, one of {', '.join(SUBMITTABLE)} "
                           "(e.g. rsrefseg submit -- train --config configs/demo.yaml)")
+    for arg in job:  # the entrypoint is recorded by the cluster and shown by `rsrefseg jobs list`
+        if _URI_LOGIN.search(arg):
+            raise ConfigError(f"submit: {redact(arg)}: a user name or password in a URI would be recorded with "
+                              "the job; take it out of the URI: MLflow reads MLFLOW_TRACKING_USERNAME and "
+                              "MLFLOW_TRACKING_PASSWORD, and object storage the AWS settings, from the environment "
+                              "of the cluster's nodes")
     return "python -m rsrefseg " + " ".join(shlex.quote(a) for a in job)
 
 
@@ -120,11 +134,30 @@ def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     token, address = auth_token(), dashboard_address(address)
+    if token and not private_channel(address):
+        log.warning(f"sending Ray's auth token to {redact(address)} over plain http, where anyone on the network "
+                    "path can read it and run code on the cluster; reach the dashboard through an SSH tunnel "
+                    "(ssh -L 8265:127.0.0.1:8265 HEAD, then --address http://127.0.0.1:8265) or over https")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
         raise ClusterAuthError(_auth_advice(address, sent=bool(token), ray_says=str(exc))) from None
+
+
+def private_channel(address: str) -> bool:
+    """Whether a token sent to `address` stays private: https, or a loopback address (this
+    machine, or an SSH tunnel's end of it: 127.0.0.0/8, ::1, localhost)."""
+    parts = urlsplit(address)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ClusterAuthError(UserError):
@@ -134,10 +167,10 @@ class ClusterAuthError(UserError):
 def _auth_advice(address: str, *, sent: bool, ray_says: str) -> str:
     first = ray_says.strip().splitlines()[0] if ray_says.strip() else "authentication failed"
     if sent:
-        return (f"{address} refused the Ray token found here ({first}). It is not the cluster's token: "
+        return (f"{redact(address)} refused the Ray token found here ({first}). It is not the cluster's token: "
                 "copy the head's (run `ray get-auth-token` on the head) into ~/.ray/auth_token here, or "
                 "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it")
-    return (f"{address} has Ray token authentication on and no token was found here ({first}). "
+    return (f"{redact(address)} has Ray token authentication on and no token was found here ({first}). "
             "Run `ray get-auth-token` on the head and put what it prints into ~/.ray/auth_token here "
             "(or set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it); then run this again")
 

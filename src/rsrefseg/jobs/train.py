@@ -149,20 +149,24 @@ def run_train(
                                 **saved.finished)
     name = name or runs.new_run_name(cfg)
     run_dir = runs.storage_root(cfg) / name  # a resumed run: its saved storage (absolute)
-    manifest = preflight(cfg)
-    session.start_ray(cfg, ingest=True)
-    inputs = session.Inputs(manifest, cfg.data.path, {"train": cfg.data.train_split, "validation": cfg.data.val_split})
-    with session.open_run(cfg, job="train", run_name=run_name or name.replace("/", "-"),
-                          run_id=saved.mlflow_run_id if saved else None, parent_run_id=parent_run_id,
-                          config_file=config_file, inputs=inputs,
-                          tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), **(tags or {})}) as run:
-        runs.create_run(run_dir, cfg, run.run_id)
-        say(f"run {name}: {run_dir}")
-        if run.run_id:
-            say(f"MLflow run {run.run_id} at {tracking.display_uri(cfg.tracking.uri)}")
-        outcome = fit(cfg, name=name, run_dir=run_dir, run=run, manifest=manifest, callbacks=callbacks)
-    # Last, once the MLflow run is FINISHED: a run folder marked finished is never trained again.
-    runs.finish_run(run_dir, cfg, run.run_id, best_metrics=outcome.best_metrics, history=outcome.history)
+    # A resume writes an existing folder: one process at a time. (A Tune trial's folder is its
+    # sweep's, which the sweep's driver holds; a new run's name is its own.)
+    with runs.lock(run_dir, f"run {name}") if resume else contextlib.nullcontext():
+        manifest = preflight(cfg)
+        session.start_ray(cfg, ingest=True)
+        inputs = session.Inputs(manifest, cfg.data.path,
+                                {"train": cfg.data.train_split, "validation": cfg.data.val_split})
+        with session.open_run(cfg, job="train", run_name=run_name or name.replace("/", "-"),
+                              run_id=saved.mlflow_run_id if saved else None, parent_run_id=parent_run_id,
+                              config_file=config_file, inputs=inputs,
+                              tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), **(tags or {})}) as run:
+            runs.create_run(run_dir, cfg, run.run_id)
+            say(f"run {name}: {run_dir}")
+            if run.run_id:
+                say(f"MLflow run {run.run_id} at {tracking.display_uri(cfg.tracking.uri)}")
+            outcome = fit(cfg, name=name, run_dir=run_dir, run=run, manifest=manifest, callbacks=callbacks)
+        # Last, once the MLflow run is FINISHED: a run folder marked finished is never trained again.
+        runs.finish_run(run_dir, cfg, run.run_id, best_metrics=outcome.best_metrics, history=outcome.history)
     if cfg.train.register_as:
         from rsrefseg.jobs.register import register_checkpoint
 

@@ -20,7 +20,7 @@ from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
 from rsrefseg.platform import console
 from rsrefseg.platform.console import say
-from rsrefseg.platform.errors import TrainingInterrupted
+from rsrefseg.platform.errors import ConfigError, TrainingInterrupted
 from rsrefseg.training import sweep as sweeps
 
 DEFAULT_SWEEP = "ablation"  # the shipped configs/sweeps/ablation.yaml (platform/recipes.py)
@@ -133,29 +133,33 @@ def run_tune(
     session.probe_run_store(root, resume)
     plan = _resumed_sweep(root, resume) if resume else _new_sweep(cfg, root, sweep_file or DEFAULT_SWEEP)
     cfg = plan.cfg
-    preflight(cfg)  # the shared dataset and model files, before any Ray resource
-    # Trials at once: as many as leave Ray Data its CPUs (fewer than asked, with a note).
-    trial = trial_config(cfg, {})
-    cpus = session.start_ray(trial, ingest=True)
-    concurrency = concurrent_trials(trial, cpus, driver_cpu=TRIAL_DRIVER_CPU, where="the Ray cluster")
-    with session.open_run(cfg, job="tune", run_name=plan.name, run_id=plan.parent_run_id, create=not resume,
-                          config_file=config_file, tags={"rsrefseg.sweep": plan.sweep.source}) as run:
-        if not resume:
-            if run.client is not None:
-                run.client.log_artifact(run.run_id, plan.sweep.source, artifact_path="config")
-            runs.create_sweep(plan.sweep_dir, cfg, plan.sweep.source, run.run_id)
-        settings = plan.sweep.trials()
-        say(f"sweep {plan.name}: {len(settings)} trials ({plan.sweep.mode}) -> {plan.sweep_dir}")
-        tuner = _tuner(plan, root, run.run_id, settings, concurrency, resume=bool(resume))
-        with signals.sigterm_as_sigint(), _without_tuner_restore_hint():
-            grid = tuner.fit()
-        rows = _finish_sweep(plan, grid, settings, run)
+    with runs.lock(plan.sweep_dir, f"sweep {plan.name}"):  # one driver per sweep folder (its trials too)
+        preflight(cfg)  # the shared dataset and model files, before any Ray resource
+        # Trials at once: as many as leave Ray Data its CPUs (fewer than asked, with a note).
+        trial = trial_config(cfg, {})
+        cpus = session.start_ray(trial, ingest=True)
+        concurrency = concurrent_trials(trial, cpus, driver_cpu=TRIAL_DRIVER_CPU, where="the Ray cluster")
+        with session.open_run(cfg, job="tune", run_name=plan.name, run_id=plan.parent_run_id, create=not resume,
+                              config_file=config_file, tags={"rsrefseg.sweep": plan.sweep.source}) as run:
+            if not resume:
+                if run.client is not None:
+                    run.client.log_artifact(run.run_id, plan.sweep.source, artifact_path="config")
+                runs.create_sweep(plan.sweep_dir, cfg, plan.sweep.source, run.run_id)
+            settings = plan.sweep.trials()
+            say(f"sweep {plan.name}: {len(settings)} trials ({plan.sweep.mode}) -> {plan.sweep_dir}")
+            tuner = _tuner(plan, root, run.run_id, settings, concurrency, resume=bool(resume))
+            with signals.sigterm_as_sigint(), _without_tuner_restore_hint():
+                grid = tuner.fit()
+            rows = _finish_sweep(plan, grid, settings, run)
     return rows
 
 
 def _new_sweep(cfg: Config, root: storage.Location, sweep_file: str) -> SweepPlan:
     sweep = sweeps.load_sweep(sweep_file, cfg)
     name = runs.new_sweep_name(cfg, sweep_file)
+    if (root / name / runs.SWEEP_INFO).is_file():  # a fixed tune.name: never over another sweep's records
+        raise ConfigError(f"tune.name: a sweep named {name} already exists in {root / name}; continue it with "
+                          f"`rsrefseg tune --resume {root / name}`, or give this one another tune.name")
     return SweepPlan(cfg, sweep, name, root / name)
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter
 from pydantic import ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic.dataclasses import dataclass
 
 from rsrefseg.platform.errors import ConfigError
@@ -44,7 +45,37 @@ def _minus_one_or_more(value: float) -> float:
     return value
 
 
+# A user name or password in a URI would be recorded wherever the config is (MLflow params, run
+# folders, checkpoints, registered models, Tune's trials, a submitted job's command line): refused
+# here, before anything is recorded, with where the login goes instead. The message never shows
+# the value (`_config_error` shows no input for this error).
+CREDENTIALS_IN_URI = "credentials_in_uri"
+MLFLOW_LOGIN = ("MLflow reads the login from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) in the environment of the machine that runs the job")
+STORAGE_LOGIN = ("object storage credentials come from the standard AWS settings (AWS_ACCESS_KEY_ID/"
+                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's instance role)")
+RAY_LOGIN = "Ray reads its auth token from RAY_AUTH_TOKEN or ~/.ray/auth_token"
+
+
+def _no_credentials(login: str):
+    """A validator of a URI-valued key: no `user:password@` (or `user@`) in it."""
+    def check(value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if "://" in value and "@" in urlsplit(value).netloc:
+            raise PydanticCustomError(
+                CREDENTIALS_IN_URI,
+                "has a user name or password in it (user:password@), which would be recorded with the run; "
+                "take it out of the URI: " + login)
+        return value
+
+    return AfterValidator(check)
+
+
 Int = StrictInt
+TrackingUri = Annotated[str, _no_credentials(MLFLOW_LOGIN)]
+StorageUri = Annotated[str, _no_credentials(STORAGE_LOGIN)]
+ArtifactUri = Annotated[str, _no_credentials(f"{STORAGE_LOGIN}; for an MLflow server, {MLFLOW_LOGIN}")]
 Bool = StrictBool
 Number = Annotated[float, BeforeValidator(_not_a_bool)]
 Rank = Annotated[Int, Field(ge=1, description="use *_layers=zero to turn LoRA off")]
@@ -106,9 +137,9 @@ class PrompterConfig:
 class ModelConfig:
     preset: Literal["tiny", "rsrefseg-b", "rsrefseg-l"] = "tiny"
     # Local Hugging Face directory of SigLIP (e.g. google/siglip-so400m-patch14-384), real presets.
-    siglip_path: Optional[str] = None
+    siglip_path: Optional[StorageUri] = None
     # Official segment-anything checkpoint (sam_vit_b_01ec64.pth / sam_vit_l_0b3195.pth), real presets.
-    sam_checkpoint: Optional[str] = None
+    sam_checkpoint: Optional[StorageUri] = None
     # Seed of the random initialisation of the `tiny` backbones: a tiny checkpoint holds only the
     # trainable weights, so the frozen random backbone must be rebuilt bit for bit from this seed.
     init_seed: Int = 0
@@ -162,7 +193,8 @@ class ModelConfig:
 @dataclass(config=SECTION)
 class DataConfig:
     # A prepared dataset: the folder `rsrefseg prepare` wrote (manifest.json + Parquet shards).
-    path: Annotated[str, Field(min_length=1, description="the folder `rsrefseg prepare` wrote")] = "data/demo/prepared"
+    path: Annotated[str, Field(min_length=1, description="the folder `rsrefseg prepare` wrote"),
+                    _no_credentials(STORAGE_LOGIN)] = "data/demo/prepared"
     train_split: str = "train"
     val_split: str = "val"
     # Label resolution (masks are compared at this size); 0 = the preset's default.
@@ -238,7 +270,7 @@ class TrainConfig:
     # Performance); a poll is one small call to each worker.
     poll_interval_s: Annotated[Number, Field(gt=0)] = 0.5
     # Where Ray Train keeps run folders and checkpoints; relative paths are under the project.
-    storage_path: str = "runs"
+    storage_path: StorageUri = "runs"
     # Validation figures: how many samples to draw in the per-epoch prediction figure.
     figure_samples: Annotated[Int, Field(ge=0)] = 4
     # Register the best checkpoint as this MLflow model name when the run finishes ("" = don't).
@@ -272,11 +304,11 @@ class TuneConfig:
 @dataclass(config=SECTION)
 class TrackingConfig:
     # Empty = the project-local SQLite store, sqlite:///<project>/mlflow.db.
-    uri: str = ""
+    uri: TrackingUri = ""
     experiment: str = "rsrefseg"
     # Artifact root for new experiments; empty = mlartifacts/ beside a SQLite store (<project>/mlartifacts
     # for the default store), the server's own for an http:// store.
-    artifact_location: str = ""
+    artifact_location: ArtifactUri = ""
     run_name: str = ""
     enabled: Bool = True
     # Seconds between system-metric samples (CPU, memory, disk, network; GPU utilization and
@@ -287,7 +319,7 @@ class TrackingConfig:
 @dataclass(config=SECTION)
 class ClusterConfig:
     # Ray address: empty = start (or join) a local Ray; "auto" or ray://host:10001 for a cluster.
-    address: str = ""
+    address: Annotated[str, _no_credentials(RAY_LOGIN)] = ""
     # Resources of the local Ray when one is started here (0 = Ray's own detection).
     num_cpus: Annotated[Int, Field(ge=0)] = 0
     num_gpus: Annotated[Int, Field(ge=0)] = 0
@@ -536,6 +568,8 @@ _PHRASES = {
 def _config_error(error: dict, source: str) -> ConfigError:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
+    if error["type"] == CREDENTIALS_IN_URI:  # the message, never the value
+        return ConfigError(f"{key}: {error['msg']} ({source})")
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         known = ", ".join(sorted(_fields(loc[:-1])))
         return ConfigError(f"{key}: unknown key ({source}); known keys here: {known}")

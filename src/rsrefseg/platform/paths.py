@@ -49,6 +49,25 @@ def is_uri(value: str) -> bool:
     return "://" in str(value)
 
 
+def redact(value: object) -> str:
+    """A URI as a message may show it: a `user:password@` in it shown as `***@`, and the value
+    of every `?key=value` option as `***` (the keys stay, so the message can say what to move out
+    of the URI). Anything that is not a URI comes back as given. Every message that shows a URI
+    a user typed goes through here: a refused `s3://KEY:SECRET@bucket` must not echo the secret."""
+    text = str(value)
+    if not is_uri(text):
+        return text
+    scheme, rest = text.split("://", 1)
+    rest, hash_, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    if question:
+        query = "&".join(f"{item.partition('=')[0]}=***" if "=" in item else item for item in query.split("&"))
+    return f"{scheme}://{netloc}{slash}{path}{question}{query}{hash_}{'***' if fragment else ''}"
+
+
 SQLITE = "sqlite:///"
 
 

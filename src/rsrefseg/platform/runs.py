@@ -22,22 +22,27 @@ No Ray, no torch: the CLI and light commands import it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from rsrefseg.platform import paths, storage
 from rsrefseg.platform.atomic import write_json, write_text
 from rsrefseg.platform.config import Config
-from rsrefseg.platform.errors import ConfigError
+from rsrefseg.platform.console import say
+from rsrefseg.platform.errors import ConfigError, UserError
 
 RUN_INFO = "rsrefseg_run.json"
 SWEEP_INFO = "rsrefseg_sweep.json"
 SWEEP_FILE_COPY = "sweep.yaml"
 BEST_DIR = "best"
 TRIALS_DIR = "trials"
+LOCK_FILE = ".rsrefseg.lock"  # the process that writes a run or sweep folder (`lock`)
 
 # Inside one reported Ray Train checkpoint.
 DEEPSPEED_DIR = "deepspeed"
@@ -115,7 +120,7 @@ def open_run(root: storage.Location, ref: str) -> SavedRun:
     info = run_dir / RUN_INFO
     if not info.is_file():
         raise ConfigError(
-            f"--resume {ref}: no run folder {run_dir} (expected {info}); "
+            f"--resume {paths.redact(ref)}: no run folder {run_dir} (expected {info}); "
             f"runs under {root}: {', '.join(_known(root, RUN_INFO)) or 'none'}"
         )
     data = json.loads(info.read_text())
@@ -171,7 +176,7 @@ def open_sweep(root: storage.Location, ref: str) -> SavedSweep:
     sweep_dir = named_folder(root, ref, SWEEP_INFO)
     info_path = sweep_dir / SWEEP_INFO
     if not info_path.is_file():
-        raise ConfigError(f"--resume {ref}: {info_path} not found; "
+        raise ConfigError(f"--resume {paths.redact(ref)}: {info_path} not found; "
                           f"sweeps under {root}: {', '.join(_known(root, SWEEP_INFO)) or 'none'}")
     info = json.loads(info_path.read_text())
     copy = storage.location(info.get("sweep_file_copy") or sweep_dir / SWEEP_FILE_COPY)
@@ -197,3 +202,117 @@ def named_folder(root: storage.Location, ref: str, marker: str) -> storage.Locat
         if (path / marker).is_file():
             return path.resolve()
     return root / ref
+
+
+# -- one writer per folder ----------------------------------------------------------------------
+
+
+class FolderInUse(UserError):
+    """Another process writes the run or sweep folder (a second `--resume` of it, or a sweep of
+    the same name)."""
+
+
+@contextlib.contextmanager
+def lock(folder: storage.Location, what: str) -> Iterator[None]:
+    """Hold `folder` (a run's or a sweep's; `what` says which, e.g. "run NAME") for the block, so
+    that one process at a time writes it.
+
+    The lock is the file LOCK_FILE in the folder, holding the holder's host, pid and start time.
+    While the holder lives, a second process is refused with a FolderInUse naming the folder and
+    the holder; a lock whose holder is gone (its pid no longer runs on this host: a killed job) is
+    taken over. A holder on another host cannot be checked from here: the message names the file
+    to delete once that process is known to be gone.
+
+    A local folder's lock file is created with O_EXCL, which the filesystem makes atomic. An
+    object store (a RemotePath) has no atomic create-if-absent through pyarrow, so there the lock
+    is best-effort: the lock object is written, read back and compared, which catches a second
+    writer unless both write within the same instant.
+    """
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = folder / LOCK_FILE
+    if isinstance(folder, storage.RemotePath):
+        created = _acquire_remote(folder, path, mine, what)
+    else:
+        created = _acquire_local(folder, path, mine, what)
+    try:
+        yield
+    finally:
+        _release(path, mine, folder if created else None)
+
+
+def _acquire_local(folder: Path, path: Path, mine: dict, what: str) -> bool:
+    """Create the lock file (O_EXCL), taking over a dead holder's; whether the folder was new."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # again after taking over a dead holder's lock
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            _take_over_or_refuse(folder, path, what)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine))
+        return created
+    raise FolderInUse(_in_use(folder, path, what, _holder(path)))
+
+
+def _acquire_remote(folder: storage.RemotePath, path: storage.RemotePath, mine: dict, what: str) -> bool:
+    """Write the lock object, read it back and compare (best-effort: see `lock`)."""
+    if path.is_file():
+        _take_over_or_refuse(folder, path, what)
+    path.write_text(json.dumps(mine))
+    holder = _holder(path)
+    if holder != mine:
+        raise FolderInUse(_in_use(folder, path, what, holder))
+    return False
+
+
+def _holder(path: storage.Location) -> dict | None:
+    """Who holds a lock (host, pid, since), or None when its file cannot be read as one."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and {"host", "pid"} <= holder.keys() else None
+
+
+def _gone(holder: dict) -> bool:
+    """Whether a lock's holder has ended: only a process of this host can be checked."""
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # alive under another user, or not a pid
+        return False
+    return False
+
+
+def _take_over_or_refuse(folder: storage.Location, path: storage.Location, what: str) -> None:
+    """Remove a lock whose holder is gone; refuse (FolderInUse) one whose holder may still run."""
+    holder = _holder(path)
+    if holder is None or not _gone(holder):
+        raise FolderInUse(_in_use(folder, path, what, holder))
+    say(f"{what}: taking over the lock of process {holder['pid']} on {holder['host']}, which has ended")
+    if _holder(path) == holder:  # not one that another process took over meanwhile
+        path.unlink(missing_ok=True)
+
+
+def _in_use(folder: storage.Location, path: storage.Location, what: str, holder: dict | None) -> str:
+    if holder is None:
+        return (f"{what}: {folder} is in use: its lock {path} names no holder (being written, or left "
+                "unfinished); delete it if no other rsrefseg job writes that folder")
+    return (f"{what}: {folder} is in use by process {holder['pid']} on host {holder['host']} (since "
+            f"{holder.get('since', '?')}): wait for that job to end, or stop it. If it is gone, delete {path}")
+
+
+def _release(path: storage.Location, mine: dict, new_folder: Path | None) -> None:
+    """Remove our lock (never another's), and a folder the block created and left empty."""
+    try:
+        if _holder(path) == mine:
+            path.unlink(missing_ok=True)
+        if new_folder is not None and not any(new_folder.iterdir()):
+            new_folder.rmdir()
+    except OSError:
+        pass  # a lock left behind is taken over by the next job of this host

@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 
 from rsrefseg.platform import atomic
 from rsrefseg.platform.errors import ConfigError
-from rsrefseg.platform.paths import is_uri
+from rsrefseg.platform.paths import is_uri, redact
 
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
@@ -75,8 +75,8 @@ def forwarded_environment(environ=os.environ) -> dict[str, str]:
 def _split(uri: str, key: str = "") -> tuple[str, str]:
     """(scheme, bucket/key) of a URI, refusing what would put secrets or options in a URI."""
     parsed = urlparse(uri)
-    where = f"{key}: {uri}" if key else uri
-    if parsed.query or parsed.username or parsed.password:
+    where = f"{key}: {redact(uri)}" if key else redact(uri)
+    if parsed.query or "@" in parsed.netloc:
         raise StorageError(
             f"{where}: give S3 options and credentials through the standard AWS variables (AWS_ENDPOINT_URL, "
             "AWS_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), not in the URI: a URI is "
@@ -306,9 +306,9 @@ def describe(exc: BaseException, uri: str) -> str:
     text = str(exc).strip()
     match = _AWS_ERROR.search(text)
     code, said = (match.group(1), match.group(2).split(" (Request ID")[0].strip()) if match else ("", text)
-    bucket = urlparse(uri).netloc
+    bucket = urlparse(uri).netloc.rsplit("@", 1)[-1]
     advice = ADVICE.get(code, "").format(bucket=bucket)
-    where = endpoint_url() or "AWS"
+    where = redact(endpoint_url()) or "AWS"
     return f"S3 at {where} answered {code or type(exc).__name__}: {said}" + (f"; {advice}" if advice else "")
 
 
@@ -325,8 +325,9 @@ def has_credentials() -> bool:
 def require_credentials(key: str, uri: str) -> None:
     if urlparse(uri).scheme in ("s3", "s3a") and not has_credentials():
         raise StorageError(
-            f"{key}: {uri}: no AWS credentials found on this machine (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE with ~/.aws/credentials, or an instance role); every node of the cluster needs them too"
+            f"{key}: {redact(uri)}: no AWS credentials found on this machine (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE with ~/.aws/credentials, or an instance role); every node of the "
+            "cluster needs them too"
         )
 
 
@@ -355,7 +356,7 @@ def check_writable(key: str, uri: str) -> None:
     except StorageError:
         raise
     except OSError as exc:
-        raise StorageError(f"{key}: cannot write under {uri}: {describe(exc, uri)}") from None
+        raise StorageError(f"{key}: cannot write under {redact(uri)}: {describe(exc, uri)}") from None
 
 
 def missing_bucket(where: RemotePath) -> str:
@@ -364,7 +365,7 @@ def missing_bucket(where: RemotePath) -> str:
     if where.bucket.exists():
         return ""
     advice = ADVICE["NO_SUCH_BUCKET"].format(bucket=where.bucket.name)
-    return f"S3 at {endpoint_url() or 'AWS'} answered NO_SUCH_BUCKET: {advice}"
+    return f"S3 at {redact(endpoint_url()) or 'AWS'} answered NO_SUCH_BUCKET: {advice}"
 
 
 def check_readable(key: str, uri: str, name: str) -> None:
@@ -381,4 +382,4 @@ def check_readable(key: str, uri: str, name: str) -> None:
             raise StorageError(f"{key}: {where}: {answer}") from None
         return  # the caller says what was expected there
     except OSError as exc:
-        raise StorageError(f"{key}: cannot read {uri}/{name}: {describe(exc, uri)}") from None
+        raise StorageError(f"{key}: cannot read {redact(f'{uri}/{name}')}: {describe(exc, uri)}") from None
