@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -304,16 +305,53 @@ def codec_costs(rows: list[dict]) -> list[tuple[str, float, float]]:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000], help="dataset sizes (samples)")
     parser.add_argument("--preset", default="tiny", choices=sorted(FALLBACK_SIZES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (Ray gets as many CPUs)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to build the datasets (default: a temp dir, removed)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    sizes, tokenizer, tokenizer_name = sizes_and_tokenizer(args.preset)
+
+@dataclass
+class Measurements:
+    results: dict  # per size: {"torch": run_dataloader(...), "ray": run_ray(...)}
+    idle_ray: int  # process-tree PSS with Ray started and idle, bytes
+    device: str  # where device_side_ms ran
+    device_ms: float
+    codecs: list[tuple[str, float, float]]
+
+
+def time_dataloader(datasets: dict[int, Path], sizes, tokenizer, args: argparse.Namespace) -> dict:
+    """One DataLoader epoch per size, before any Ray process exists."""
+    results = {}
+    for n, path in datasets.items():
+        results[n] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers)}
+        print(f"DataLoader n={n}: {results[n]['torch']['rate']:.0f} samples/s", file=sys.stderr)
+    return results
+
+
+def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: argparse.Namespace) -> tuple[int, str, float]:
+    """Starts Ray, then one Ray Data epoch per size (into `results`) and the device-side cost;
+    returns (Ray's idle process-tree memory, device, ms a sample on it)."""
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    idle_ray = PeakMemory.now()
+    for n, path in datasets.items():
+        results[n]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
+        print(f"Ray Data n={n}: {results[n]['ray']['rate']:.0f} samples/s", file=sys.stderr)
+    device, device_ms = device_side_ms(datasets[args.sizes[0]], sizes, tokenizer, args.batch_size)
+    ray.shutdown()
+    return idle_ray, device, device_ms
+
+
+def measure_all(args: argparse.Namespace, sizes, tokenizer) -> Measurements:
+    """Builds the datasets (in --work-dir, or a temp dir removed afterwards) and takes every figure."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="rsrefseg-ingest-"))
     try:
         t0 = time.perf_counter()
@@ -321,36 +359,28 @@ def main(argv=None) -> None:
         datasets = build_datasets(work, args.sizes, rows)
         print(f"built datasets {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
         codecs = codec_costs(rows)
-
-        results = {}
-        for n, path in datasets.items():  # DataLoader first, before any Ray process exists
-            results[n] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers)}
-            print(f"DataLoader n={n}: {results[n]['torch']['rate']:.0f} samples/s", file=sys.stderr)
-
-        import ray
-        import ray.data
-
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        idle_ray = PeakMemory.now()
-        for n, path in datasets.items():
-            results[n]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
-            print(f"Ray Data n={n}: {results[n]['ray']['rate']:.0f} samples/s", file=sys.stderr)
-        device, device_ms = device_side_ms(datasets[args.sizes[0]], sizes, tokenizer, args.batch_size)
-        ray.shutdown()
+        results = time_dataloader(datasets, sizes, tokenizer, args)
+        idle_ray, device, device_ms = time_ray(datasets, results, sizes, tokenizer, args)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    return Measurements(results, idle_ray, device, device_ms, codecs)
 
-    mib = lambda b: f"{b / 2**20:,.0f}"
+
+def mib(b) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measurements) -> None:
+    """The run's setting and one row per dataset size."""
     print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, "
           f"label {sizes.label}, {sizes.max_text_len} tokens; sources 512 x 512)\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader "
-          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(idle_ray)} MiB\n")
+          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB\n")
     print("| samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | Ray / DataLoader | MiB/sample through the store "
           "| DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, r in results.items():
+    for n, r in m.results.items():
         t, y = r["torch"], r["ray"]
         assert t["seen"] == y["seen"] == n, (t["seen"], y["seen"], n)
         print(f"| {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {y['rate'] / t['rate']:.2f} "
@@ -359,17 +389,30 @@ def main(argv=None) -> None:
         "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
         " or driver + every Ray process, object store included); object store: Ray's plasma usage."
     )
-    last = results[args.sizes[-1]]
+
+
+def print_details(args: argparse.Namespace, m: Measurements) -> None:
+    """The memory series of the largest size, the device-side cost, the storage formats and the
+    summary line."""
+    last = m.results[args.sizes[-1]]
     print(f"\nRay Data process-tree memory (PSS, MiB) during the {args.sizes[-1]:,}-sample epoch, by samples delivered: "
-          + ", ".join(f"{n:,}: {mib(m)}" for n, m in last["ray"]["series"]))
-    print(f"\nOn the consumer's device ({device}): resizing to the model's inputs and unpacking the mask, "
-          f"{device_ms:.2f} ms a sample (models.device_inputs.model_batch, flips included).")
+          + ", ".join(f"{n:,}: {mib(b)}" for n, b in last["ray"]["series"]))
+    print(f"\nOn the consumer's device ({m.device}): resizing to the model's inputs and unpacking the mask, "
+          f"{m.device_ms:.2f} ms a sample (models.device_inputs.model_batch, flips included).")
     print("\n| storage of a 512 x 512 image | KiB on disk | ms to decode (1 thread) |\n|---|---:|---:|")
-    for name, kib, ms in codecs:
+    for name, kib, ms in m.codecs:
         print(f"| {name} | {kib:,.0f} | {ms:.2f} |")
     print(f"\ningest: {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes; "
           f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
           f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    sizes, tokenizer, tokenizer_name = sizes_and_tokenizer(args.preset)
+    measurements = measure_all(args, sizes, tokenizer)
+    print_table(args, sizes, tokenizer_name, measurements)
+    print_details(args, measurements)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import os
 import platform
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -242,7 +243,7 @@ def table_line(r: dict) -> str:
             f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% |{ratio}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "rsrefseg-b", "rsrefseg-l"])
     parser.add_argument("--batch", type=int, default=8, help="per-step batch; 0 = largest that fits (GPU)")
@@ -258,79 +259,110 @@ def main() -> None:
                         help="skip the eager-fp32 row (ratios are then to the first DeepSpeed row)")
     parser.add_argument("--profile", metavar="DIR", help="profile the fastest DeepSpeed row; trace into DIR")
     parser.add_argument("--json", metavar="FILE", help="write the rows and the run's facts as JSON")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def row_configs(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
+    """Every DeepSpeed row's overrides (--set, then one per --variant), checked before any work
+    (building models, counting FLOPs)."""
     if args.batch == 0 and device.type != "cuda":
         raise SystemExit("--batch 0 searches GPU memory; give a batch on CPU")
-    # Every row's config, checked before any work (building models, counting FLOPs).
     configs = [[*args.overrides, *(v for v in variant.split(",") if v)] for variant in ["", *args.variants]]
     try:
         for overrides in configs:
             engine_train_config(model_config(args.preset, args.lora_rank, overrides), device, max(args.batch, 1))
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
-    torch.manual_seed(0)
-    init_process_group(device)
-    peak, peak_dtype = matmul_tflops(device)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    eager_cfg = model_config(args.preset, args.lora_rank, EAGER)
+    return configs
 
-    def build_eager():
-        model, step = eager_path(eager_cfg, device)
+
+@dataclass
+class Bench:
+    """What every row is measured with: the run's flags, the device, the model FLOPs per sample
+    and the device's measured matmul rate."""
+
+    args: argparse.Namespace
+    device: torch.device
+    flops: float
+    peak: float
+
+
+def eager_builder(cfg: Config, device: torch.device):
+    """Builds the eager-fp32 row: its step and a maker of device batches of a given size."""
+
+    def build():
+        model, step = eager_path(cfg, device)
         return step, lambda b: to(make_batch(model, b), device)
 
-    def ds_builder(overrides: list[str]):
-        cfg = model_config(args.preset, args.lora_rank, overrides=overrides)
+    return build
 
-        def build():
-            engine, step, _ = deepspeed_path(cfg, device, max(args.batch, 1))
-            return step, lambda b: to(make_batch(engine.module, b), device)
 
-        return build
+def deepspeed_builder(bench: Bench, overrides: list[str]):
+    """Builds one DeepSpeed row: its step and a maker of device batches of a given size."""
+    args, device = bench.args, bench.device
+    cfg = model_config(args.preset, args.lora_rank, overrides=overrides)
 
-    # The plain eager model counts the FLOPs: the optimizations change how, not what, is computed.
+    def build():
+        engine, step, _ = deepspeed_path(cfg, device, max(args.batch, 1))
+        return step, lambda b: to(make_batch(engine.module, b), device)
+
+    return build
+
+
+def model_flops(eager_cfg: Config, device: torch.device, batch: int) -> float:
+    """FLOPs per sample, counted on the plain eager model: the optimizations change how, not
+    what, is computed."""
     model, _ = eager_path(eager_cfg, device)
-    flops = count_flops(model, to(make_batch(model, min(args.batch or 2, 2)), device))
+    flops = count_flops(model, to(make_batch(model, min(batch or 2, 2)), device))
     del model
     free_cuda()
+    return flops
 
-    preset = get_preset(args.preset)
-    facts = {
+
+def run_facts(args: argparse.Namespace, device: torch.device, peak: float, peak_dtype: str, flops: float) -> dict:
+    return {
         "preset": args.preset, "lora_rank": args.lora_rank, "device": device_name(device),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "matmul_tflops": peak, "matmul_dtype": peak_dtype, "gflop_per_sample": flops / 1e9,
     }
-    print(f"{facts['device']}: matmul {peak:.1f} TFLOP/s ({peak_dtype}); {flops / 1e9:.1f} GFLOP/sample; "
-          "rows as they finish (path | batch | samples/s | ms/step | GiB | TFLOP/s | MFU):", flush=True)
+
+
+def run_row(bench: Bench, name: str, build, search: bool, found: list[int]) -> dict:
+    """Builds one row, finds its batch (searched, or the largest `found` so far), measures it and
+    prints its line as it finishes."""
+    args, device = bench.args, bench.device
+    t0 = time.perf_counter()
+    step, inputs_for = build()
+    batch = args.batch
+    if not batch and search:
+        batch, broken = largest_batch(step, inputs_for, device)
+        if broken:  # the OOM may have left the engine's buckets half-filled
+            step = inputs_for = None
+            free_cuda()
+            step, inputs_for = build()
+    elif not batch:
+        batch = max(found)
+    result = measure(name, step, inputs_for(batch), device, args, bench.flops, bench.peak)
+    result["wall_s"] = time.perf_counter() - t0
+    print(f"{table_line(result)}  ({result['wall_s']:.0f} s with build and search)", flush=True)
+    step = inputs_for = None
+    free_cuda()
+    return result
+
+
+def run_rows(bench: Bench, configs: list[list[str]], precision: str, eager_cfg: Config):
+    """Every row (eager-fp32 unless --no-eager, then the DeepSpeed rows, uncompiled ones first),
+    in the order given, each with its speed-up over the first; and the DeepSpeed rows with
+    their overrides."""
+    args = bench.args
     found: list[int] = []  # batches the search found for DeepSpeed rows, in row order
-
-    def run_row(name: str, build, search: bool) -> dict:
-        t0 = time.perf_counter()
-        step, inputs_for = build()
-        batch = args.batch
-        if not batch and search:
-            batch, broken = largest_batch(step, inputs_for, device)
-            if broken:  # the OOM may have left the engine's buckets half-filled
-                step = inputs_for = None
-                free_cuda()
-                step, inputs_for = build()
-        elif not batch:
-            batch = max(found)
-        result = measure(name, step, inputs_for(batch), device, args, flops, peak)
-        result["wall_s"] = time.perf_counter() - t0
-        print(f"{table_line(result)}  ({result['wall_s']:.0f} s with build and search)", flush=True)
-        step = inputs_for = None
-        free_cuda()
-        return result
-
-    rows = [] if args.no_eager else [run_row("eager-fp32", build_eager, search=True)]
-    gpu = device.type == "cuda"
+    rows = [] if args.no_eager else [run_row(bench, "eager-fp32", eager_builder(eager_cfg, bench.device), True, found)]
+    gpu = bench.device.type == "cuda"
     compiles = [bool(model_config(args.preset, args.lora_rank, o).model.on_device(gpu).compile_backbones) for o in configs]
     measured: dict[int, dict] = {}
     for i in sorted(range(len(configs)), key=lambda i: compiles[i]):  # uncompiled rows first
         search = not compiles[i] or not found
-        measured[i] = run_row(row_name(precision, configs[i]), ds_builder(configs[i]), search=search)
+        measured[i] = run_row(bench, row_name(precision, configs[i]), deepspeed_builder(bench, configs[i]), search, found)
         if not compiles[i]:
             found.append(measured[i]["batch"])
     ds_rows = [(configs[i], measured[i]) for i in range(len(configs))]
@@ -338,26 +370,55 @@ def main() -> None:
     base = rows[0]["samples_per_s"]
     for r in rows:
         r["vs_first"] = r["samples_per_s"] / base
+    return rows, ds_rows
 
+
+def print_report(args: argparse.Namespace, preset, facts: dict, rows: list[dict]) -> None:
+    peak, peak_dtype, gflop = facts["matmul_tflops"], facts["matmul_dtype"], facts["gflop_per_sample"]
     print(f"\n# train step: {args.preset} (SAM {preset.sam.img_size}px, SigLIP {preset.siglip.image_size}px), "
           f"LoRA r={args.lora_rank}")
     print(f"device: {facts['device']}; torch {facts['torch']}; {facts['date']}")
-    print(f"measured matmul rate ({peak_dtype}): {peak:.2f} TFLOP/s; model FLOPs/sample (fwd+bwd): {flops / 1e9:.2f} GFLOP")
+    print(f"measured matmul rate ({peak_dtype}): {peak:.2f} TFLOP/s; model FLOPs/sample (fwd+bwd): {gflop:.2f} GFLOP")
     print("DeepSpeed rows run the train job's defaults for this device plus their overrides\n")
     print(f"| path | batch | samples/s | ms/step | peak GPU mem (GiB) | TFLOP/s | MFU | vs {rows[0]['path']} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(table_line(r), flush=True)
+
+
+def profile_fastest(bench: Bench, ds_rows: list[tuple[list[str], dict]]) -> None:
+    """Runs the fastest DeepSpeed row once more under the profiler; trace into --profile."""
+    from step_profile import profile_step
+
+    overrides, best = max(ds_rows, key=lambda item: item[1]["samples_per_s"])
+    step, inputs_for = deepspeed_builder(bench, overrides)()
+    print(f"\n# profile: {best['path']} at batch {best['batch']}")
+    profile_step(step, inputs_for(best["batch"]), bench.device, Path(bench.args.profile), warmup=bench.args.warmup)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = row_configs(args, device)
+    torch.manual_seed(0)
+    init_process_group(device)
+    peak, peak_dtype = matmul_tflops(device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    eager_cfg = model_config(args.preset, args.lora_rank, EAGER)
+    flops = model_flops(eager_cfg, device, args.batch)
+
+    preset = get_preset(args.preset)
+    facts = run_facts(args, device, peak, peak_dtype, flops)
+    print(f"{facts['device']}: matmul {peak:.1f} TFLOP/s ({peak_dtype}); {flops / 1e9:.1f} GFLOP/sample; "
+          "rows as they finish (path | batch | samples/s | ms/step | GiB | TFLOP/s | MFU):", flush=True)
+    bench = Bench(args, device, flops, peak)
+    rows, ds_rows = run_rows(bench, configs, precision, eager_cfg)
+
+    print_report(args, preset, facts, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({**facts, "rows": rows}, indent=1))
-
     if args.profile:
-        from step_profile import profile_step
-
-        overrides, best = max(ds_rows, key=lambda item: item[1]["samples_per_s"])
-        step, inputs_for = ds_builder(overrides)()
-        print(f"\n# profile: {best['path']} at batch {best['batch']}")
-        profile_step(step, inputs_for(best["batch"]), device, Path(args.profile), warmup=args.warmup)
+        profile_fastest(bench, ds_rows)
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
 

@@ -148,3 +148,16 @@ def test_register_finishes_its_run(tiny_checkpoint, tmp_path):
     assert register.register_checkpoint(_cfg(tmp_path), tiny_checkpoint, f"m-{tmp_path.name}") == 1
     (recorded,) = _runs(tmp_path)
     assert recorded.info.status == "FINISHED" and recorded.data.tags["rsrefseg.job"] == "register"
+
+
+def test_a_trial_that_failed_before_its_run_shows_as_failed_with_its_params(tmp_path):
+    from rsrefseg.jobs import tune
+
+    cfg = _cfg(tmp_path)
+    with session.open_run(cfg, job="tune", run_name="sweep") as parent:
+        tune._record_failed_trial(cfg, "sweep/trials/t1", parent.run_id, RuntimeError("no such preset"),
+                                  run_name="lr=0.1", trial_id="t1")
+    child = next(r for r in _runs(tmp_path) if r.data.tags.get("rsrefseg.trial_id") == "t1")
+    assert child.info.status == "FAILED" and child.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert child.data.tags["rsrefseg.error"] == "no such preset" and child.data.tags["rsrefseg.job"] == "train"
+    assert child.data.params["model.lora.sam_rank"] == str(cfg.model.lora.sam_rank)  # lines up in compare

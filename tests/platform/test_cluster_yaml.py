@@ -1,6 +1,8 @@
 """cluster.yaml is checked against Ray's own cluster-launcher schema, as `ray up` would."""
 
 import copy
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,52 @@ def test_cluster_yaml_passes_ray_schema(config):
 
 def test_no_credentials_and_no_public_dashboard(config):
     text = CLUSTER.read_text()
-    for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "password"):
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA"):
         assert secret.lower() not in text.lower()
+    # A password is only ever named, as a variable of the nodes' environment: never a value.
+    for line in text.splitlines():
+        for value in re.findall(r"(?i)password\s*[=:]\s*(\S*)", line):
+            assert value in ("'...'", '"$MLFLOW_TRACKING_PASSWORD"'), line
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start
     assert "mlflow-server" in start
+
+
+def _mlflow_server(config) -> str:
+    (command,) = [c for c in config["head_start_ray_commands"] if "rsrefseg mlflow-server" in c]
+    return command
+
+
+def test_the_mlflow_server_requires_a_password_and_listens_on_the_private_address_only(config):
+    command = _mlflow_server(config)
+    args = shlex.split(command.split("rsrefseg mlflow-server", 1)[1].split(">", 1)[0])
+    assert "--auth" in args
+    host = args[args.index("--host") + 1]
+    assert host not in ("0.0.0.0", "::", "") and "0.0.0.0" not in command
+    assert "hostname -I" in host  # the head's private address
+    # The admin's credentials come from the environment (the secret every node copies), never the
+    # command line: only variables precede `nohup`.
+    admin = command.split("nohup", 1)[0]
+    assert 'MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME"' in admin
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in admin
+    assert "PASSWORD" not in command.split("nohup", 1)[1]
+
+
+def test_every_node_starts_ray_with_the_mlflow_credentials_jobs_sign_in_with(config):
+    setup = " ".join(config["setup_commands"])
+    assert "secretsmanager get-secret-value" in setup and "umask 077" in setup and "~/.rsrefseg/mlflow.env" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        # Job drivers and train workers inherit Ray's environment: they find the credentials there.
+        assert start.startswith("set -a && . ~/.rsrefseg/mlflow.env && set +a && "), start
+    assert _mlflow_server(config).startswith("set -a && . ~/.rsrefseg/mlflow.env && set +a")
 
 
 def test_jobs_resolve_relative_paths_where_the_nodes_hold_the_project(config):
     (project,) = config["file_mounts"]  # where every node holds the project, its data and weights
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in config[key] if "ray start" in c)
-        assert start.startswith(f"RSREFSEG_HOME={project} ray start"), start  # job drivers inherit it
+        assert f" && RSREFSEG_HOME={project} ray start" in start, start  # job drivers inherit it
     assert any(project in c and "/weights" in c for c in config["setup_commands"])
 
 

@@ -106,7 +106,6 @@ class SceneFile:
             transform = src.transform @ Affine.scale(src.width / width, src.height / height)
             self._reader = self._stack.enter_context(WarpedVRT(
                 bands, crs=src.crs, transform=transform, width=width, height=height, resampling=Resampling.bilinear))
-            self._indexes = list(range(1, len(self._indexes) + 1))
         self.height, self.width = height, width
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:

@@ -101,9 +101,15 @@ def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc:
         return
     if runs.find_run(runs.storage_root(paths.with_tracking_store(cfg)), name):
         return  # run_train created the run and its lifecycle already marked it FAILED
-    run_id = tracking.create_run(cfg, run_name=run_name, parent_run_id=parent_run_id,
-                                 tags={"rsrefseg.job": "train", "rsrefseg.trial_id": trial_id})
-    tracking.end_run(tracking.client(cfg.tracking), run_id, tracking.FAILED, tags={"rsrefseg.error": str(exc)[:4000]})
+    # A run of its own, with the trial's params, ended FAILED by its lifecycle like any other.
+    tags = {"rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]}
+    with contextlib.suppress(_TrialFailed), session.open_run(session.resolve(cfg), job="train", run_name=run_name,
+                                                             parent_run_id=parent_run_id, tags=tags):
+        raise _TrialFailed
+
+
+class _TrialFailed(Exception):
+    """Leaves a failed trial's stand-in run through its lifecycle, which ends it FAILED."""
 
 
 @dataclass

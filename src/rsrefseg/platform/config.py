@@ -51,7 +51,8 @@ def _minus_one_or_more(value: float) -> float:
 # the value (`_config_error` shows no input for this error).
 CREDENTIALS_IN_URI = "credentials_in_uri"
 MLFLOW_LOGIN = ("MLflow reads the login from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
-                "MLFLOW_TRACKING_TOKEN) in the environment of the machine that runs the job")
+                "MLFLOW_TRACKING_TOKEN) in the environment of the machine that runs the job (a database store: "
+                "its driver's own settings, e.g. PGUSER/PGPASSWORD or ~/.pgpass)")
 STORAGE_LOGIN = ("object storage credentials come from the standard AWS settings (AWS_ACCESS_KEY_ID/"
                  "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's instance role)")
 RAY_LOGIN = "Ray reads its auth token from RAY_AUTH_TOKEN or ~/.ray/auth_token"
