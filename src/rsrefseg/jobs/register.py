@@ -24,7 +24,7 @@ def register_checkpoint(cfg: Config, checkpoint: str | Path, name: str, *, sourc
     """Register the checkpoint folder as a new version of the MLflow model `name`; return the version."""
     import mlflow
 
-    from rsrefseg.serving.mlflow_model import model_signature
+    from rsrefseg.inference.signature import model_signature
 
     if not name.strip():
         raise ConfigError("--name: the registered model needs a name")

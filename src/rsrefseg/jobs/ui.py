@@ -165,8 +165,8 @@ def run_mlflow_server(
         say(f"MLflow server listening on {host}:{port}; clients set tracking.uri={client_uri(host, port)} "
             "(or another address of this host: then add it to --allowed-hosts)")
         if auth:
-            say(f"users sign in (users' database: {paths.redact(auth_database_uri)}); clients set MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD in their environment")
+            say(f"users sign in (users' database: {paths.redact(auth_database_uri)}); clients set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in their environment")
         return run_owned(cmd, env=env, name="MLflow server")
 
 

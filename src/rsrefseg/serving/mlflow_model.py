@@ -5,7 +5,7 @@ no pickled model object is ever loaded.
     model = mlflow.pyfunc.load_model("models:/<name>/<version>")
     masks = model.predict(pandas.DataFrame({"image": [Path("scene.tif").read_bytes()], "text": ["building"]}))
 
-Input (the model's signature, `model_signature()`): rows of `image` and `text` (the phrase).
+Input (the model's signature, `inference.signature.model_signature()`): rows of `image` and `text` (the phrase).
 `image` is the bytes of an image file (PNG, JPEG or TIFF/GeoTIFF; base64 in a JSON request to
 `mlflow models serve`, which decodes it by the signature's binary type) or, from Python, an RGB
 uint8 array [H, W, 3]. The model never opens a path: whoever calls a served model must not be
@@ -23,23 +23,12 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from rsrefseg.inference.signature import IMAGE, TEXT
+
 MAX_PIXELS = 100_000_000  # px: an image above this is refused, by its header, before decoding
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 PILLOW_FORMATS = ["PNG", "JPEG"]  # decoded by Pillow; TIFFs go through rasterio, as `rsrefseg predict` reads them
 ACCEPTED = "the bytes of a PNG, JPEG or TIFF file, or an RGB uint8 array [H, W, 3]"
-
-
-def model_signature():
-    """What the logged model takes and returns: `image` binary (a file's bytes; an array passes
-    too, binary columns being Python objects), `text` string; one 2-D bool mask per row."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
-    return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, "image"), ColSpec(DataType.string, "text")]),
-        outputs=Schema([ColSpec(Array(Array(DataType.boolean)), "mask")]),
-    )
 
 
 class RSRefSegModel(mlflow.pyfunc.PythonModel):
@@ -58,8 +47,8 @@ class RSRefSegModel(mlflow.pyfunc.PythonModel):
         from rsrefseg.inference.scenes import segment
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        images = [_rgb(row["image"], i) for i, row in enumerate(rows)]  # every row checked before any runs
-        return [segment(self.model, self.sizes, self.tokenizer, rgb, str(row["text"]),
+        images = [_rgb(row[IMAGE], i) for i, row in enumerate(rows)]  # every row checked before any runs
+        return [segment(self.model, self.sizes, self.tokenizer, rgb, str(row[TEXT]),
                         device=self.device, autocast=self.autocast) for rgb, row in zip(images, rows)]
 
 
@@ -121,6 +110,6 @@ def _decode_tiff(data: bytes, row: int) -> np.ndarray:
 
 
 # Loaded as code by MLflow (under a module name of its own), this file sets the model; imported
-# as a module of the package (for model_signature), it sets nothing.
+# as a module of the package (by the tests), it sets nothing.
 if __name__ != "rsrefseg.serving.mlflow_model":
     mlflow.models.set_model(RSRefSegModel())
