@@ -188,7 +188,10 @@ COMMANDS = (
         arg("--image", required=True, help="an image file or a folder of them"),
         arg("--text", required=True, action="append", help="a phrase; repeat for several"),
         arg("--out", required=True,
-            help="the mask (0/255) for one image and one phrase, else a folder of <image>.<phrase>.png|tif"),
+            help="the mask (0/255) for one image and one phrase, else a folder of <image>.<phrase>.png|tif: "
+                 "<image> is the file's stem (its whole name where two images share a stem), <phrase> the "
+                 "phrase itself where it is lower-case letters, digits and dashes (at most 60), else its slug "
+                 "plus 8 hex digits of its SHA-1, so no two masks of a call share a file"),
         arg("--overlay", help="also write the image with the mask overlaid (one image, one phrase)"),
         arg("--tile", type=int, default=0, help="tile side in px (default: whole image up to 2048 px, else 512)"),
         arg("--overlap", type=float, default=0.25, help="share of a tile that neighbours overlap"),

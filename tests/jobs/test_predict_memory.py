@@ -3,9 +3,10 @@ rows: the scene is read one tile window at a time, the logits are stitched in ro
 GeoTIFF mask is written window by window, and --gsd reads the scene at the training scale.
 
 The whole-scene path this replaces needed, for a 6,000 x 6,000 scene, the scene (108 MB as
-8-bit RGB, more as read from 16-bit bands), two float32 accumulators (288 MB) and the mask
-(36 MB): measured here (2 CPUs, tiny model), 880 MB above the baseline, with or without --gsd;
-the windowed path measured 123 MB (133 MB with --gsd 0.6)."""
+8-bit RGB, twice that as read from 16-bit bands), two float32 accumulators (288 MB) and the mask
+(36 MB). Measured with this test's child (2 CPUs, tiny model, 16-bit RGB+NIR scene): the
+whole-scene path raised the peak RSS by 858 MiB (851 MiB with --gsd 0.6), the windowed path by
+95 MiB (102 MiB with --gsd 0.6). The limit is half of the whole-scene path's 12 bytes a pixel."""
 
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def test_a_36_megapixel_geotiff_is_predicted_in_a_fraction_of_the_whole_scene_me
     whole_scene_path = SIDE * SIDE * (3 + 2 * 4 + 1)  # 8-bit scene, two float32 accumulators, the mask
     for run, peak in peaks.items():
         assert peak < whole_scene_path / 2, (
-            f"{run}: predict raised the peak RSS by {peak / 2**20:.0f} MB; the whole-scene path needs "
-            f"{whole_scene_path / 2**20:.0f} MB, the limit is half of that")
+            f"{run}: predict raised the peak RSS by {peak / 2**20:.0f} MiB; the whole-scene path needs "
+            f"{whole_scene_path / 2**20:.0f} MiB, the limit is half of that")
     for name in ("mask.tif", "mask-gsd.tif"):
         with rasterio.open(tmp_path / name) as mask:
             assert (mask.height, mask.width) == (SIDE, SIDE) and mask.crs.to_epsg() == 32633
