@@ -8,7 +8,6 @@ bad storage fails before anything is decoded, naming the URI and what S3 answere
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rsrefseg.platform import paths, tracking
+from rsrefseg.platform import paths
 from rsrefseg.platform.config import Config
 from rsrefseg.platform.console import say
 

@@ -163,7 +163,7 @@ def run_train(
             runs.create_run(run_dir, cfg, run.run_id)
             say(f"run {name}: {run_dir}")
             if run.run_id:
-                say(f"MLflow run {run.run_id} at {tracking.display_uri(cfg.tracking.uri)}")
+                say(f"MLflow run {run.run_id} at {paths.redact(cfg.tracking.uri)}")
             outcome = fit(cfg, name=name, run_dir=run_dir, run=run, manifest=manifest, callbacks=callbacks)
         # Last, once the MLflow run is FINISHED: a run folder marked finished is never trained again.
         runs.finish_run(run_dir, cfg, run.run_id, best_metrics=outcome.best_metrics, history=outcome.history)

@@ -28,16 +28,6 @@ TRACKED_PACKAGES = (
 )
 
 
-def display_uri(uri: str) -> str:
-    """A store's URI as a message may show it: a `user:password@` in it left out."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 def client(tracking: TrackingConfig):
     """A client of the configured store. Everything here goes through a client bound to its URI,
     never through MLflow's process-global tracking URI or active run, so the same code works in a
