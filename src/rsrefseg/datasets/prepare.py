@@ -169,7 +169,7 @@ def prepare_dataset(
         manifest = _publish_remote(out, write)
     else:
         manifest = _publish_local(out, write)
-    log.info("prepared %s: %s", out, manifest["counts"])
+    log.debug("prepared %s: %s", out, manifest["counts"])  # the job says it to the user
     return manifest
 
 
