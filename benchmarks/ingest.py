@@ -13,11 +13,14 @@ stays flat from the small size to the large one is the point of streaming.
 
     python benchmarks/ingest.py                                   # sizes 1000 4000, preset tiny
     python benchmarks/ingest.py --preset rsrefseg-b --sizes 1000 20000 --workers 2
+    python benchmarks/ingest.py --preset rsrefseg-b --sizes 512 --encodings raw jpeg   # both shard kinds
 
-Datasets are built by repeating 64 prepared synthetic samples (512 x 512, RefSegRS's size) under
-new ids, so building even 20k samples takes a minute (~0.25 GB of disk per 1000 samples). Also
-prints what decoding one sample costs in each storage format (PNG, the previous one; raw pixels
-under LZ4 and under ZSTD) and ends with one summary line.
+Two kinds of shards, side by side in one run (--encodings): "raw", 64 prepared synthetic samples
+(512 x 512, RefSegRS's size, raw pixels) repeated under new ids (~0.25 GB of disk per 1000
+samples); "jpeg", 64 photograph-like 800 x 800 images (RRSIS-D's size) stored as shipped (JPEG,
+quality 90, ~0.2 MB each), which the pipeline decodes on CPU. Also prints what decoding one sample
+costs in each storage format (PNG, the previous one; raw pixels under LZ4 and under ZSTD; JPEG as
+shipped) and ends with one summary line per kind.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 
 from rsrefseg.datasets.pipeline import Preprocessor, iter_batches, preprocess, read_split
 from rsrefseg.datasets.prepare import MANIFEST, ROWS_PER_SHARD, SCHEMA, SCHEMA_VERSION, load_manifest, prepare_dataset
-from rsrefseg.datasets.shard_codec import PIXEL_COMPRESSION, image_array
+from rsrefseg.datasets.shard_codec import PIXEL_COMPRESSION, decode_images, image_array
 from rsrefseg.datasets.synthetic import generate
 from rsrefseg.models.sizes import InputSizes
 
@@ -99,6 +102,33 @@ def base_rows(work: Path) -> list[dict]:
         for shard in shards:
             rows.extend(pq.read_table(work / "base" / shard["path"]).to_pylist())
     return rows
+
+
+def photograph(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Something like an aerial photograph: smooth fields of colour with fine texture on top."""
+    from PIL import Image
+
+    coarse = rng.normal(128, 40, (h // 32 + 2, w // 32 + 2, 3)).clip(0, 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    ys, xs = np.mgrid[0:h, 0:w]
+    stripes = 12 * np.sin(xs / 5.0 + 3 * np.sin(ys / 40.0))[..., None]
+    return (smooth + stripes + rng.normal(0, 6, (h, w, 1))).clip(0, 255).astype(np.uint8)
+
+
+def jpeg_rows(rows: list[dict], side: int = 800) -> list[dict]:
+    """The base rows with photographs of side x side as JPEG files' bytes (quality 90), their
+    masks resized to them (nearest), as prepare stores a JPEG dataset."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for r in rows:
+        buffer = io.BytesIO()
+        Image.fromarray(photograph(rng, side, side)).save(buffer, format="JPEG", quality=90)
+        mask = np.unpackbits(np.frombuffer(r["mask"], np.uint8).reshape(r["height"], -1), axis=1)[:, : r["width"]]
+        mask = np.asarray(Image.fromarray(mask.astype(bool)).resize((side, side), Image.NEAREST))
+        out.append(dict(r, image=buffer.getvalue(), encoding="jpeg", mask=np.packbits(mask, axis=1).tobytes(), height=side, width=side))
+    return out
 
 
 def build_datasets(work: Path, counts: list[int], rows: list[dict]) -> dict[int, Path]:
@@ -247,6 +277,19 @@ def run_ray(path: Path, sizes, tokenizer, batch_size: int) -> dict:
             "bytes_per_sample": nbytes / max(seen, 1), "series": series}
 
 
+def one_core_rate(path: Path, sizes, tokenizer, batch_size: int) -> float:
+    """Samples/s of the read task's work (Parquet read + `Preprocessor`) in this one process, one
+    thread: what one CPU core delivers, without Ray's scheduling or a busy neighbour's share."""
+    files = [path / s["path"] for s in load_manifest(path)["shards"]["train"]]
+    prep, seen = Preprocessor(sizes=sizes, tokenizer=tokenizer), 0
+    start = time.perf_counter()
+    for name in files:
+        table = pq.read_table(name)
+        for offset in range(0, len(table), batch_size):
+            seen += len(prep(table.slice(offset, batch_size))["id"])
+    return seen / (time.perf_counter() - start)
+
+
 def len_of(path: Path) -> int:
     return int(load_manifest(path)["counts"]["train"])
 
@@ -269,6 +312,17 @@ def device_side_ms(path: Path, sizes, tokenizer, batch_size: int) -> tuple[str, 
         torch.cuda.synchronize()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return name, (time.perf_counter() - start) / reps / len(batch["id"]) * 1000
+
+
+def jpeg_cost(rows: list[dict], sizes) -> tuple[str, float, float]:
+    """(storage, KiB per image, ms to decode one at the pipeline's size) for JPEGs as shipped."""
+    rows = list({r["image"]: r for r in rows}.values())
+    start = time.perf_counter()
+    decode_images([r["image"] for r in rows], ["jpeg"] * len(rows), [(r["height"], r["width"], 3) for r in rows],
+                  ["image"] * len(rows), max_side=sizes.sam_image)
+    ms = (time.perf_counter() - start) / len(rows) * 1000
+    return (f"JPEG as shipped ({rows[0]['width']} x {rows[0]['height']}, q90), decoded for SAM {sizes.sam_image}",
+            np.mean([len(r["image"]) for r in rows]) / 1024, ms)
 
 
 def codec_costs(rows: list[dict]) -> list[tuple[str, float, float]]:
@@ -311,13 +365,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", choices=sorted(FALLBACK_SIZES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (Ray gets as many CPUs)")
+    parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"],
+                        help="shard kinds: raw 512 x 512 pixels, JPEG 800 x 800 files as shipped")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to build the datasets (default: a temp dir, removed)")
     return parser.parse_args(argv)
 
 
 @dataclass
 class Measurements:
-    results: dict  # per size: {"torch": run_dataloader(...), "ray": run_ray(...)}
+    results: dict  # per (kind, size): {"torch": run_dataloader(...), "ray": run_ray(...)}
     idle_ray: int  # process-tree PSS with Ray started and idle, bytes
     device: str  # where device_side_ms ran
     device_ms: float
@@ -327,9 +383,10 @@ class Measurements:
 def time_dataloader(datasets: dict[int, Path], sizes, tokenizer, args: argparse.Namespace) -> dict:
     """One DataLoader epoch per size, before any Ray process exists."""
     results = {}
-    for n, path in datasets.items():
-        results[n] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers)}
-        print(f"DataLoader n={n}: {results[n]['torch']['rate']:.0f} samples/s", file=sys.stderr)
+    for key, path in datasets.items():
+        results[key] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers),
+                        "one_core": one_core_rate(path, sizes, tokenizer, args.batch_size)}
+        print(f"DataLoader {key[0]} n={key[1]}: {results[key]['torch']['rate']:.0f} samples/s", file=sys.stderr)
     return results
 
 
@@ -342,10 +399,10 @@ def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: a
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     idle_ray = PeakMemory.now()
-    for n, path in datasets.items():
-        results[n]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
-        print(f"Ray Data n={n}: {results[n]['ray']['rate']:.0f} samples/s", file=sys.stderr)
-    device, device_ms = device_side_ms(datasets[args.sizes[0]], sizes, tokenizer, args.batch_size)
+    for key, path in datasets.items():
+        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
+        print(f"Ray Data {key[0]} n={key[1]}: {results[key]['ray']['rate']:.0f} samples/s", file=sys.stderr)
+    device, device_ms = device_side_ms(next(iter(datasets.values())), sizes, tokenizer, args.batch_size)
     ray.shutdown()
     return idle_ray, device, device_ms
 
@@ -356,9 +413,11 @@ def measure_all(args: argparse.Namespace, sizes, tokenizer) -> Measurements:
     try:
         t0 = time.perf_counter()
         rows = base_rows(work)
-        datasets = build_datasets(work, args.sizes, rows)
-        print(f"built datasets {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
-        codecs = codec_costs(rows)
+        kinds = {"raw": rows, "jpeg": jpeg_rows(rows) if "jpeg" in args.encodings else []}
+        datasets = {(kind, n): path for kind in args.encodings
+                    for n, path in build_datasets(work / kind, args.sizes, kinds[kind]).items()}
+        print(f"built datasets {args.encodings} x {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+        codecs = codec_costs(rows) + ([jpeg_cost(kinds["jpeg"], sizes)] if kinds["jpeg"] else [])
         results = time_dataloader(datasets, sizes, tokenizer, args)
         idle_ray, device, device_ms = time_ray(datasets, results, sizes, tokenizer, args)
     finally:
@@ -374,16 +433,16 @@ def mib(b) -> str:
 def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measurements) -> None:
     """The run's setting and one row per dataset size."""
     print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, "
-          f"label {sizes.label}, {sizes.max_text_len} tokens; sources 512 x 512)\n")
+          f"label {sizes.label}, {sizes.max_text_len} tokens; raw: 512 x 512 pixels, jpeg: 800 x 800 files as shipped)\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader "
           f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB\n")
-    print("| samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | Ray / DataLoader | MiB/sample through the store "
+    print("| shards | samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | 1 core, 1 process | Ray / DataLoader | MiB/sample through the store "
           "| DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, r in m.results.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (kind, n), r in m.results.items():
         t, y = r["torch"], r["ray"]
         assert t["seen"] == y["seen"] == n, (t["seen"], y["seen"], n)
-        print(f"| {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {y['rate'] / t['rate']:.2f} "
+        print(f"| {kind} | {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {r['one_core']:,.0f} | {y['rate'] / t['rate']:.2f} "
               f"| {y['bytes_per_sample'] / 2**20:.2f} | {mib(t['peak'])} | {mib(y['peak'])} | {y['store_peak']:,} |")
     print(
         "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
@@ -394,17 +453,20 @@ def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measure
 def print_details(args: argparse.Namespace, m: Measurements) -> None:
     """The memory series of the largest size, the device-side cost, the storage formats and the
     summary line."""
-    last = m.results[args.sizes[-1]]
-    print(f"\nRay Data process-tree memory (PSS, MiB) during the {args.sizes[-1]:,}-sample epoch, by samples delivered: "
+    last = m.results[(args.encodings[0], args.sizes[-1])]
+    print(f"\nRay Data process-tree memory (PSS, MiB) during the {args.sizes[-1]:,}-sample {args.encodings[0]} epoch, by samples delivered: "
           + ", ".join(f"{n:,}: {mib(b)}" for n, b in last["ray"]["series"]))
     print(f"\nOn the consumer's device ({m.device}): resizing to the model's inputs and unpacking the mask, "
           f"{m.device_ms:.2f} ms a sample (models.device_inputs.model_batch, flips included).")
-    print("\n| storage of a 512 x 512 image | KiB on disk | ms to decode (1 thread) |\n|---|---:|---:|")
+    print("\n| storage of an image (512 x 512 unless said) | KiB on disk | ms to decode (1 thread) |\n|---|---:|---:|")
     for name, kib, ms in m.codecs:
         print(f"| {name} | {kib:,.0f} | {ms:.2f} |")
-    print(f"\ningest: {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes; "
-          f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
-          f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
+    for kind in args.encodings:
+        last = m.results[(kind, args.sizes[-1])]
+        print(f"\ningest ({kind} shards): {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes "
+              f"(Ray Data), {last['one_core']:.0f} on one core in one process; "
+              f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
+              f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
 
 
 def main(argv=None) -> None:

@@ -71,7 +71,7 @@ def _prepare(args) -> None:
     from rsrefseg.jobs.prepare import run_prepare
 
     run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
-                max_pixels=args.max_pixels)
+                max_pixels=args.max_pixels, keep_non_english=args.keep_non_english)
 
 
 def _train(args) -> None:
@@ -157,7 +157,7 @@ COMMANDS = (
         arg("--seed", type=int, default=0),
     ), _demo_data),
     Command("prepare", "validate a dataset and write Parquet shards + manifest", (
-        arg("--format", required=True, choices=["refsegrs", "rrsisd", "fiftyone", "synthetic"]),
+        arg("--format", required=True, choices=["refsegrs", "rrsisd", "fiftyone", "synthetic", "risbench", "nwpu-refer", "remotesam"]),
         arg("--root", required=True, help="the dataset as distributed"),
         arg("--out", required=True, help="where the prepared dataset goes"),
         arg("--skip-invalid", action="store_true", help="skip bad triplets, listing them in the manifest"),
@@ -165,6 +165,9 @@ COMMANDS = (
             help="8-bit mask values >= N are foreground (default 128; 1 = any non-zero pixel)"),
         arg("--max-pixels", type=int, default=100_000_000, metavar="N",
             help="refuse, before decoding, an image or mask of more than N pixels (default 100000000)"),
+        arg("--keep-non-english", action="store_true", default=None,
+            help="risbench, nwpu-refer, remotesam: keep the Chinese or mixed expressions (default: left out; "
+                 "counted in the manifest either way)"),
     ), _prepare),
     Command("train", "train with Ray Train + DeepSpeed ZeRO-2, tracked in MLflow", (
         *CONFIG_ARGS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from PIL import Image
 
 from rsrefseg.datasets.prepare import load_manifest, prepare_dataset
 from rsrefseg.datasets.triplet import DatasetError
@@ -19,7 +21,13 @@ MAKERS = {"refsegrs": make_refsegrs, "rrsisd": make_rrsisd, "fiftyone": make_fif
 
 
 def pixels(row: dict) -> np.ndarray:
-    """A row's image, decoded by the manifest's documented encoding (not by our own reader)."""
+    """A row's image, decoded by the manifest's documented encoding (not by our own reader):
+    a JPEG or PNG file's bytes as shipped, else raw pixels."""
+    if row["encoding"] in ("jpeg", "png"):
+        with Image.open(io.BytesIO(row["image"])) as im:
+            assert im.format.lower() == row["encoding"]
+            return np.asarray(im)
+    assert row["encoding"] == "raw"
     return np.frombuffer(row["image"], np.uint8).reshape(row["height"], row["width"], 3)
 
 
@@ -64,7 +72,7 @@ def test_shards_are_bounded_sorted_by_id_and_indexed(tmp_path):
     assert [s["path"] for s in shards] == [f"{version}/train/part-0000{i}.parquet" for i in range(3)]
     assert [s["rows"] for s in shards] == [5, 5, 2]
     table = pq.read_table([tmp_path / "out" / s["path"] for s in shards][0])
-    assert table.schema.names == ["id", "phrase", "split", "category", "image", "mask", "height", "width", "index"]
+    assert table.schema.names == ["id", "phrase", "split", "category", "image", "mask", "height", "width", "index", "encoding"]
     ids = [r["id"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
     assert ids == [str(i) for i in range(12)]  # natural order: "2" before "10"
     indices = [r["index"] for s in shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]

@@ -5,7 +5,12 @@
     shard_codec.py how the shards store pixels (raw, Parquet-compressed; masks bit-packed)
     categories.py  phrase_category(phrase)   the category rule for phrases without one
     refsegrs.py    read_refsegrs(root)     RefSegRS as distributed (also the synthetic layout)
+    refer.py       read_refer(layout, rules)   the REFER layout (refs pickle, instances.json, RLE/polygon masks)
     rrsisd.py      read_rrsisd(root)       RRSIS-D as downloaded (rrsisd/refs(unc).p, instances.json, images/)
+    nwpu_refer.py  read_nwpu_refer(root)   NWPU-Refer (new_refs(unc).p, new_instances.json, image/image/)
+    remotesam.py   read_remotesam(root)    RemoteSAM-270K (refs(unc).p, instances.json, JPEGImages/)
+    risbench.py    read_risbench(root)     RISBench (img_rgb/, mask/, output_phrase_*.txt)
+    language.py    is_non_english(phrase)  Chinese or mixed expressions, kept or left out, counted
     fiftyone.py    read_fiftyone(root)     a FiftyOne export of RefSegRS, without fiftyone
     synthetic.py   generate(out_dir, size, seed), read_synthetic(root)   the built-in synthetic set
     prepare.py     prepare_dataset(fmt, root, out), load_manifest(path)

@@ -60,3 +60,45 @@ def phrase_category(phrase: str) -> str:
     """The category of the earliest category term in `phrase` (see the module doc), or "other"."""
     match = _PATTERN.search(phrase)
     return TERMS[match.group(1).lower()] if match else OTHER
+
+
+# RISBench (CroBIM) stores no category either: its 26 categories, and the words its phrases use
+# for them, by the same rule (the earliest term; the longer one at the same word).
+RISBENCH_TERMS: dict[str, str] = {
+    **{c: c for c in (
+        "expressway service area", "expressway toll station", "ground track field", "basketball court",
+        "container crane", "roundabout", "windmill", "overpass", "stadium", "bridge", "soccer ball field",
+        "baseball diamond", "train station", "golf field", "airport", "harbor", "dam", "ship", "helipad",
+        "vehicle", "chimney", "airplane", "helicopter", "tennis court", "storage tank", "swimming pool",
+    )},
+    "service area": "expressway service area",
+    "toll station": "expressway toll station",
+    "track field": "ground track field",
+    "soccer field": "soccer ball field",
+    "football field": "soccer ball field",
+    "baseball field": "baseball diamond",
+    "golf course": "golf field",
+    "harbour": "harbor",
+    "wind turbine": "windmill",
+    "car": "vehicle",
+    "plane": "airplane",
+    "crane": "container crane",
+    "tank": "storage tank",
+}
+
+
+def term_categorizer(terms: dict[str, str]):
+    """phrase -> category by the rule of this module over `terms` (term -> category)."""
+    pattern = re.compile(
+        r"\b(" + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)) + r")(?:e?s)?\b", re.IGNORECASE
+    )
+    lowered = {t.lower(): c for t, c in terms.items()}
+
+    def categorize(phrase: str) -> str:
+        match = pattern.search(phrase)
+        return lowered[match.group(1).lower()] if match else OTHER
+
+    return categorize
+
+
+risbench_category = term_categorizer(RISBENCH_TERMS)

@@ -38,7 +38,7 @@ from ray.data.expressions import col
 from rsrefseg.platform import storage
 
 from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
-from .shard_codec import packed_width, pixel_rows
+from .shard_codec import RAW, binary_rows, decode_images, packed_width, pixel_rows
 from .triplet import DatasetError
 
 OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category")
@@ -71,7 +71,8 @@ def read_split(
     shuffle_seed: None = shards in order; else shard order is shuffled anew on every execution.
     buffer_bytes: object-store memory this dataset's execution may hold (blocks read ahead,
         preprocessed blocks not yet consumed); None = Ray Data's default share of the store.
-    Columns: id, phrase, split, category, image and mask (raw pixels, see shard_codec), height, width, index.
+    Columns: id, phrase, split, category, image and mask (see shard_codec), height, width, index,
+    and encoding (how `image` is stored; absent from shards prepared before it: all raw).
     """
     manifest = load_manifest(path)
     counts = manifest.get("counts", {})
@@ -161,8 +162,9 @@ def preprocess(
 ):
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
-        image          uint8 [H, W, 3]  RGB at the image's stored size (shard_codec: no decoding
-                                        work), or at most sizes.sam_image a side (see below)
+        image          uint8 [H, W, 3]  RGB at the image's stored size (raw shards: no decoding
+                                        work; JPEG/PNG shards: decoded here, on CPU, with Pillow),
+                                        or at most sizes.sam_image a side (see below)
         mask           uint8 [H', ceil(W'/8)]  the mask at the image's own size, bits still packed
         height, width  int32            the mask's (= the stored image's) size
         input_ids      int64 [sizes.max_text_len]
@@ -246,7 +248,7 @@ class Preprocessor:
         heights = batch.column("height").to_numpy().astype(np.int32)
         widths = batch.column("width").to_numpy().astype(np.int32)
         sizes = list(zip(heights.tolist(), widths.tolist()))
-        images = pixel_rows(batch.column("image"), [(h, w, 3) for h, w in sizes], [f"image of {i!r}" for i in ids])
+        images = self.images(batch, sizes, ids)
         masks = pixel_rows(batch.column("mask"), [(h, packed_width(w)) for h, w in sizes], [f"mask of {i!r}" for i in ids])
         input_ids, attention_mask = tokenize(self.tokenizer, phrases, self.sizes.max_text_len)
         return {
@@ -261,6 +263,17 @@ class Preprocessor:
             "category": np.array([str(c) for c in batch.column("category").to_pylist()], dtype=object),
         }
 
+    def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> np.ndarray:
+        """The batch's images as uint8 [H, W, 3]: views of the Parquet buffers when raw, decoded
+        (JPEG at reduced size when larger than sizes.sam_image, see shard_codec) when shipped."""
+        shapes, whats = [(h, w, 3) for h, w in sizes], [f"image of {i!r}" for i in ids]
+        names = batch.column_names if hasattr(batch, "column_names") else list(batch)
+        encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else []
+        if all(e == RAW for e in encodings):
+            return pixel_rows(batch.column("image"), shapes, whats)
+        rows = decode_images(binary_rows(batch.column("image")), encodings, shapes, whats, max_side=self.sizes.sam_image)
+        return _stacked(rows)
+
     def shrunk(self, images: np.ndarray) -> np.ndarray:
         """Images larger than the SAM input on a side, resized to it here (bilinear, as the model
         input would be): more pixels than any model input reads need not travel."""
@@ -270,11 +283,16 @@ class Preprocessor:
             return images
         small = [np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR)) if max(image.shape[:2]) > side
                  else image for image in rows]
-        if len({image.shape for image in small}) == 1:
-            return np.stack(small)
-        out = np.empty(len(small), dtype=object)
-        out[:] = small
-        return out
+        return _stacked(small)
+
+
+def _stacked(images: list) -> np.ndarray:
+    """[N, H, W, 3] when the images share a shape, else an object array of them."""
+    if images and len({image.shape for image in images}) == 1:
+        return np.stack(images)
+    out = np.empty(len(images), dtype=object)
+    out[:] = images
+    return out
 
 
 def resize_image(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:

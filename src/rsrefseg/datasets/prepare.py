@@ -15,7 +15,8 @@ samples are left out and listed in the manifest, but a split left empty is still
 sample whose format resizes masks (RRSIS-D) is kept with its mask fitted to the image, and listed
 in the manifest's warnings. Validation decodes every sample, then writing
 decodes it again: more time than one pass, in exchange for never touching the disk when the
-input is bad. Pixels are stored raw under Parquet compression (`shard_codec`).
+input is bad. Images are stored as shipped (a JPEG or PNG file's own bytes) or raw, masks
+bit-packed, under Parquet compression (`shard_codec`).
 
 Publishing is versioned, the same way in a local folder and under an object-store prefix
 (`s3://BUCKET/PREFIX`, which has no rename): each prepare writes a new version under its own
@@ -68,17 +69,24 @@ from rsrefseg.platform import atomic, storage
 
 from .fiftyone import read_fiftyone
 from .imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS
+from .nwpu_refer import read_nwpu_refer
 from .refsegrs import read_refsegrs
+from .remotesam import read_remotesam
+from .risbench import read_risbench
 from .rrsisd import read_rrsisd
-from .shard_codec import ENCODING, PIXEL_COMPRESSION, encode_image, encode_mask
+from .shard_codec import ENCODING, PIXEL_COMPRESSION, RAW, encode_image, encode_mask, shipped_bytes
 from .synthetic import read_synthetic
 from .triplet import DatasetError, Issue, Triplet
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: the category column; 3: raw pixels (shard_codec) instead of PNG
+# 2: the category column; 3: raw pixels (shard_codec) instead of PNG, then the `encoding` column
+# (images as shipped); a schema-3 shard without that column is all raw and reads as before.
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 EXPECTED_SPLITS = ("train", "val", "test")
+# Formats whose test split ships in parts: every part must have samples.
+EXPECTED_SPLITS_OF = {"remotesam": ("train", "val", "testA", "testB")}
 
 # The readers, by the format names of `rsrefseg prepare --format`. "synthetic" is a folder that
 # synthetic.generate() wrote, which is the RefSegRS layout with categories the generator knows.
@@ -87,7 +95,12 @@ READERS: dict[str, Callable[..., Iterator[Triplet]]] = {
     "synthetic": read_synthetic,
     "rrsisd": read_rrsisd,
     "fiftyone": read_fiftyone,
+    "risbench": read_risbench,
+    "nwpu-refer": read_nwpu_refer,
+    "remotesam": read_remotesam,
 }
+# The readers that take `keep_non_english` (keep the Chinese or mixed expressions; counted either way).
+LANGUAGE_OPTION = ("risbench", "nwpu-refer", "remotesam")
 
 SCHEMA = pa.schema(
     [
@@ -95,11 +108,12 @@ SCHEMA = pa.schema(
         pa.field("phrase", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("category", pa.string(), nullable=False),  # what the phrase refers to; "" = unknown
-        pa.field("image", pa.binary(), nullable=False),  # raw RGB pixels (shard_codec)
+        pa.field("image", pa.binary(), nullable=False),  # the file's bytes or raw RGB pixels (shard_codec)
         pa.field("mask", pa.binary(), nullable=False),  # packed bits (shard_codec)
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("index", pa.int32(), nullable=False),  # position in the split (sorted by id)
+        pa.field("encoding", pa.string(), nullable=False),  # how `image` is stored: raw, jpeg, png
     ]
 )
 
@@ -131,17 +145,23 @@ def prepare_dataset(
     workers: Optional[int] = None,
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_non_english: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Validate the dataset at `root` (format `fmt`) and write it to `out`; return the manifest.
 
-    fmt: one of READERS ("refsegrs", "rrsisd", "fiftyone", "synthetic").
+    fmt: one of READERS ("refsegrs", "rrsisd", "fiftyone", "synthetic", "risbench", "nwpu-refer", "remotesam").
     skip_invalid: leave invalid samples out (listed in manifest["skipped"]) instead of raising;
         a split left empty still raises.
     workers: threads decoding and encoding images (default: the CPU count, at most 8).
     mask_threshold: 8-bit mask values at or above it are foreground (README "Mask policy").
     max_pixels: an image or mask whose header declares more pixels is refused before decoding.
+    keep_non_english: keep (True) or leave out (False, the readers' default) the Chinese or mixed
+        expressions of the formats in LANGUAGE_OPTION; their count is in the manifest's warnings.
     """
     _check_arguments(fmt, mask_threshold)
+    options = {} if keep_non_english is None else {"keep_non_english": keep_non_english}
+    if options and fmt not in LANGUAGE_OPTION:
+        raise DatasetError(f"keep_non_english applies to the formats {', '.join(LANGUAGE_OPTION)}, not {fmt!r}")
     root, out = Path(root), storage.location(out)
     if isinstance(out, storage.RemotePath):
         # Before any decoding: a missing bucket or a key that may not write fails in a second.
@@ -151,7 +171,7 @@ def prepare_dataset(
 
     # Every sample is validated before anything is written: bad input never touches the output.
     valid, issues, notes = _validate(
-        fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels
+        fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels, options=options
     )
 
     # Write a new version (in the folder, or straight to the store), then publish it.
@@ -250,20 +270,24 @@ def _check_arguments(fmt: str, mask_threshold: int) -> None:
 
 
 def _validate(
-    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    options: Optional[dict] = None,
 ) -> tuple[list[Triplet], list[Issue], list[Issue]]:
     """The samples to write, the problems found (the skipped samples) and the notes (samples kept
     with a change). Raises one DatasetError listing every problem unless `skip_invalid` may skip
     them all; a split left empty raises regardless."""
     # 1. Metadata: every declared sample, and the problems visible without pixels.
     issues: list[Issue] = []
-    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold, max_pixels=max_pixels))
+    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold, max_pixels=max_pixels, **(options or {})))
+    reader_notes = [i for i in issues if i.kind == "note"]  # kept as they are, said in the warnings
+    issues = [i for i in issues if i.kind != "note"]
     triplets = _drop_bad_ids(triplets, issues)
 
     # 2. Pixels: decode every sample once.
     valid, notes = _check_pixels(triplets, issues, workers)
+    notes = reader_notes + notes
 
-    _check_empty_splits(valid, triplets, issues, root)
+    _check_empty_splits(valid, triplets, issues, root, EXPECTED_SPLITS_OF.get(fmt, EXPECTED_SPLITS))
     if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
         raise DatasetError(_summary(issues, fmt, root, skip_invalid))
     return valid, issues, notes
@@ -344,12 +368,14 @@ def _category_counts(by_split: dict[str, list[Triplet]]) -> dict[str, dict[str, 
     return counts
 
 
-def _check_empty_splits(valid: list[Triplet], declared: list[Triplet], issues: list[Issue], root: Path) -> None:
+def _check_empty_splits(
+    valid: list[Triplet], declared: list[Triplet], issues: list[Issue], root: Path, expected: tuple = EXPECTED_SPLITS
+) -> None:
     """Every expected split must have samples. A reader may already have named the empty split
     (with its file); otherwise say so here."""
     have = {t.split for t in valid}
     already = {i.split for i in issues if i.kind == "split"}
-    for split in EXPECTED_SPLITS:
+    for split in expected:
         if split in have or split in already:
             continue
         if split in {t.split for t in declared}:
@@ -367,7 +393,7 @@ def _summary(issues: list[Issue], fmt: str, root: Path, skip_invalid: bool) -> s
     if len(issues) > MAX_LISTED_ISSUES:
         lines.append(f"  ... and {len(issues) - MAX_LISTED_ISSUES} more")
     skippable = any(issue.kind == "sample" for issue in issues)
-    every_split = f"A prepared dataset needs samples in every split ({', '.join(EXPECTED_SPLITS)})."
+    every_split = f"A prepared dataset needs samples in every split ({', '.join(EXPECTED_SPLITS_OF.get(fmt, EXPECTED_SPLITS))})."
     if not skippable:  # only empty splits in the source: skipping cannot help
         lines.append(every_split)
     elif skip_invalid:
@@ -429,10 +455,15 @@ def _manifest(
     }
 
 
-def _encode(t: Triplet) -> tuple[bytes, bytes, int, int, str]:
+def _encode(t: Triplet) -> tuple[bytes, bytes, int, int, str, str]:
+    """(image bytes, mask bytes, height, width, digest, the image's encoding). The digest hashes
+    the decoded pixels, whichever way they are stored: keeping a JPEG's bytes instead of its raw
+    pixels leaves a dataset's content_hash as it was, and a re-prepare gives the same one."""
     image, mask, _ = load_pair(t)
     digest = "\t".join([t.id, t.phrase, t.split, t.category, _array_digest(image), _array_digest(np.packbits(mask), mask.shape)])
-    return encode_image(image), encode_mask(mask), image.shape[0], image.shape[1], digest
+    shipped = shipped_bytes(t.image_path, image)
+    data, encoding = shipped if shipped is not None else (encode_image(image), RAW)
+    return data, encode_mask(mask), image.shape[0], image.shape[1], digest, encoding
 
 
 def _array_digest(array: np.ndarray, shape: Optional[tuple] = None) -> str:
@@ -477,14 +508,14 @@ def _write_split(
             writer, shard_rows, shard_bytes = None, 0, 0
 
     try:
-        for index, (t, (image, mask, height, width, digest)) in enumerate(zip(items, bounded_map(pool, _encode, items, window))):
+        for index, (t, (image, mask, height, width, digest, encoding)) in enumerate(zip(items, bounded_map(pool, _encode, items, window))):
             if writer is not None and (shard_rows >= rows_per_shard or shard_bytes + len(image) + len(mask) > max_bytes):
                 close_shard()
             if writer is None:
                 path = f"{split}/part-{len(shards):05d}.parquet"
                 writer = _open_shard(target, path)
                 shards.append({"path": path, "rows": 0})
-            rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index))
+            rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index, encoding))
             shard_rows += 1
             shard_bytes += len(image) + len(mask)
             largest = [max(largest[0], height), max(largest[1], width)]
@@ -511,7 +542,7 @@ def _open_shard(target: storage.Location, path: str) -> pq.ParquetWriter:
     # group then stores that image once (synthetic set: 230 instead of 772 KiB a row).
     options = dict(
         compression=PIXEL_COMPRESSION,
-        use_dictionary=["phrase", "split", "category", "image", "mask"],
+        use_dictionary=["phrase", "split", "category", "image", "mask", "encoding"],
         dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
         write_statistics=["id", "split", "height", "width", "index"],
     )
@@ -537,7 +568,7 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int
 
 
 def _split_order(by_split: dict[str, list]) -> list[str]:
-    return list(EXPECTED_SPLITS) + sorted(s for s in by_split if s not in EXPECTED_SPLITS)
+    return [s for s in EXPECTED_SPLITS if s in by_split] + sorted(s for s in by_split if s not in EXPECTED_SPLITS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
-"""How prepared shards store pixels: raw, with Parquet's column compression on top.
+"""How prepared shards store pixels: as shipped (JPEG, PNG) or raw, with Parquet's column
+compression on top.
 
-    image  uint8 RGB, row-major [height, width, 3]: 3 * height * width bytes
+    image     the source file's own bytes when it is an RGB JPEG or PNG ("jpeg", "png": no
+              re-encoding, no quality loss), else uint8 RGB, row-major [height, width, 3]:
+              3 * height * width bytes ("raw": TIFFs, grey or palette files, in-memory sources)
+    encoding  "raw", "jpeg" or "png": how `image` is stored (a shard without this column, as
+              prepared before it existed, is all "raw")
     mask   one bit a pixel, row-major, each row packed most significant bit first into
            ceil(width / 8) bytes (`numpy.packbits(mask, axis=1)`): height * ceil(width / 8) bytes
 
@@ -9,7 +14,10 @@ Each row also has `height` and `width` columns, so a row decodes without anythin
 Why raw (schema 3) and not PNG (schema 2): decoding a 512 x 512 PNG costs 4-10 ms of CPU, more
 than the whole budget of a core that must deliver 150 samples/s to a GPU; a raw image is a
 memory copy, and LZ4 decompresses at gigabytes a second inside the Parquet reader
-(`benchmarks/ingest.py` prints the three side by side). Masks stay packed all the way to the train worker's device
+(`benchmarks/ingest.py` prints the three side by side). JPEG datasets (RRSIS-D) ship files 3-13x
+smaller than their raw pixels, so their shards keep the files' bytes and the read tasks decode
+them (`decode_images`), at reduced size (`Image.draft`, DCT scaling) when the largest model input
+is smaller than the image: the pipeline shrinks such images to that size anyway. Masks stay packed all the way to the train worker's device
 (32 KiB for 512 x 512 instead of 256 KiB) and are unpacked there (`models.device_inputs`).
 """
 
@@ -19,13 +27,17 @@ import numpy as np
 
 from .triplet import DatasetError
 
+RAW = "raw"
+SHIPPED = {"JPEG": "jpeg", "PNG": "png"}  # Pillow's format name -> the `encoding` value
+ENCODINGS = (RAW, *SHIPPED.values())
+
 # Parquet compression of the pixel columns. LZ4 over ZSTD: on the noisy synthetic images ZSTD
 # stores 13 % less but decodes 2x slower, and decoding is what ingest pays every epoch
 # (`benchmarks/ingest.py`). Neither matches PNG's size (about 2/3 of raw there): raw shards are
 # larger on disk, the price of cheap epochs. Repeated images cost nothing (prepare's dictionary).
 PIXEL_COMPRESSION = "lz4"
 ENCODING = {
-    "image": "raw uint8 RGB, row-major [height, width, 3]",
+    "image": "the source file's bytes (encoding jpeg, png) or raw uint8 RGB, row-major [height, width, 3] (encoding raw)",
     "mask": "1 bit a pixel, row-major, rows packed MSB first to ceil(width/8) bytes (numpy.packbits(axis=1))",
 }
 
@@ -34,6 +46,75 @@ def encode_image(image: np.ndarray) -> bytes:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"encode_image takes uint8 [H, W, 3], got {image.dtype} {image.shape}")
     return np.ascontiguousarray(image).tobytes()
+
+
+def shipped_bytes(path: str, image: np.ndarray) -> tuple[bytes, str] | None:
+    """(the file's bytes, its encoding) when the file at `path` is an RGB JPEG or PNG whose
+    decoding is exactly `image` (what validation decoded), else None (the image is stored raw).
+    The comparison decodes the file once more, at prepare: whatever a reader did to the pixels
+    (an orientation, a crop, a grey file made RGB), a shard never decodes to other pixels."""
+    import io
+
+    from PIL import Image
+
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            encoding = SHIPPED.get(im.format or "")
+            if encoding is None or im.mode != "RGB" or im.size != (image.shape[1], image.shape[0]):
+                return None
+            im.load()
+            same = np.array_equal(np.asarray(im), image)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return (data, encoding) if same else None
+
+
+def decode_images(rows: list, encodings: list[str], shapes: list[tuple], whats: list[str], *, max_side: int) -> list:
+    """Each row's image as uint8 [H, W, 3]: raw rows as views of their bytes, shipped rows
+    decoded with Pillow. A JPEG larger than `max_side` on a side decodes at reduced size
+    (`Image.draft`: DCT scaling by 1/2, 1/4 or 1/8, never below `max_side` on either side);
+    the caller shrinks anything larger than `max_side` to it."""
+    out = []
+    for data, encoding, shape, what in zip(rows, encodings, shapes, whats):
+        if encoding == RAW:
+            _check_length(len(data), shape, what)
+            out.append(np.asarray(data).reshape(shape))
+        elif encoding in ENCODINGS:
+            out.append(_decode_shipped(data, shape, what, max_side))
+        else:
+            raise DatasetError(f"{what}: unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)}); "
+                               "the shard was written by another version (run `rsrefseg prepare` again)")
+    return out
+
+
+def _decode_shipped(data, shape: tuple, what: str, max_side: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(memoryview(data))) as im:
+            if (im.height, im.width) != tuple(shape[:2]):
+                raise DatasetError(f"{what}: the file is {im.width}x{im.height} where the shard says "
+                                   f"{shape[1]}x{shape[0]}; the shard is damaged (run `rsrefseg prepare` again)")
+            if im.format == "JPEG" and max(im.size) > max_side:
+                im.draft("RGB", (max_side, max_side))
+            return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    except DatasetError:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise DatasetError(f"{what}: cannot decode ({type(exc).__name__}: {exc}); "
+                           "the shard is damaged (run `rsrefseg prepare` again)") from exc
+
+
+def binary_rows(column) -> list[np.ndarray]:
+    """A binary column of a batch (pyarrow) -> each row's bytes as a uint8 view (no copy)."""
+    offsets, values = _offsets_values(column)
+    return [values[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -58,13 +139,8 @@ def pixel_rows(column, shapes: list[tuple], whats: list[str]) -> np.ndarray:
     a pixel: [N, *shape] when every row has the same shape (the column's values are contiguous,
     so the rows are one block of memory), else an object array of per-row views.
     `whats` name each row in the error when its length does not fit its shape."""
-    import pyarrow as pa
-
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(array)
-    _, offsets, data = array.buffers()
-    offsets = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(array.type) else np.int32)[array.offset : array.offset + n + 1]
-    values = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    offsets, values = _offsets_values(column)
+    n = len(offsets) - 1
     for k in range(n):
         _check_length(int(offsets[k + 1] - offsets[k]), shapes[k], whats[k])
     if n and len(set(shapes)) == 1:
@@ -72,6 +148,17 @@ def pixel_rows(column, shapes: list[tuple], whats: list[str]) -> np.ndarray:
     out = np.empty(n, dtype=object)
     out[:] = [values[offsets[k] : offsets[k + 1]].reshape(shapes[k]) for k in range(n)]
     return out
+
+
+def _offsets_values(column) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(array)
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(array.type) else np.int32)[array.offset : array.offset + n + 1]
+    values = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    return offsets, values
 
 
 def _check_length(length: int, shape: tuple, what: str) -> None:

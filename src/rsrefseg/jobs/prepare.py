@@ -11,9 +11,10 @@ LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest h
 
 def run_prepare(
     fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS, keep_non_english: bool | None = None,
 ) -> dict:
-    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels)
+    manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels,
+                               keep_non_english=keep_non_english)
     for line in summary_lines(manifest, out):
         say(line)
     return manifest

@@ -1,0 +1,163 @@
+"""Images stored as shipped: a JPEG or PNG source keeps its bytes in the shard, decoded by the
+pipeline's CPU tasks; raw stays for raw sources; shards without the `encoding` column still read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rsrefseg.datasets import prepare as prepare_module
+from rsrefseg.datasets.pipeline import Preprocessor
+from rsrefseg.datasets.prepare import prepare_dataset
+from rsrefseg.datasets.shard_codec import decode_images
+from rsrefseg.datasets.triplet import DatasetError
+from rsrefseg.models.sizes import InputSizes
+from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
+
+from .conftest import make_rrsisd, rrsisd_paths
+
+LARGE = InputSizes(sam_image=1024, siglip_image=384, label=512, max_text_len=8)
+
+
+def photograph(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Something like an aerial photograph: smooth fields of colour with fine texture on top."""
+    coarse = rng.normal(128, 40, (h // 32 + 2, w // 32 + 2, 3)).clip(0, 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    ys, xs = np.mgrid[0:h, 0:w]
+    stripes = 12 * np.sin(xs / 5.0 + 3 * np.sin(ys / 40.0))[..., None]
+    texture = rng.normal(0, 6, (h, w, 1))
+    return (smooth + stripes + texture).clip(0, 255).astype(np.uint8)
+
+
+def rrsisd_photographs(root: Path, size: int = 800) -> list[Path]:
+    """make_rrsisd's layout with its JPEGs replaced by photographs at quality 90."""
+    make_rrsisd(root, size=(size, size))
+    _, _, image_dir = rrsisd_paths(root, "download")
+    rng = np.random.default_rng(3)
+    files = sorted(image_dir.glob("*.jpg"))
+    for path in files:
+        Image.fromarray(photograph(rng, size, size)).save(path, quality=90)
+    return files
+
+
+def read_table(out: Path, split: str):
+    manifest = json.loads((out / "manifest.json").read_text())
+    return pq.ParquetFile(out / manifest["shards"][split][0]["path"]).read()
+
+
+def shard_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.rglob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def jpeg_dataset(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("rrsisd_photos")
+    files = rrsisd_photographs(root)
+    out = root / "prepared"
+    prepare_dataset("rrsisd", root, out)
+    return out, files
+
+
+def test_jpeg_shards_are_about_the_size_of_the_files(jpeg_dataset):
+    out, files = jpeg_dataset
+    source = sum(p.stat().st_size for p in files)
+    assert shard_bytes(out) <= 1.2 * source, (shard_bytes(out), source)
+    table = read_table(out, "train")
+    assert set(table.column("encoding").to_pylist()) == {"jpeg"}
+
+
+def test_the_shard_holds_the_files_bytes(jpeg_dataset):
+    out, files = jpeg_dataset
+    by_name = {p.read_bytes() for p in files}
+    table = read_table(out, "train")
+    assert all(data in by_name for data in table.column("image").to_pylist())
+
+
+def test_preprocess_decodes_the_pixels_the_file_holds(jpeg_dataset, tokenizer):
+    out, files = jpeg_dataset
+    table = read_table(out, "train")
+    batch = Preprocessor(sizes=LARGE, tokenizer=tokenizer)(table)
+    names = {f"{int(p.stem)}_0": p for p in files}
+    for image, sample in zip(batch["image"], batch["id"]):
+        with Image.open(names[sample]) as im:
+            assert np.array_equal(image, np.asarray(im.convert("RGB")))
+
+
+def test_a_jpeg_larger_than_the_model_input_decodes_at_reduced_size(jpeg_dataset, tokenizer):
+    out, _ = jpeg_dataset
+    table = read_table(out, "train")
+    small = InputSizes(sam_image=256, siglip_image=128, label=64, max_text_len=8)
+    batch = Preprocessor(sizes=small, tokenizer=tokenizer)(table)
+    assert batch["image"].shape == (len(table), 256, 256, 3)
+    assert batch["mask"].shape == (len(table), 800, 100)  # masks stay at the image's size, packed
+    # The DCT-scaled decode is the draft; the pipeline then shrinks it to the model's input.
+    rows = decode_images(table.column("image").to_pylist(), ["jpeg"] * len(table), [(800, 800, 3)] * len(table),
+                         ["x"] * len(table), max_side=256)
+    assert {r.shape for r in rows} == {(400, 400, 3)}  # 1/2: the largest scale that stays >= 256
+
+
+def test_content_hash_is_of_the_pixels_not_of_the_storage(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    make_rrsisd(root)
+    prepare_dataset("rrsisd", root, tmp_path / "a")
+    again = prepare_dataset("rrsisd", root, tmp_path / "b")
+    monkeypatch.setattr(prepare_module, "shipped_bytes", lambda path, image: None)
+    prepare_dataset("rrsisd", root, tmp_path / "raw")
+    hashes = [json.loads((tmp_path / name / "manifest.json").read_text())["content_hash"] for name in ("a", "b", "raw")]
+    assert hashes[0] == hashes[1] == hashes[2], (hashes, again)
+    assert set(read_table(tmp_path / "raw", "train").column("encoding").to_pylist()) == {"raw"}
+
+
+def test_raw_sources_stay_raw_and_grey_jpegs_are_stored_raw(tmp_path, prepared_synthetic, tokenizer):
+    table = read_table(prepared_synthetic, "train")
+    assert set(table.column("encoding").to_pylist()) == {"raw"}  # in-memory/TIFF sources
+    root = tmp_path / "src"
+    make_rrsisd(root)
+    _, _, image_dir = rrsisd_paths(root, "download")
+    grey = image_dir / "00001.jpg"
+    with Image.open(grey) as im:
+        im.convert("L").save(grey, quality=95)  # the reader makes it RGB: not the file's pixels
+    prepare_dataset("rrsisd", root, tmp_path / "out")
+    table = read_table(tmp_path / "out", "train")
+    encodings = dict(zip(table.column("id").to_pylist(), table.column("encoding").to_pylist()))
+    assert encodings["1_0"] == "raw" and encodings["2_0"] == "jpeg"
+    batch = Preprocessor(sizes=LARGE, tokenizer=tokenizer)(table)  # a batch of both encodings
+    with Image.open(grey) as im:
+        assert np.array_equal(batch["image"][list(batch["id"]).index("1_0")], np.asarray(im.convert("RGB")))
+
+
+def test_shards_without_the_encoding_column_read_as_raw(prepared_synthetic, tokenizer):
+    table = read_table(prepared_synthetic, "train")
+    old = table.drop_columns(["encoding"])
+    small = InputSizes(sam_image=64, siglip_image=32, label=32, max_text_len=8)
+    new_batch = Preprocessor(sizes=small, tokenizer=tokenizer)(table)
+    old_batch = Preprocessor(sizes=small, tokenizer=tokenizer)(old)
+    assert np.array_equal(np.stack(list(new_batch["image"])), np.stack(list(old_batch["image"])))
+
+
+def test_a_damaged_or_unknown_encoding_fails_with_the_fix(jpeg_dataset, tokenizer):
+    out, _ = jpeg_dataset
+    table = read_table(out, "train")
+    unknown = table.set_column(table.schema.get_field_index("encoding"), "encoding",
+                               pc.replace_substring(table.column("encoding"), "jpeg", "webp"))
+    with pytest.raises(DatasetError, match=r"unknown encoding 'webp'.*rsrefseg prepare"):
+        Preprocessor(sizes=LARGE, tokenizer=tokenizer)(unknown)
+    with pytest.raises(DatasetError, match=r"cannot decode.*rsrefseg prepare"):
+        decode_images([b"\xff\xd8 not a jpeg"], ["jpeg"], [(800, 800, 3)], ["image of '1_0'"], max_side=1024)
+    with pytest.raises(DatasetError, match=r"800x800 where the shard says 400x800"):
+        decode_images(table.column("image").to_pylist()[:1], ["jpeg"], [(800, 400, 3)], ["x"], max_side=1024)
+
+
+def test_decode_config_key():
+    assert Config.from_dict({}).data.decode == "cpu"
+    with pytest.raises(ConfigError, match=r"data.decode: gpu .* not implemented yet; use data.decode=cpu"):
+        Config.from_dict({"data": {"decode": "gpu"}})
+    with pytest.raises(ConfigError, match=r"data.decode"):
+        Config.from_dict({"data": {"decode": "tpu"}})
