@@ -2,7 +2,7 @@
 
     triplet.py     Triplet (id, phrase, split, category + lazy image/mask loaders), Issue, DatasetError
     imagefiles.py  image/mask file decoding, the mask policy
-    shard_codec.py how the shards store pixels (raw, Parquet-compressed; masks bit-packed)
+    shard_codec.py how the shards store pixels (JPEG/PNG as shipped, else raw; masks bit-packed)
     categories.py  phrase_category(phrase)   the category rule for phrases without one
     refsegrs.py    read_refsegrs(root)     RefSegRS as distributed (also the synthetic layout)
     refer.py       read_refer(layout, rules)   the REFER layout (refs pickle, instances.json, RLE/polygon masks)
