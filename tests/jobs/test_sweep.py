@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rsrefseg.platform.metric_names import METRIC_NAMES
 from rsrefseg.training import sweep as sweeps
 from rsrefseg.platform.config import load_config
 from rsrefseg.platform.errors import ConfigError
@@ -76,7 +77,7 @@ def test_table_has_every_row_and_marks_failures():
         if setting["model.lora.sam_rank"] == 8:
             results.append(sweeps.TrialResult(setting=setting, status="failed", error="boom"))
         else:
-            metrics = {c: float(i) for c in sweeps.METRIC_COLUMNS}
+            metrics = {c: float(i) for c in METRIC_NAMES}
             results.append(sweeps.TrialResult(setting=setting, status="finished", metrics=metrics, best_epoch=1))
     rows = sweeps.table_rows(sw, results)
     assert [(r["axis"], r["setting"]) for r in rows][:3] == [
@@ -99,7 +100,7 @@ def test_grid_table_follows_the_sweep_order_not_the_finishing_order(tmp_path):
     path.write_text(yaml.safe_dump({"mode": "grid", "axes": [
         {"name": "SAM LoRA rank", "key": "model.lora.sam_rank", "values": [4, 8, 16]}]}))
     sw = sweeps.load_sweep(path, BASE)
-    metrics = {c: 1.0 for c in sweeps.METRIC_COLUMNS}
+    metrics = {c: 1.0 for c in METRIC_NAMES}
     # Finished last-first (as after a resume), and one trial has no result yet.
     results = [sweeps.TrialResult(setting=s, status="finished", metrics=metrics, best_epoch=1)
                for s in reversed(sw.trials()[1:])]

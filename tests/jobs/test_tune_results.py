@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from rsrefseg.platform.metric_names import METRIC_NAMES
 from rsrefseg.training import sweep as sweeps
 from rsrefseg.jobs import tune
 from rsrefseg.platform import runs, signals, tracking
@@ -38,7 +39,7 @@ class FakeResult:
     def metrics_dataframe(self):
         if not self.epochs:
             return None
-        rows = [{"epoch": i + 1, **{f"val/{c}": g for c in sweeps.METRIC_COLUMNS}} for i, g in enumerate(self.epochs)]
+        rows = [{"epoch": i + 1, **{f"val/{c}": g for c in METRIC_NAMES}} for i, g in enumerate(self.epochs)]
         return pd.DataFrame(rows)
 
 

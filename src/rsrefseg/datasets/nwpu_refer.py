@@ -22,7 +22,7 @@ from typing import Iterator, Union
 
 from .imagefiles import DEFAULT_MAX_PIXELS, check_max_pixels
 from .language import LanguageFilter
-from .refer import Layout, Rules, Tables, load_refs, load_tables, read_refer
+from .refer import Layout, Rules, Tables, coco_category, load_refs, load_tables, read_refer
 from .triplet import DatasetError, IssueHandler, Triplet
 
 FILES = (("new_refs(unc).p", "new_instances.json"), ("refs(unc).p", "instances.json"))
@@ -59,7 +59,7 @@ def read_nwpu_refer(
     tables = load_tables(layout.instances)
     no_target = {i for i, name in tables.categories.items() if " ".join(name.lower().replace("_", " ").split()) == NO_TARGET}
     language = LanguageFilter(keep_non_english)
-    rules = Rules(category=_category, annotations=lambda ref, tables: _annotations(ref, tables, no_target),
+    rules = Rules(category=coco_category, annotations=lambda ref, tables: _annotations(ref, tables, no_target),
                   keep_phrase=language, allow_empty=True)
     refs = merge_targets(load_refs(layout.refs))
     yield from read_refer(layout, rules, on_issue=on_issue, max_pixels=max_pixels, refs=refs, tables=tables)
@@ -101,10 +101,3 @@ def _annotations(ref: dict, tables: Tables, no_target: set) -> Union[list, str]:
         if tables.annotations[ann_id] not in anns:
             anns.append(tables.annotations[ann_id])
     return anns
-
-
-def _category(anns: list, ref: dict, tables: Tables) -> str:
-    for holder in (ref, *anns):
-        if "category_id" in holder:
-            return tables.categories.get(holder["category_id"], str(holder["category_id"]))
-    return ""

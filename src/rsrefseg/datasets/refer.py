@@ -374,3 +374,12 @@ def load_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a COCO-style object with images and annotations")
     return data
+
+
+def coco_category(anns: list, ref: dict, tables: Tables) -> str:
+    """A ref's category by its COCO `category_id` (the ref's, else its annotations'), named by
+    instances.json (NWPU-Refer, RemoteSAM-270K; RRSIS-D spells the key `categories_id`)."""
+    for holder in (ref, *anns):
+        if "category_id" in holder:
+            return tables.categories.get(holder["category_id"], str(holder["category_id"]))
+    return ""

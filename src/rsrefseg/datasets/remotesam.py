@@ -22,7 +22,7 @@ from typing import Iterator
 
 from .imagefiles import DEFAULT_MAX_PIXELS, check_max_pixels
 from .language import LanguageFilter
-from .refer import Layout, Rules, Tables, read_refer
+from .refer import Layout, Rules, coco_category, read_refer
 from .triplet import DatasetError, IssueHandler, Triplet
 
 REFS_FILES = ("refs(unc).p", "refs(unc)_RemoteSAM.p")
@@ -52,13 +52,6 @@ def read_remotesam(
     polygon masks are binary: the mask policy does not apply (accepted and ignored)."""
     layout, max_pixels = locate(root), check_max_pixels(max_pixels)
     language = LanguageFilter(keep_non_english)
-    rules = Rules(category=_category, keep_phrase=language, find_image=True, allow_empty=True)
+    rules = Rules(category=coco_category, keep_phrase=language, find_image=True, allow_empty=True)
     yield from read_refer(layout, rules, on_issue=on_issue, max_pixels=max_pixels)
     language.report(on_issue, str(layout.refs))
-
-
-def _category(anns: list, ref: dict, tables: Tables) -> str:
-    for holder in (ref, *anns):
-        if "category_id" in holder:
-            return tables.categories.get(holder["category_id"], str(holder["category_id"]))
-    return ""

@@ -72,8 +72,8 @@ def probe_inputs(cfg: Config, manifest_name: str) -> None:
         storage.check_writable("tracking.artifact_location", cfg.tracking.artifact_location)
 
 
-def start_ray(cfg: Config, *, ingest: bool) -> float:
-    """Step 4: start or join Ray; returns the cluster's CPUs. `ingest`: a training job, whose
+def start_ray(cfg: Config, *, ingest: bool) -> float | None:
+    """Step 4: start or join Ray. `ingest`: a training job (returns the cluster's CPUs), whose
     train workers must leave Ray Data a CPU (a local Ray's size is checked before it starts, so
     nothing starts in vain; a joined cluster's after) and whose nodes must share its storage."""
     from rsrefseg.platform.capacity import check_ingest_capacity, cluster_cpus, local_cpus
@@ -83,10 +83,11 @@ def start_ray(cfg: Config, *, ingest: bool) -> float:
     if ingest and not joins_existing_ray(cfg.cluster):
         check_ingest_capacity(cfg, local_cpus(cfg), where="the local Ray this job starts (cluster.num_cpus)")
     where = init_ray(cfg.cluster)
+    if not ingest:
+        return None
     cpus = cluster_cpus()  # a joined Ray's own CPUs, whatever cluster.num_cpus says
-    if ingest:
-        check_ingest_capacity(cfg, cpus, where=where)
-        check_shared_storage(str(runs.storage_root(cfg)))  # several nodes: one storage for all of them
+    check_ingest_capacity(cfg, cpus, where=where)
+    check_shared_storage(str(runs.storage_root(cfg)))  # several nodes: one storage for all of them
     return cpus
 
 

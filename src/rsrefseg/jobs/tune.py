@@ -15,12 +15,12 @@ import logging
 from dataclasses import dataclass
 
 from rsrefseg.jobs import session
-from rsrefseg.platform import paths, runs, signals, storage, tracking
+from rsrefseg.platform import console, runs, signals, storage, tracking
 from rsrefseg.platform.atomic import write_bytes, write_text
 from rsrefseg.platform.config import Config
-from rsrefseg.platform import console
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError, TrainingInterrupted
+from rsrefseg.platform.metric_names import METRIC_NAMES
 from rsrefseg.training import sweep as sweeps
 
 DEFAULT_SWEEP = "ablation"  # the shipped configs/sweeps/ablation.yaml (platform/recipes.py)
@@ -99,11 +99,11 @@ def _record_failed_trial(cfg: Config, name: str, parent_run_id: str | None, exc:
     """A trial that failed before its MLflow run existed still shows up, as FAILED, in the UI."""
     if not parent_run_id or not cfg.tracking.enabled:
         return
-    if runs.find_run(runs.storage_root(paths.with_tracking_store(cfg)), name):
+    if runs.find_run(runs.storage_root(cfg), name):  # cfg: the sweep's resolved base, a trial's overrides
         return  # run_train created the run and its lifecycle already marked it FAILED
     # A run of its own, with the trial's params, ended FAILED by its lifecycle like any other.
     tags = {"rsrefseg.trial_id": trial_id, "rsrefseg.error": str(exc)[:4000]}
-    with contextlib.suppress(_TrialFailed), session.open_run(session.resolve(cfg), job="train", run_name=run_name,
+    with contextlib.suppress(_TrialFailed), session.open_run(cfg, job="train", run_name=run_name,
                                                              parent_run_id=parent_run_id, tags=tags):
         raise _TrialFailed
 
@@ -284,7 +284,7 @@ def collect_results(grid, base: Config) -> list[sweeps.TrialResult]:
             out.append(sweeps.TrialResult(setting=setting, status="pending", trial_id=trial_id))
             continue
         best = frame.loc[frame[metric].idxmax()]
-        metrics = {c: float(best[f"val/{c}"]) for c in sweeps.METRIC_COLUMNS if f"val/{c}" in best}
+        metrics = {c: float(best[f"val/{c}"]) for c in METRIC_NAMES if f"val/{c}" in best}
         ran = int(frame["epoch"].max())
         if ran >= trial_config(base, setting).train.epochs:
             status = "finished"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from rsrefseg.platform import paths, storage
+from rsrefseg.platform import paths, signals, storage
 from rsrefseg.platform.config import TrackingConfig
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError, UserError
@@ -194,8 +194,9 @@ def auth_database(backend_store_uri: str, given: str = "") -> str:
     """Where the users and their permissions live: `given`, else basic_auth.db beside a SQLite store."""
     if given:
         return given
-    if backend_store_uri.startswith("sqlite:///"):  # sqlite:///relative or sqlite:////absolute
-        store = Path(backend_store_uri.removeprefix("sqlite:///").split("?")[0])
+    db = paths.sqlite_file(backend_store_uri)  # sqlite:///relative or sqlite:////absolute
+    if db is not None:
+        store = Path(db.split("?")[0])
         return f"sqlite:///{store.resolve().with_name(AUTH_DB_NAME)}"
     raise UserError(f"--auth with --backend-store-uri {backend_store_uri.split('://')[0]}://...: name the users' "
                     "database with --auth-database-uri (e.g. another database on the same server)")
@@ -233,27 +234,6 @@ class _StopRequest:
             self.signum = signum
 
 
-@contextlib.contextmanager
-def _stop_signals(handler) -> Iterator[None]:
-    """`handler` for SIGTERM, SIGINT and SIGHUP during the block, over the CLI's SIGTERM ->
-    KeyboardInterrupt and Python's Ctrl-C. A signal ignored when the command started stays
-    ignored (SIGHUP under nohup, SIGINT in a background job)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for signum, before in previous.items():
-        if before is not signal.SIG_IGN:
-            signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before if before is not None else signal.SIG_DFL)
-
-
 def _parent_death_signal():
     """A preexec_fn that has Linux send the child SIGTERM when this process dies, even by SIGKILL
     (`guard` then ends the group); None elsewhere."""
@@ -281,7 +261,9 @@ def run_owned(cmd: list[str], *, env: dict[str, str] | None = None, name: str = 
     either way, and on any error, end every process it started. Returns its exit code, or 0
     when a signal stopped it."""
     stop = _StopRequest()
-    with _stop_signals(stop):
+    # Over the CLI's SIGTERM -> KeyboardInterrupt and Python's Ctrl-C; a signal ignored when the
+    # command started stays ignored (SIGHUP under nohup, SIGINT in a background job).
+    with signals.handling(STOP_SIGNALS, stop, keep_ignored=True):
         # The group's leader is `guard`, which runs `cmd`: it ends the group when this process dies.
         proc = subprocess.Popen([sys.executable, "-m", __name__, str(grace_s), *cmd], env=env,
                                 start_new_session=True, preexec_fn=_parent_death_signal())

@@ -64,7 +64,8 @@ def _sibling_pattern(target: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(?:([0-9a-f]{{8}})-(\d+)-)?[0-9a-f]{{8}}")
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,7 +88,7 @@ def _last_change(path: Path) -> float:
 def is_stale(sibling: Path, owner: Optional[str], pid: Optional[int], now: Optional[float] = None) -> bool:
     """Whether a staging sibling is left over from an earlier run (the rule in the module doc)."""
     if owner == OWNER and pid is not None:
-        return pid != os.getpid() and not _running(pid)
+        return pid != os.getpid() and not process_running(pid)
     return (time.time() if now is None else now) - _last_change(sibling) > STALE_AFTER_S
 
 

@@ -209,11 +209,6 @@ def active() -> bool:
     return _state.active
 
 
-def log_path() -> Path | None:
-    """This command's log file (written once named), or None."""
-    return _state.path
-
-
 def name_log() -> Path | None:
     """Say where the log file is (once per command; it exists from then on): call it where the
     libraries' chatter starts going there, e.g. when Ray starts."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from rsrefseg.platform import paths, storage
+from rsrefseg.platform import atomic, paths, storage
 from rsrefseg.platform.atomic import write_json, write_text
 from rsrefseg.platform.config import Config
 from rsrefseg.platform.console import say
@@ -281,12 +281,9 @@ def _gone(holder: dict) -> bool:
     if holder["host"] != socket.gethostname():
         return False
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):  # alive under another user, or not a pid
+        return not atomic.process_running(int(holder["pid"]))
+    except ValueError:  # not a pid
         return False
-    return False
 
 
 def _take_over_or_refuse(folder: storage.Location, path: storage.Location, what: str) -> None:

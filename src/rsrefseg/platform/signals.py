@@ -23,28 +23,33 @@ def _as_sigint(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _handling(signum: int, handler: Callable) -> Iterator[None]:
-    """`handler` for `signum` during the block, the previous one after. Signals reach only the
-    main thread: elsewhere (a Tune trial's thread) the block runs as it is."""
+def handling(signums: tuple[int, ...], handler: Callable, *, keep_ignored: bool = False) -> Iterator[None]:
+    """`handler` for each of `signums` during the block, the previous ones after. Signals reach
+    only the main thread: elsewhere (a Tune trial's thread) the block runs as it is.
+    `keep_ignored`: a signal ignored when the block starts stays ignored (SIGHUP under nohup)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signum, handler)
+    previous = {s: signal.getsignal(s) for s in signums}
+    for signum, before in previous.items():
+        if not (keep_ignored and before is signal.SIG_IGN):
+            signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
 def sigterm_interrupts() -> contextlib.AbstractContextManager:
     """SIGTERM raises KeyboardInterrupt during the block, as Ctrl-C does."""
-    return _handling(signal.SIGTERM, _interrupt)
+    return handling((signal.SIGTERM,), _interrupt)
 
 
 def sigterm_as_sigint() -> contextlib.AbstractContextManager:
     """SIGTERM is delivered as SIGINT during the block (to a loop, such as Tune's, that stops
     cleanly on Ctrl-C but would unwind half-way on a KeyboardInterrupt of ours)."""
-    return _handling(signal.SIGTERM, _as_sigint)
+    return handling((signal.SIGTERM,), _as_sigint)
 
 
 def install_sigterm_interrupts() -> None:

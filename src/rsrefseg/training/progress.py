@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import time
 
-from rsrefseg.platform import console
-
-
-def say(line: str) -> None:
-    """One `[rsrefseg] ...` line to the worker's stdout, which Ray forwards to the driver and the
-    job log (console.say: not `print`, which Ray Train patches in its workers)."""
-    console.say(line)
+# Not `print`, which Ray Train patches in its workers: console.say writes the worker's stdout,
+# which Ray forwards to the driver and the job log.
+from rsrefseg.platform.console import say
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -56,4 +52,4 @@ class Progress:
         shown = " ".join(
             f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("val/") and k != "val/count"
         )
-        say(f"[rsrefseg] epoch {epoch}/{self.total_epochs} validation: {shown}")
+        say(f"epoch {epoch}/{self.total_epochs} validation: {shown}")

@@ -33,7 +33,6 @@ from rsrefseg.platform.errors import ConfigError
 from rsrefseg.platform.metric_names import METRIC_NAMES
 from rsrefseg.platform.recipes import find_recipe
 
-METRIC_COLUMNS = METRIC_NAMES  # the sweep table's metric columns
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ def _row(axis: str, setting: str, r: TrialResult) -> dict[str, Any]:
     row: dict[str, Any] = {"axis": axis, "setting": setting}
     # A trial ASHA stopped early keeps the figures of the epochs it ran (marked "stopped").
     trained = r.status in ("finished", "stopped")
-    for col in METRIC_COLUMNS:
+    for col in METRIC_NAMES:
         row[col] = r.metrics.get(col) if trained else None
     row["best epoch"] = r.best_epoch if trained else None
     row["status"] = r.status

@@ -136,7 +136,8 @@ def train_func(loop_config: dict) -> None:
     import ray.train
 
     from rsrefseg.models.metrics import SegMetrics
-    from rsrefseg.training.progress import Progress, say
+    from rsrefseg.platform.console import say
+    from rsrefseg.training.progress import Progress
     from rsrefseg.training.reporting import EpochLogger, SystemMetrics
 
     cfg = Config.from_dict(loop_config["config"]).resolved()  # model.variant's keys filled in
@@ -147,7 +148,7 @@ def train_func(loop_config: dict) -> None:
                    device=ray.train.torch.get_device() if train.use_gpu else torch.device("cpu"))
     state = restore(worker, ray.train.get_checkpoint())
     if rank == 0 and state.epoch:
-        say(f"[rsrefseg] resumed after epoch {state.epoch} (step {state.global_step})")
+        say(f"resumed after epoch {state.epoch} (step {state.global_step})")
 
     run_id = loop_config.get("mlflow_run_id")
     logger = EpochLogger(cfg, run_id, enabled=rank == 0)
