@@ -11,6 +11,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+# SAM 2.1 builds against the venv's torch, without its CUDA op (pyproject.toml says why).
+	$(PY) -m pip install -q setuptools wheel torch torchvision
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation 'sam2>=1.1'
 	$(PY) -m pip install -q -e '.[dev]'
 # DeepSpeed's CPU communication op is compiled here, not by the first training run.
 	$(PY) -m rsrefseg.training.native_ops

@@ -109,7 +109,7 @@ def plain_loop(cfg, rows: list[dict], steps: int, steps_per_epoch: int) -> float
     from rsrefseg.datasets.pipeline import Preprocessor
     from rsrefseg.models.device_inputs import model_batch
     from rsrefseg.models.presets import input_sizes
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
     from rsrefseg.models.tokenizer import load_tokenizer
     from rsrefseg.training.engine import build_optimizer, lr_schedule
 
@@ -141,7 +141,7 @@ def engine_loop(rank: int, world: int, kind: str, cfg_dict: dict, steps: int, st
     from rsrefseg.datasets.pipeline import Preprocessor
     from rsrefseg.models.device_inputs import model_batch
     from rsrefseg.models.presets import input_sizes
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
     from rsrefseg.models.tokenizer import load_tokenizer
     from rsrefseg.platform.config import Config
     from rsrefseg.training.engine import build_engine, build_optimizer, train_step

@@ -14,6 +14,7 @@ reports, side by side and on the device it finds (CUDA if present, else CPU):
     speed-up over eager-fp32.
 
     python benchmarks/train_step.py                               # tiny, on whatever device is here
+    python benchmarks/train_step.py --preset rsrefseg2-l --batch 1 --steps 1 --warmup 0  # RSRefSeg-2, CPU
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 # GPU: largest batch that fits
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 --set model.activation_checkpointing=true
     python benchmarks/train_step.py --preset rsrefseg-b --batch 0 \
@@ -54,7 +55,7 @@ import torch.distributed as dist
 from rsrefseg.training.engine import build_engine, train_step
 from rsrefseg.inference.scoring import model_inputs
 from rsrefseg.models.presets import get_preset
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from rsrefseg.platform.config import Config
 from rsrefseg.platform.errors import ConfigError
 
@@ -106,12 +107,23 @@ def to(batch: dict, device: torch.device) -> dict:
 EAGER = ["model.sdpa_attention=false", "model.compile_backbones=false", "model.channels_last=false"]
 
 
-def model_config(preset: str, rank: int, overrides: list[str] = ()) -> Config:
+def arch_of(preset: str, arch: str = "") -> str:
+    """The architecture of a preset name (`tiny` exists for both: `arch`, default rsrefseg)."""
+    return "rsrefseg2" if preset.startswith("rsrefseg2-") else arch or "rsrefseg"
+
+
+def model_config(preset: str, rank: int, overrides: list[str] = (), arch: str = "") -> Config:
     # The paper's trainable set with LoRA rank `rank` on every tuned component.
     return Config().replace([
-        f"model.preset={preset}", f"model.lora.sam_rank={rank}", f"model.lora.siglip_vision_rank={rank}",
-        f"model.lora.siglip_text_rank={rank}", *overrides,
+        f"model.arch={arch_of(preset, arch)}", f"model.preset={preset}", f"model.lora.sam_rank={rank}",
+        f"model.lora.siglip_vision_rank={rank}", f"model.lora.siglip_text_rank={rank}", *overrides,
     ])
+
+
+def step_loss(model, batch: dict) -> torch.Tensor:
+    """The loss of a training step, every term of the architecture's (as `engine.train_step`)."""
+    logits, aux = model(**model_inputs(batch), return_aux=True)
+    return sum(model.loss_terms(logits.float(), batch["mask"], aux).values())
 
 
 def count_flops(model, batch: dict) -> float:
@@ -120,8 +132,7 @@ def count_flops(model, batch: dict) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = model.loss(model(**model_inputs(batch)).float(), batch["mask"])
-        loss.backward()
+        step_loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["mask"].shape[0]
 
@@ -152,8 +163,7 @@ def eager_path(cfg: Config, device: torch.device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):
-        loss = model.loss(model(**model_inputs(batch)).float(), batch["mask"])
-        loss.backward()
+        step_loss(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -245,7 +255,10 @@ def table_line(r: dict) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "rsrefseg-b", "rsrefseg-l"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "rsrefseg-b", "rsrefseg-l", "rsrefseg2-t",
+                                                               "rsrefseg2-s", "rsrefseg2-b+", "rsrefseg2-l"])
+    parser.add_argument("--arch", default="", choices=["", "rsrefseg", "rsrefseg2"],
+                        help="the architecture of `--preset tiny` (a real preset's name says its own)")
     parser.add_argument("--batch", type=int, default=8, help="per-step batch; 0 = largest that fits (GPU)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
@@ -270,7 +283,8 @@ def row_configs(args: argparse.Namespace, device: torch.device) -> list[list[str
     configs = [[*args.overrides, *(v for v in variant.split(",") if v)] for variant in ["", *args.variants]]
     try:
         for overrides in configs:
-            engine_train_config(model_config(args.preset, args.lora_rank, overrides), device, max(args.batch, 1))
+            engine_train_config(model_config(args.preset, args.lora_rank, arch=args.arch, overrides=overrides),
+                                device, max(args.batch, 1))
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
     return configs
@@ -300,7 +314,7 @@ def eager_builder(cfg: Config, device: torch.device):
 def deepspeed_builder(bench: Bench, overrides: list[str]):
     """Builds one DeepSpeed row: its step and a maker of device batches of a given size."""
     args, device = bench.args, bench.device
-    cfg = model_config(args.preset, args.lora_rank, overrides=overrides)
+    cfg = model_config(args.preset, args.lora_rank, arch=args.arch, overrides=overrides)
 
     def build():
         engine, step, _ = deepspeed_path(cfg, device, max(args.batch, 1))
@@ -358,7 +372,8 @@ def run_rows(bench: Bench, configs: list[list[str]], precision: str, eager_cfg: 
     found: list[int] = []  # batches the search found for DeepSpeed rows, in row order
     rows = [] if args.no_eager else [run_row(bench, "eager-fp32", eager_builder(eager_cfg, bench.device), True, found)]
     gpu = bench.device.type == "cuda"
-    compiles = [bool(model_config(args.preset, args.lora_rank, o).model.on_device(gpu).compile_backbones) for o in configs]
+    compiles = [bool(model_config(args.preset, args.lora_rank, arch=args.arch, overrides=o).model.on_device(gpu)
+                     .compile_backbones) for o in configs]
     measured: dict[int, dict] = {}
     for i in sorted(range(len(configs)), key=lambda i: compiles[i]):  # uncompiled rows first
         search = not compiles[i] or not found
@@ -404,10 +419,10 @@ def main() -> None:
     init_process_group(device)
     peak, peak_dtype = matmul_tflops(device)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    eager_cfg = model_config(args.preset, args.lora_rank, EAGER)
+    eager_cfg = model_config(args.preset, args.lora_rank, arch=args.arch, overrides=EAGER)
     flops = model_flops(eager_cfg, device, args.batch)
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset, arch_of(args.preset, args.arch))
     facts = run_facts(args, device, peak, peak_dtype, flops)
     print(f"{facts['device']}: matmul {peak:.1f} TFLOP/s ({peak_dtype}); {flops / 1e9:.1f} GFLOP/sample; "
           "rows as they finish (path | batch | samples/s | ms/step | GiB | TFLOP/s | MFU):", flush=True)

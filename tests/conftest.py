@@ -83,7 +83,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny model saved as a real checkpoint (weights.safetensors + config.yaml): for
     tests of the code paths that load checkpoints (predict, register), not of model quality."""
     from rsrefseg.models.checkpoint import save_checkpoint
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
     from rsrefseg.platform.config import load_config
 
     cfg = load_config(str(REPO / "configs/demo.yaml"), [])

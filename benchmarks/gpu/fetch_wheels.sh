@@ -9,11 +9,12 @@ grep -qs '^/.whl/$' "$root/.git/info/exclude" || echo /.whl/ >>"$root/.git/info/
 mapfile -t pins < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$(dirname "$0")/wheels.txt" | grep .)
 for pin in "${pins[@]}"; do
   name="${pin%%==*}"
-  if [[ "$name" == deepspeed ]]; then
-    # An sdist only: build a pure-Python wheel (no ops precompiled; DeepSpeed JIT-builds any it needs).
+  if [[ "$name" == deepspeed || "$name" == sam2 || "$name" == antlr4-python3-runtime || "$name" == iopath ]]; then
+    # sdists only: build pure-Python wheels (no ops precompiled; DeepSpeed JIT-builds any it needs;
+    # sam2 without its CUDA op, which only post-processes video masks; its build imports torch).
     tmp="$(mktemp -d)"
     python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "$pin"
-    python3 -m pip wheel -q --no-deps -w "$dest" "$tmp"/deepspeed-*.tar.gz
+    SAM2_BUILD_CUDA=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$tmp"/*.tar.gz
     rm -rf "$tmp"
   else
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

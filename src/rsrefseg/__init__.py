@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from rsrefseg.models.rsrefseg import RSRefSeg
+    from rsrefseg.models.trainable import TrainableWeights
     from rsrefseg.platform.config import Config
 
 __version__ = "0.1.0"
@@ -37,11 +37,11 @@ def load_config(recipe: Union[str, os.PathLike, None] = None, overrides: Sequenc
     return load(path, list(overrides))
 
 
-def build_model(cfg: "Config", *, gpu: bool = False) -> "RSRefSeg":
+def build_model(cfg: "Config", *, gpu: bool = False) -> "TrainableWeights":
     """The model `cfg` describes, its frozen backbones loaded from the local weight files the
     config names (relative paths against paths.root; `tiny` needs none). `gpu`: where it will run,
     which decides the `auto` speed switches."""
-    from rsrefseg.models.rsrefseg import build_model as build
+    from rsrefseg.models.build import build_model as build
     from rsrefseg.platform import paths
 
     return build(paths.absolute(cfg).model, cfg.data.label_size, gpu=gpu)
@@ -64,14 +64,14 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, "tor
     return load(find_checkpoint(path), map_location=map_location)
 
 
-def save_checkpoint(model: "RSRefSeg", cfg: "Config", directory: Union[str, os.PathLike]):
+def save_checkpoint(model: "TrainableWeights", cfg: "Config", directory: Union[str, os.PathLike]):
     """Write `model`'s trainable weights and `cfg` as a checkpoint folder (write, then rename)."""
     from rsrefseg.models.checkpoint import save_checkpoint as save
 
     return save(model, cfg, directory)
 
 
-def predict(model: "RSRefSeg", cfg: "Config", images: Sequence["np.ndarray"], texts: Union[str, Sequence[str]],
+def predict(model: "TrainableWeights", cfg: "Config", images: Sequence["np.ndarray"], texts: Union[str, Sequence[str]],
             *, tile: int = 0, overlap: float = 0.25, device: Union[str, "torch.device", None] = None) -> list:
     """One bool mask [H, W] per image for its phrase (`texts`: one for all images, or one each),
     through the same path as `rsrefseg predict`: whole images up to 2048 px a side, larger ones

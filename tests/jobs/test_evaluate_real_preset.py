@@ -49,7 +49,7 @@ def official_weights(tmp_path_factory) -> tuple[Path, Path]:
 def test_rsrefseg_b_evaluates_two_samples_on_cpu(ray_session, official_weights, prepared_dataset, tmp_path):
     from rsrefseg.jobs.evaluate import run_evaluate
     from rsrefseg.models.checkpoint import save_checkpoint
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
     from rsrefseg.platform.config import load_config
 
     sam, siglip = official_weights

@@ -53,6 +53,41 @@ def test_any_config_key_can_be_swept(tmp_path):
     assert sw.trials() == [{"train.epochs": 2, "train.lr": 1e-4}, {"train.epochs": 2, "train.lr": 3e-4}]
 
 
+def test_the_arch_sweep_puts_both_architectures_in_rows_with_the_same_parameter_names(tmp_path):
+    demo = load_config(REPO / "configs/demo.yaml")
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/arch.yaml", demo)
+    trials = sw.trials()
+    assert [t["model.arch"] for t in trials] == ["rsrefseg", "rsrefseg2"]
+    configs = [demo.replace(t) for t in trials]
+    assert set(configs[0].flat()) == set(configs[1].flat())  # MLflow's compare view lines them up
+    rows = sweeps.table_rows(sw, [sweeps.TrialResult(setting=t, status="finished", metrics={"gIoU": g})
+                                  for t, g in zip(trials, (60.0, 70.0))])
+    assert [(r["setting"], r["gIoU"]) for r in rows] == [("architecture=RSRefSeg", 60.0), ("architecture=RSRefSeg-2", 70.0)]
+    # At real sizes each value brings its own preset and weights (`also:`), as the file shows.
+    path = tmp_path / "arch-l.yaml"
+    path.write_text(yaml.safe_dump({"mode": "grid", "axes": [{
+        "key": "model.arch", "values": ["rsrefseg", "rsrefseg2"],
+        "also": [{}, {"model.preset": "rsrefseg2-l", "model.sam_checkpoint": "weights/sam2.1_hiera_large.pt",
+                      "model.siglip_path": "weights/siglip2-so400m-patch16-512", "data.label_size": 0}]}]}))
+    real = sweeps.load_sweep(path, BASE)
+    second = real.trials()[1]
+    assert second["model.preset"] == "rsrefseg2-l" and BASE.replace(second).model.arch == "rsrefseg2"
+    assert real.trials()[0] == {"model.arch": "rsrefseg"}
+    # Without the `also`, the real recipe's preset does not fit the other architecture: refused.
+    with pytest.raises(ConfigError, match="model.preset: rsrefseg-b is a preset of the rsrefseg"):
+        sweeps.load_sweep(REPO / "configs/sweeps/arch.yaml", BASE)
+
+
+def test_the_rsrefseg2_ablation_varies_its_own_axes_one_at_a_time():
+    base = load_config(REPO / "configs/rsrefseg2-l-rrsisd.yaml")
+    sw = sweeps.load_sweep(REPO / "configs/sweeps/ablation-rsrefseg2.yaml", base)
+    trials = sw.trials()
+    assert len(trials) == 8
+    keys = {k for t in trials for k in t}
+    assert {"model.rsrefseg2.contrastive_weight", "model.rsrefseg2.stage1_blocks",
+            "model.rsrefseg2.prompt_tokens"} <= keys
+
+
 @pytest.mark.parametrize(
     "axes, match",
     [

@@ -14,7 +14,7 @@ import torch
 
 from rsrefseg.training.engine import (build_engine, build_optimizer, deepspeed_config,
                                       lr_schedule, train_step, warmup_cosine)
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from rsrefseg.training.native_ops import use_venv_tools
 from tests.conftest import single_process_group
 from tests.models.helpers import forward, make_batch, tiny_config
@@ -62,6 +62,19 @@ def test_warmup_then_cosine():
     assert f(0) == 0.1 and f(9) == 1.0
     assert math.isclose(f(55), 0.5, abs_tol=1e-9)  # half way through the decay
     assert f(100) == 0.0 and f(1000) == 0.0
+
+
+def test_a_flat_stretch_before_the_cosine_and_a_longer_period():
+    # RSRefSeg-2's recipe: warm-up over 2 of 20 epochs, flat until 10 %... here 25 % (epoch 5),
+    # then the cosine to the min at the last epoch; with a period of 2 x epochs it stops half way.
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_factor=0.01, cosine_start=25)
+    assert f(9) == 1.0 and f(10) == f(24) == 1.0 and f(26) < 1.0
+    assert math.isclose(f(100), 0.01)
+    cut = warmup_cosine(total_steps=100, warmup_steps=10, min_factor=0.0, cosine_start=25, cosine_steps=150)
+    assert math.isclose(cut(100), 0.5 * (1 + math.cos(math.pi * 75 / 150)))
+    resolved = tiny_config(["model.arch=rsrefseg2", "train.epochs=20", "train.warmup_epochs=1"]).resolved().train
+    schedule = lr_schedule(resolved, steps_per_epoch=5)
+    assert schedule(5) == schedule(14) == 1.0 and schedule(15) < 1.0  # the cosine starts at epoch 2 (10 % of 20)
 
 
 def test_the_variants_schedules():

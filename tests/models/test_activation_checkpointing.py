@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from tests.models.helpers import forward, make_batch, tiny_model_config
 
 

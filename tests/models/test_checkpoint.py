@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from rsrefseg.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from tests.models.helpers import forward, make_batch, tiny_config
 
 

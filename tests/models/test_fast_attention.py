@@ -6,7 +6,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 
 from rsrefseg.models.fast_attention import use_sdpa_attention
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from tests.models.helpers import forward, make_batch, tiny_model_config
 
 

@@ -8,7 +8,7 @@ from peft.tuners.lora import LoraLayer
 
 from rsrefseg.models.lora import layer_indices, lora_parameter_count, sam_target_regex, siglip_target_regex
 from rsrefseg.models.presets import TINY
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from tests.models.helpers import tiny_model_config
 
 

@@ -7,7 +7,7 @@ import torch
 
 from rsrefseg.models.presets import TINY, input_sizes
 from rsrefseg.models.prompter import sparse_token_count
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from tests.models.helpers import forward, make_batch, tiny_model_config
 
 

@@ -10,7 +10,7 @@ from rsrefseg.models.lora import layer_indices, siglip_target_regex
 from rsrefseg.models.loss import mask_bce_loss, mask_dice_loss, mask_loss
 from rsrefseg.models.presets import SAM_TINY
 from rsrefseg.models.prompter import AttnPrompter
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from rsrefseg.models.sam import build_sam
 from rsrefseg.platform.config import VARIANTS, Config
 from rsrefseg.platform.errors import ConfigError

@@ -65,7 +65,7 @@ def test_an_unknown_name_lists_the_shipped_ones(elsewhere):
     message = str(err.value)
     assert message.startswith("--config dmeo: not found") and "\n" not in message
     assert all(name in message for name in shipped())
-    with pytest.raises(ConfigError, match=r"--sweep nope: .*shipped: ablation, grid, variants"):
+    with pytest.raises(ConfigError, match=r"--sweep nope: .*shipped: ablation, ablation-rsrefseg2, arch, grid, variants"):
         find_recipe("nope", kind="sweep")
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsrefseg.models.rsrefseg import build_model
+from rsrefseg.models.build import build_model
 from rsrefseg.platform import runs
 from rsrefseg.platform.errors import UserError
 from rsrefseg.training.engine import build_engine, train_step

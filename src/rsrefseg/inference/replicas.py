@@ -31,7 +31,7 @@ def replica_model(payload: Any):
     """(model on its device, config, device, autocast dtype) of one replica, from the checkpoint
     payload `(config, trainable state)` (or an object ref to it)."""
     from rsrefseg.inference.scoring import inference_device
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
 
     config, state = payload if isinstance(payload, tuple) else _resolve(payload)
     device, autocast = inference_device()

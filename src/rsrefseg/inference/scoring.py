@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from rsrefseg.models.device_inputs import TEXT_COLUMNS, model_batch
+from rsrefseg.models.device_inputs import TEXT_COLUMNS, crop_valid, model_batch
 from rsrefseg.models.metrics import sample_records
 
 MODEL_INPUTS = ("sam_image", "siglip_image", "input_ids", "attention_mask")
@@ -52,18 +52,22 @@ def score_batch(logits: torch.Tensor, batch: dict, *, empty_iou: float = 1.0) ->
     with its id, phrase and category.
 
     When the batch carries `mask_original` (model_batch(originals=True)), each sample is scored
-    at its image's own size: its logits resized there (bilinear), thresholded at 0, and compared
-    with the true mask, as the field's evaluation code does. Otherwise at the label size.
+    at its image's own size: its logits (a letterboxed sample's image area of them) resized there
+    (bilinear), thresholded at 0, and compared with the true mask, as the field's evaluation code
+    does. Otherwise at the label size (a letterboxed sample: its image area there).
     """
     logits = logits.float()
     originals = batch.get("mask_original")
+    if originals is None and batch.get("valid") is not None:  # letterboxed: the image areas
+        originals = crop_valid(torch.as_tensor(batch["mask"]), batch["valid"])
     if originals is None:
         records = sample_records((logits > 0).cpu(), torch.as_tensor(batch["mask"]).cpu(), empty_iou=empty_iou)
     else:
         records: dict[str, list] = {}
-        for i, gt in enumerate(originals):
+        # A letterboxed sample's image area first (its padding is no part of the image).
+        for logit, gt in zip(crop_valid(logits, batch.get("valid")), originals):
             gt = torch.as_tensor(gt)[None]
-            pred = F.interpolate(logits[i][None, None], size=gt.shape[1:], mode="bilinear", align_corners=False)[0] > 0
+            pred = F.interpolate(logit[None, None], size=gt.shape[1:], mode="bilinear", align_corners=False)[0] > 0
             for key, values in sample_records(pred.cpu(), gt.cpu(), empty_iou=empty_iou).items():
                 records.setdefault(key, []).extend(values)
     for name in TEXT_COLUMNS:

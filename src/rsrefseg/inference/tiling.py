@@ -116,18 +116,26 @@ def model_tile_predictor(model, sizes, tokenizer, text: str, device: torch.devic
     way in, the logits resized (bilinear) back to the tile on the way out."""
     from rsrefseg.datasets.pipeline import resize_image, tokenize
     from rsrefseg.inference.scoring import predict_logits
+    from rsrefseg.models.device_inputs import crop_valid, model_images
 
     input_ids, attention_mask = tokenize(tokenizer, [text], sizes.max_text_len)
 
     def predict(batch_tiles: np.ndarray) -> np.ndarray:
         n, h, w = batch_tiles.shape[:3]
+        if sizes.keep_ratio:  # letterboxed as in training; the logits of the image area only
+            sam_image, siglip_image, valid = model_images(torch.from_numpy(np.ascontiguousarray(batch_tiles)), sizes)
+        else:
+            sam_image = torch.from_numpy(np.stack([resize_image(t, sizes.sam_image) for t in batch_tiles]))
+            siglip_image = torch.from_numpy(np.stack([resize_image(t, sizes.siglip_image) for t in batch_tiles]))
+            valid = None
         batch = {
-            "sam_image": torch.from_numpy(np.stack([resize_image(t, sizes.sam_image) for t in batch_tiles])),
-            "siglip_image": torch.from_numpy(np.stack([resize_image(t, sizes.siglip_image) for t in batch_tiles])),
+            "sam_image": sam_image,
+            "siglip_image": siglip_image,
             "input_ids": torch.from_numpy(input_ids).repeat(n, 1),
             "attention_mask": torch.from_numpy(attention_mask).repeat(n, 1),
         }
-        logits = predict_logits(model, batch, device, autocast=autocast)[:, None]
-        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+        logits = crop_valid(predict_logits(model, batch, device, autocast=autocast), valid)
+        return torch.cat([F.interpolate(x[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                          for x in logits]).cpu().numpy()
 
     return predict

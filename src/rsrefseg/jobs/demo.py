@@ -30,7 +30,8 @@ def run_demo(cfg: Config, *, out: str = "data/demo", size: int = 0, control: boo
     run_prepare("synthetic", str(raw), str(prepared))
     cfg = cfg.replace({"data.path": str(prepared)})
 
-    runs = {"RSRefSeg-tiny": cfg.replace({"tracking.run_name": cfg.tracking.run_name or "demo"})}
+    name = {"rsrefseg": "RSRefSeg", "rsrefseg2": "RSRefSeg-2"}[cfg.model.arch]
+    runs = {f"{name}-{cfg.model.preset}": cfg.replace({"tracking.run_name": cfg.tracking.run_name or "demo"})}
     if control:
         runs["text-blind control"] = cfg.replace(
             {"data.shuffle_phrases": True, "tracking.run_name": "demo-text-blind-control"}

@@ -40,13 +40,13 @@ def preflight(cfg: Config) -> dict:
     """Checks that need no Ray: the prepared dataset, the model files, what the run must do at
     its end. Returns the manifest."""
     from rsrefseg.datasets.prepare import MANIFEST, load_manifest
-    from rsrefseg.models.presets import check_model_files, get_preset
+    from rsrefseg.models.presets import check_model_files, model_preset
 
     if cfg.train.register_as and not cfg.tracking.enabled:
         # Checked here, not in the schema: evaluate and predict read a trained run's config
         # (register_as included) with MLflow off, which is fine for them.
         raise ConfigError("train.register_as: registers the model in MLflow, which tracking.enabled=false turns off")
-    weights = ("model.sam_checkpoint", "model.siglip_path") if get_preset(cfg.model.preset).pretrained else ()
+    weights = ("model.sam_checkpoint", "model.siglip_path") if model_preset(cfg.model).pretrained else ()
     paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
     session.probe_inputs(cfg, MANIFEST)
     check_model_files(cfg.model)

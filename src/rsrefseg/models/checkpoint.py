@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rsrefseg.models.rsrefseg import RSRefSeg, build_model
+from rsrefseg.models.build import build_model
+from rsrefseg.models.trainable import TrainableWeights
 from rsrefseg.platform.atomic import atomic_dir
 from rsrefseg.platform.config import Config, read_yaml
 from rsrefseg.models.checkpoint_folder import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (the folder's names)
@@ -26,7 +27,7 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
 
 
-def save_checkpoint(model: RSRefSeg, config: Config, directory: str | os.PathLike) -> Path:
+def save_checkpoint(model: TrainableWeights, config: Config, directory: str | os.PathLike) -> Path:
     """Write the checkpoint folder atomically: fill a temporary sibling folder, then rename it.
 
     An existing checkpoint at `directory` is replaced; readers never see a half-written one.
@@ -36,7 +37,8 @@ def save_checkpoint(model: RSRefSeg, config: Config, directory: str | os.PathLik
         # safetensors refuses shared or non-contiguous storage; trainable tensors are plain, but
         # clone on CPU anyway so GPU/ZeRO-owned memory is never aliased.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": config.model.preset})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": config.model.preset,
+                                                                 "arch": config.model.arch})
         paths.portable(config).dump(tmp / CONFIG_FILE)
     return directory
 
@@ -52,7 +54,7 @@ def load_config_file(directory: str | os.PathLike) -> Config:
         raise CheckpointError(f"{path}: not a valid config ({exc})") from exc
 
 
-def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RSRefSeg, Config]:
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[TrainableWeights, Config]:
     """Rebuild the model from the checkpoint's config and load its trainable weights.
 
     The model's pretrained files resolve against the project folder here (paths.root, else
@@ -67,8 +69,15 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(f"{weights}: not found (is {directory} a checkpoint folder?)")
     try:
         state = load_file(str(weights), device="cpu")
+        # Checkpoints written before model.arch existed hold RSRefSeg's weights.
+        saved_arch = (safe_open(str(weights), "pt").metadata() or {}).get("arch", "rsrefseg")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    if saved_arch != config.model.arch:
+        raise CheckpointError(
+            f"{weights}: holds weights of model.arch={saved_arch}, but {directory / CONFIG_FILE} says "
+            f"model.arch={config.model.arch}; a checkpoint loads only into the architecture that trained it"
+        )
     model = build_model(paths.absolute(config).model, config.data.label_size)
     try:
         model.load_trainable_state_dict(state)

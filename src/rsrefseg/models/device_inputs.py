@@ -7,7 +7,9 @@ pipeline (pixels at their stored size, masks bit-packed) -> the model's inputs.
     sam_image      uint8 [B, 3, S, S]        RGB at SAM's input size (bilinear, antialiased)
     siglip_image   uint8 [B, 3, s, s]        RGB at SigLIP's input size
     input_ids, attention_mask                on the device
-    mask           uint8 [B, label, label]   0/1, nearest (what the loss compares with)
+    mask           uint8 [B, label, label]   0/1, nearest (what the loss compares with);
+                                             IGNORE_LABEL on letterbox padding (keep_ratio)
+    valid          list of (rows, cols)      each image's area at the label size (keep_ratio only)
     mask_original  list of bool [h, w]       each mask at its image's own size (for scoring;
                                              only with originals=True)
     id, phrase, category                     lists of str
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsrefseg.models.sizes import InputSizes
+from rsrefseg.models.sizes import IGNORE_LABEL, InputSizes
 
 # The text columns a batch carries through to the per-sample records (not tensors).
 TEXT_COLUMNS = ("id", "phrase", "category")
@@ -51,14 +53,17 @@ def model_batch(batch: dict, sizes: InputSizes, device: Union[torch.device, str]
     device = torch.device(device)
     widths = [int(w) for w in _as_list(batch["width"])]
     images = _to(batch["image"], device)
+    sam_image, siglip_image, valid = model_images(images, sizes)
     out = {
-        "sam_image": resize_images(images, sizes.sam_image),
-        "siglip_image": resize_images(images, sizes.siglip_image),
+        "sam_image": sam_image,
+        "siglip_image": siglip_image,
         "input_ids": _to(batch["input_ids"], device),
         "attention_mask": _to(batch["attention_mask"], device),
     }
     masks = unpack_masks(_to(batch["mask"], device), widths)
-    out["mask"] = resize_masks(masks, sizes.label)
+    out["mask"] = letterbox_masks(masks, sizes.label) if sizes.keep_ratio else resize_masks(masks, sizes.label)
+    if sizes.keep_ratio:
+        out["valid"] = valid
     if originals:
         out["mask_original"] = list(masks)
     if augment:
@@ -77,6 +82,70 @@ def resize_images(images: Pixels, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x.contiguous()
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
+def model_images(images: Pixels, sizes: InputSizes) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """(sam_image, siglip_image, valid): uint8 RGB [B, H, W, 3] (or one [H, W, 3] per sample) at
+    the model's two input sizes, and each sample's image area at the label size, (rows, cols).
+
+    Stretched to the squares (RSRefSeg: the whole label is image), or with `sizes.keep_ratio`
+    letterboxed as RSRefSeg-2's authors do: resized to fit SAM's square with the aspect ratio
+    kept, padded with 0 at the bottom/right, and SigLIP's input the whole padded canvas resized."""
+    if not sizes.keep_ratio:
+        count = images.shape[0] if torch.is_tensor(images) else len(images)
+        valid = [(sizes.label, sizes.label)] * count
+        return resize_images(images, sizes.sam_image), resize_images(images, sizes.siglip_image), valid
+    shapes = [tuple(image.shape[:2]) for image in images]
+    canvas = letterbox_images(images, sizes.sam_image)
+    siglip = canvas if sizes.siglip_image == sizes.sam_image else _resize_chw(canvas, sizes.siglip_image)
+    return canvas, siglip, [fit_inside(h, w, sizes.label) for h, w in shapes]
+
+
+def fit_inside(height: int, width: int, size: int) -> tuple[int, int]:
+    """(rows, cols) of a height x width image resized to fit a size x size square, aspect kept."""
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
+def letterbox_images(images: Pixels, size: int) -> torch.Tensor:
+    """uint8 RGB [B, H, W, 3] (or one [H, W, 3] per sample) -> uint8 [B, 3, size, size]: each
+    resized to fit (bilinear, antialiased), aspect kept, zero-padded at the bottom/right."""
+    if torch.is_tensor(images) and images.shape[1] == images.shape[2]:
+        return resize_images(images, size)  # square: letterboxing is a plain resize
+    if torch.is_tensor(images) and images.shape[0] > 1:
+        images = list(images)
+    if not torch.is_tensor(images):
+        return torch.cat([letterbox_images(image[None], size) for image in images])
+    rows, cols = fit_inside(images.shape[1], images.shape[2], size)
+    x = images.permute(0, 3, 1, 2)
+    y = F.interpolate(x.float(), size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
+    y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return F.pad(y, (0, size - cols, 0, size - rows)).contiguous()
+
+
+def letterbox_masks(masks: Pixels, size: int) -> torch.Tensor:
+    """bool [B, h, w] (or one [h, w] per sample) -> uint8 [B, size, size]: 0/1 inside the image
+    area (nearest, as `resize_masks`), IGNORE_LABEL on the padding."""
+    if not torch.is_tensor(masks) or masks.shape[0] > 1 and masks.shape[1] != masks.shape[2]:
+        return torch.cat([letterbox_masks(m[None], size) for m in masks])
+    rows, cols = fit_inside(masks.shape[1], masks.shape[2], size)
+    x = masks.to(torch.uint8)
+    r, c = (_nearest(n, k).to(x.device) for n, k in ((x.shape[1], rows), (x.shape[2], cols)))
+    x = x.index_select(-2, r).index_select(-1, c)
+    return F.pad(x, (0, size - cols, 0, size - rows), value=IGNORE_LABEL)
+
+
+def crop_valid(logits: torch.Tensor, valid: Optional[Sequence[tuple[int, int]]]) -> list[torch.Tensor]:
+    """[B, L, L] logits -> each sample's image area (`valid` from `model_images`; None: all)."""
+    if valid is None:
+        return list(logits)
+    return [logit[:rows, :cols] for logit, (rows, cols) in zip(logits, valid)]
+
+
+def _resize_chw(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> uint8 [B, 3, size, size] (bilinear, antialiased)."""
+    y = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 

@@ -94,6 +94,44 @@ def apply_lora(*, sam_image_encoder: nn.Module, siglip_vision: nn.Module, siglip
         rank=cfg.sam_rank,
         cfg=cfg,
     )
+    _lora_siglip(siglip_vision, siglip_text, cfg)
+
+
+def lora_parameter_count(module: nn.Module) -> int:
+    """Number of LoRA parameters (lora_A / lora_B) inside `module`."""
+    return sum(p.numel() for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name)
+
+
+# RSRefSeg-2 (the authors' regexes, configs_RSRefSeg2/*): SAM 2.1's Hiera attention and the
+# neck's 1x1 convs; SigLIP's self-attention as above. The authors' vision regex also matches the
+# vision pooling head (`head.attention.out_proj`, `head.mlp.fc1/fc2`), but RSRefSeg-2 never uses
+# the pooled image embedding, and `head.attention` is an nn.MultiheadAttention, whose forward
+# reads `out_proj.weight` directly and so bypasses a LoRA wrapper on it: those adapters would
+# never change an output nor get a gradient. They are left out.
+SAM2_BLOCK_TARGETS = ("attn.qkv", "attn.proj")
+
+
+def sam2_target_regex(depth: int, choice: str, half_depth: str = "ceil") -> Optional[str]:
+    """Regex over SAM 2.1 image-encoder module names (trunk blocks and neck convs), or None."""
+    layers = layer_indices(depth, choice, half_depth)
+    if not layers:
+        return None
+    return rf"trunk\.blocks\.{_alternatives(layers)}\.{_alternatives(list(SAM2_BLOCK_TARGETS))}|neck\.convs\.\d+\.conv"
+
+
+def apply_lora_rsrefseg2(*, sam2_image_encoder: nn.Module, siglip_vision: nn.Module, siglip_text: nn.Module,
+                         cfg: LoraConfig) -> None:
+    """LoRA on RSRefSeg-2's backbones as `cfg` says (SAM's rank and layer choice for SAM 2.1)."""
+    inject_lora(
+        sam2_image_encoder,
+        target_regex=sam2_target_regex(len(sam2_image_encoder.trunk.blocks), cfg.sam_layers, cfg.half_depth),
+        rank=cfg.sam_rank,
+        cfg=cfg,
+    )
+    _lora_siglip(siglip_vision, siglip_text, cfg)
+
+
+def _lora_siglip(siglip_vision: nn.Module, siglip_text: nn.Module, cfg: LoraConfig) -> None:
     inject_lora(
         siglip_vision,
         target_regex=siglip_target_regex(len(siglip_vision.encoder.layers), cfg.siglip_vision_layers, cfg.half_depth),
@@ -108,8 +146,3 @@ def apply_lora(*, sam_image_encoder: nn.Module, siglip_vision: nn.Module, siglip
         rank=cfg.siglip_text_rank,
         cfg=cfg,
     )
-
-
-def lora_parameter_count(module: nn.Module) -> int:
-    """Number of LoRA parameters (lora_A / lora_B) inside `module`."""
-    return sum(p.numel() for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name)

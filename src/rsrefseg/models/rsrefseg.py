@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rsrefseg.models.activation_checkpointing import use_activation_checkpointing
 from rsrefseg.models.channels_last import as_channels_last, use_channels_last
 from rsrefseg.models.compiled_backbones import compile_backbones
-from rsrefseg.models.errors import state_dict_problems
 from rsrefseg.models.fast_attention import use_sdpa_attention
 from rsrefseg.models.lora import apply_lora
-from rsrefseg.models.loss import mask_loss
-from rsrefseg.models.presets import build_backbones, get_preset, input_sizes
+from rsrefseg.models.loss import mask_loss, mask_loss_terms
+from rsrefseg.models.presets import build_backbones, input_sizes, model_preset
 from rsrefseg.models.prompter import AttnPrompter
 from rsrefseg.models.sam import BatchedSam
 from rsrefseg.models.siglip import SiglipEncoder
+from rsrefseg.models.trainable import TrainableWeights
 from rsrefseg.models.sizes import InputSizes
 from rsrefseg.platform.config import ModelConfig
 
 
-class RSRefSeg(nn.Module):
+class RSRefSeg(TrainableWeights):
     """Referring segmentation: an image and a phrase in, mask logits out."""
 
     def __init__(
@@ -55,13 +54,15 @@ class RSRefSeg(nn.Module):
         siglip_image: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-    ) -> torch.Tensor:
+        return_aux: bool = False,
+    ):
         """
         sam_image:      uint8 [B, 3, S, S]  RGB at SAM's input size
         siglip_image:   uint8 [B, 3, s, s]  RGB at SigLIP's input size
         input_ids:      int64 [B, L]        phrase tokens, padded to max_length
         attention_mask: int64 [B, L]        1 = real token
-        returns:        float [B, label, label] mask logits (threshold at 0)
+        returns:        float [B, label, label] mask logits (threshold at 0); with `return_aux`,
+                        (logits, {}) as RSRefSeg-2's forward returns (logits, its loss inputs)
         """
         if self.channels_last:
             if not self._weights_channels_last:  # first call: after DeepSpeed took the model
@@ -83,8 +84,8 @@ class RSRefSeg(nn.Module):
         image_embeddings = self.sam.image_encoder(self.sam.normalize(sam_image))  # [B, d2, h, w]
         low_res = self.sam.decode_masks(image_embeddings, sparse, dense)  # [B, 1, 4h, 4w]
         label = self.sizes.label
-        logits = F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)
-        return logits[:, 0]
+        logits = F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)[:, 0]
+        return (logits, {}) if return_aux else logits
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """logits: float [B, H, W]; mask: uint8/bool [B, H, W] (> 0 = foreground) -> scalar
@@ -93,39 +94,14 @@ class RSRefSeg(nn.Module):
             logits, mask, bce_weight=self.bce_weight, dice_weight=self.dice_weight, pos_weight=self.bce_pos_weight
         )
 
-    # -- trainable weights ----------------------------------------------------------------------
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters, plus the buffers of modules that own trainable parameters (the
-        prompter's BatchNorm running statistics): everything a checkpoint must hold, since the
-        frozen rest is rebuilt from the preset (pretrained files or `init_seed`)."""
-        keys = self._trainable_keys()
-        return {k: v.detach() for k, v in self.state_dict().items() if k in keys}
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load what `trainable_state_dict` gave; keys and shapes must match exactly."""
-        problems = state_dict_problems(self.trainable_state_dict(), dict(state))
-        if problems:
-            raise ValueError("trainable weights do not fit this model: " + "; ".join(problems))
-        # strict=False: `state` holds only the trainable subset, checked exactly above.
-        self.load_state_dict(dict(state), strict=False)
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) number of parameters."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def _trainable_keys(self) -> set[str]:
-        keys = {name for name, p in self.named_parameters() if p.requires_grad}
-        for module_name, module in self.named_modules():
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                prefix = f"{module_name}." if module_name else ""
-                keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
-        return keys
+    def loss_terms(self, logits: torch.Tensor, mask: torch.Tensor, aux: Optional[dict] = None) -> dict[str, torch.Tensor]:
+        """The weighted loss terms by name ("bce", "dice"); their sum is `loss`. RSRefSeg has no
+        auxiliary outputs, so `aux` is unused."""
+        return mask_loss_terms(logits, mask, bce_weight=self.bce_weight, dice_weight=self.dice_weight,
+                               pos_weight=self.bce_pos_weight)
 
 
-def build_model(
+def build_rsrefseg(
     model_cfg: ModelConfig, label_size: int = 0, *, random_init: bool = False, gpu: bool = False
 ) -> RSRefSeg:
     """Build RSRefSeg for a config: backbones (loaded or random), LoRA, prompter, freezing.
@@ -139,7 +115,7 @@ def build_model(
     The keys `model.variant` decides (paper text or the authors' code) are resolved here.
     """
     model_cfg = model_cfg.resolved().on_device(gpu)
-    preset = get_preset(model_cfg.preset)
+    preset = model_preset(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.init_seed)
         siglip_model, sam = build_backbones(model_cfg, random_init=random_init)

@@ -15,12 +15,20 @@ class InputSizes:
     siglip_image: SigLIP vision input (384 for so400m-patch14-384).
     label:        mask resolution at which loss and metrics are computed.
     max_text_len: phrase tokens, padded/truncated to this length (SigLIP uses 64).
+    keep_ratio:   False: every image is stretched to the square (RSRefSeg). True: resized to fit
+                  the square with its aspect ratio kept and padded at the bottom/right (RSRefSeg-2:
+                  pixels pad with 0, the label with IGNORE_LABEL, which loss and scoring skip).
     """
 
     sam_image: int
     siglip_image: int
     label: int
     max_text_len: int
+    keep_ratio: bool = False
+
+
+# Label value of padding pixels (keep_ratio): neither foreground nor background.
+IGNORE_LABEL = 255
 
 
 @dataclass(frozen=True)
@@ -70,3 +78,39 @@ class SiglipSizes:
     def grid(self) -> int:
         """Side of the patch-feature map (27 for 384 px / patch 14)."""
         return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class Sam2Sizes:
+    """Every size of a SAM 2.1 model (Meta's `sam2` code: a Hiera trunk, an FPN neck, SAM's
+    prompt encoder and a mask decoder that also reads the two high-resolution FPN levels).
+    The official values are in `rsrefseg.models.presets`."""
+
+    img_size: int
+    embed_dim: int  # Hiera's first-stage width; it doubles at each of the 3 later stages
+    num_heads: int
+    stages: tuple[int, ...]
+    global_att_blocks: tuple[int, ...]
+    window_spec: tuple[int, ...]
+    window_pos_embed_bkg_spatial_size: tuple[int, int]
+    d_model: int  # the neck's and the prompt encoder's / mask decoder's width (256 officially)
+    decoder_depth: int
+    decoder_mlp_dim: int
+    decoder_num_heads: int
+    iou_head_hidden_dim: int
+    mask_in_chans: int = 16
+
+    @property
+    def backbone_channel_list(self) -> tuple[int, ...]:
+        """The trunk's stage widths, deepest first (what the FPN neck reads)."""
+        return tuple(self.embed_dim * 2**i for i in reversed(range(len(self.stages))))
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding: stride 16 (64 at 1024 px)."""
+        return self.img_size // 16
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's mask logits (4x the embedding, 256 officially)."""
+        return 4 * self.embedding_size

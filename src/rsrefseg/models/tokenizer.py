@@ -1,12 +1,32 @@
-"""Phrase tokenizers: SigLIP's own for the real presets, a fixed word-level one for `tiny`.
+"""Phrase tokenizers: the checkpoint's own for the pretrained presets, a fixed word-level one for
+the toy `tiny` preset (of either architecture).
 
-Both are Hugging Face tokenizers, picklable (they are shipped to Ray Data workers), and used as
+All are Hugging Face tokenizers, picklable (they are shipped to Ray Data workers), and used as
 
     tok(phrases, padding="max_length", truncation=True, max_length=N, return_tensors="np")
 
-or through `tokenize()`, which also fixes dtypes. The tiny tokenizer mirrors SigLIP's conventions:
-an EOS `</s>` is appended, padding uses `</s>` too (id 1) up to max_length, so the text tower's
-pooled token (position -1) is always an EOS/pad token, as in SigLIP training.
+or through `tokenize()` (datasets.pipeline), which also asks for the attention mask and fixes
+dtypes. SigLIP's text tower pools the LAST position and was trained on right padding to 64 tokens
+with the padding attended, so `load_tokenizer` always pads and truncates on the right.
+
+What each produces under that call (tests/models/test_tokenizer.py, test_siglip2.py):
+
+- tiny (word-level, SigLIP's conventions): lowercased words, EOS `</s>` (1) appended, padded with
+  `</s>` (1); the pooled token (position -1) is always EOS/pad.
+- SigLIP (`google/siglip-so400m-patch14-384`, sentencepiece `spiece.model`): lowercased with
+  punctuation removed (SiglipTokenizer's do_lower_case), no BOS, EOS `</s>` (1) appended,
+  padded with `</s>` (1).
+- SigLIP 2 (`google/siglip2-so400m-patch16-512`, Gemma's tokenizer from `tokenizer.json` +
+  `tokenizer_config.json`; ids 0 `<pad>`, 1 `<eos>`, 2 `<bos>`, 3 `<unk>`): what is added comes
+  from the folder's files. Transformers' SigLIP 2 conversion (convert_siglip2_to_hf.py:
+  add_bos_token=False, add_eos_token=True, padding_side="right") gives no BOS and EOS `<eos>`
+  (1) appended, padding `<pad>` (0) on the right: "phrase <eos> <pad> ... <pad>", so
+  the pooled token is `<pad>` (or `<eos>` when truncated, as truncation keeps the EOS). Gemma's
+  own defaults (BOS `<bos>` first, no EOS) would give "<bos> phrase <pad> ...". Gemma's class
+  default is LEFT padding when tokenizer_config.json names none; `load_tokenizer` overrides it.
+  It keeps case and punctuation: SigLIP 2 was trained on lowercased text, but the Gemma
+  tokenizer of a model_type "siglip" folder does not lowercase, so phrases are tokenized as given
+  (transformers' Siglip2Tokenizer, which adds lowercasing, is only chosen for model_type "siglip2").
 """
 
 from __future__ import annotations
@@ -17,8 +37,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from rsrefseg.models.errors import ModelLoadError
 from rsrefseg.models.presets import get_preset
-from rsrefseg.models.siglip import SIGLIP_REPO, require_siglip_dir
+from rsrefseg.models.siglip import SIGLIP2_REPO, SIGLIP_REPO, require_siglip_dir
 from rsrefseg.platform.config import ModelConfig
+
+# The tokenizer files each checkpoint's folder must hold, and what they are.
+TOKENIZER_FILES = {
+    SIGLIP_REPO: (("spiece.model",), "SigLIP's sentencepiece tokenizer"),
+    SIGLIP2_REPO: (("tokenizer.json", "tokenizer_config.json"), "SigLIP 2's Gemma tokenizer"),
+}
 
 # SigLIP's sentencepiece ids: 0 <pad> (unused by SigLIP's tokenizer), 1 </s>, 2 <unk>.
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -83,16 +109,31 @@ def build_tiny_tokenizer(*, max_length: int, vocab_size: int) -> PreTrainedToken
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The phrase tokenizer of the model preset (no network access for the real presets)."""
-    preset = get_preset(model_cfg.preset)
+    """The phrase tokenizer of the model preset (no network access for the real presets).
+
+    Pretrained presets read it from `model.siglip_path`; the preset's `siglip_repo` (SigLIP's by
+    default) decides which files must be there and what the errors tell users to download.
+    """
+    # "tiny" names a toy preset of each architecture; both use the tiny tokenizer at the same sizes.
+    preset = get_preset(model_cfg.preset, getattr(model_cfg, "arch", ""))
     if not preset.pretrained:
         return build_tiny_tokenizer(max_length=preset.siglip.max_text_len, vocab_size=preset.siglip.vocab_size)
-    path = require_siglip_dir(model_cfg.siglip_path, config_key="model.siglip_path")
+    repo = getattr(preset, "siglip_repo", SIGLIP_REPO)
+    path = require_siglip_dir(model_cfg.siglip_path, config_key="model.siglip_path", repo=repo)
+    files, what = TOKENIZER_FILES.get(repo, ((), "tokenizer"))
+    needs = f"the full {repo} download ({what}: {', '.join(files) or 'tokenizer files'}"
+    needs += f"; `hf download {repo} --local-dir <dir>`)"
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"model.siglip_path: {path} has no {', '.join(missing)}; the directory must hold {needs}")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # no spiece.model, sentencepiece missing, ...
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # unreadable files, sentencepiece missing, ...
+        extra = ", and the sentencepiece package must be installed" if repo == SIGLIP_REPO else ""
         raise ModelLoadError(
-            f"model.siglip_path: cannot load the SigLIP tokenizer from {path} ({exc}); the directory "
-            f"must hold the full {SIGLIP_REPO} download (spiece.model and tokenizer config), and the "
-            "sentencepiece package must be installed"
+            f"model.siglip_path: cannot load the tokenizer from {path} ({exc}); the directory must hold {needs}{extra}"
         ) from exc
+    # SigLIP pools the last position, trained on right padding (Gemma's class default is left).
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
+    return tok

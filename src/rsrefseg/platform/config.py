@@ -135,17 +135,58 @@ class PrompterConfig:
 
 
 @dataclass(config=SECTION)
+class Rsrefseg2Config:
+    """RSRefSeg-2's own keys (model.arch=rsrefseg2; ignored by RSRefSeg): the cascaded prompter's
+    depths and token counts, its loss terms beyond BCE and Dice, and SAM 2.1's evaluation switch.
+    The defaults are the authors' (KyanChen/RSRefSeg2, configs_RSRefSeg2/*)."""
+
+    # Text-pooled queries Q1 and Q2 (3 each) and the blocks where they attend to the text and to
+    # each other (2); 0 blocks = the queries are the pooled text as it comes.
+    text_queries: Annotated[Int, Field(ge=1)] = 3
+    query_blocks: Annotated[Int, Field(ge=0)] = 2
+    # Stage one (the image attends to Q1) and stage two (the image to Q2, the prompt tokens to Q2
+    # and the image): blocks each; 0 skips the stage (stage two's prompt tokens then stay as
+    # initialised, so keep it >= 1).
+    stage1_blocks: Annotated[Int, Field(ge=0)] = 2
+    stage2_blocks: Annotated[Int, Field(ge=1)] = 2
+    # Learnable prompt tokens that become SAM 2.1's sparse prompts.
+    prompt_tokens: Annotated[Int, Field(ge=1)] = 9
+    # The dense branch: the refined SigLIP map scored against the pooled text as a mask prompt
+    # (off: SAM 2.1's no-mask embedding).
+    dense_prompt: Bool = True
+    # Loss = model.bce_weight * BCE + model.dice_weight * Dice + decorrelation_weight *
+    # mean(cos^2(mean Q1, mean Q2)) + contrastive_weight * the CLIP-style loss between the mask-
+    # pooled SigLIP map and mean Q2 over the batch of all workers (0 = the term is off).
+    decorrelation_weight: Annotated[Number, Field(ge=0)] = 0.5
+    contrastive_weight: Annotated[Number, Field(ge=0)] = 0.5
+    # SAM 2.1's builder turns on `dynamic_multimask_via_stability`: in eval, a single-mask call
+    # whose mask is unstable switches to the best of the three multimask outputs, which training
+    # never optimises. Off here: evaluation scores the mask training optimised (docs/training.md).
+    dynamic_multimask: Bool = False
+
+
+@dataclass(config=SECTION)
 class ModelConfig:
-    preset: Literal["tiny", "rsrefseg-b", "rsrefseg-l"] = "tiny"
-    # Local Hugging Face directory of SigLIP (e.g. google/siglip-so400m-patch14-384), real presets.
+    # The architecture: RSRefSeg (SigLIP + AttnPrompter + SAM, 2024) or RSRefSeg-2 (SigLIP 2 +
+    # the cascaded prompter + SAM 2.1, 2025). Default rsrefseg: configs and checkpoints written
+    # before this key existed mean what they meant.
+    arch: Literal["rsrefseg", "rsrefseg2"] = "rsrefseg"
+    # tiny: toy sizes of either architecture (CPU). rsrefseg-b/-l: RSRefSeg with SAM ViT-B/L.
+    # rsrefseg2-t/-s/-b+/-l: RSRefSeg-2 with SAM 2.1 Hiera tiny/small/base_plus/large.
+    preset: Literal["tiny", "rsrefseg-b", "rsrefseg-l", "rsrefseg2-t", "rsrefseg2-s", "rsrefseg2-b+",
+                    "rsrefseg2-l"] = "tiny"
+    # Local Hugging Face directory of SigLIP (google/siglip-so400m-patch14-384) or, for RSRefSeg-2,
+    # SigLIP 2 (google/siglip2-so400m-patch16-512); real presets.
     siglip_path: Optional[StorageUri] = None
-    # Official segment-anything checkpoint (sam_vit_b_01ec64.pth / sam_vit_l_0b3195.pth), real presets.
+    # Official checkpoint: segment-anything's sam_vit_b_01ec64.pth / sam_vit_l_0b3195.pth, or
+    # SAM 2.1's sam2.1_hiera_{tiny,small,base_plus,large}.pt; real presets.
     sam_checkpoint: Optional[StorageUri] = None
     # Seed of the random initialisation of the `tiny` backbones: a tiny checkpoint holds only the
     # trainable weights, so the frozen random backbone must be rebuilt bit for bit from this seed.
     init_seed: Int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
+    rsrefseg2: Rsrefseg2Config = field(default_factory=Rsrefseg2Config)
     # Which reading of RSRefSeg the keys left empty (None) follow: `paper` (the paper's text) or
     # `official` (the authors' code, KyanChen/RSRefSeg, which produced the published numbers).
     # A key given explicitly always wins. The table is VARIANTS below; README lists every key.
@@ -156,7 +197,8 @@ class ModelConfig:
     # Loss = bce_weight * BCE + dice_weight * Dice. paper variant: BCE weight 1; the authors' code
     # 5. dice_weight 0 = the paper's plain BCE; RSRefSeg-2 adds Dice (weight 1).
     bce_weight: Optional[Annotated[Number, Field(ge=0)]] = None
-    dice_weight: Annotated[Number, Field(ge=0, description="0 = no Dice term")] = 0.0
+    # Empty: 0 for RSRefSeg, 5 for RSRefSeg-2 (its authors' weight).
+    dice_weight: Optional[Annotated[Number, Field(ge=0, description="0 = no Dice term")]] = None
     # SAM's prompt encoder trains (the authors' code) or stays frozen (paper variant). Of it,
     # only what the forward uses gets gradients: the mask-prompt convs that embed the dense
     # prompt (or the no-mask embedding with dense_prompt off).
@@ -244,6 +286,14 @@ class TrainConfig:
     warmup_start_factor: Optional[Annotated[Number, Field(ge=0, le=1)]] = None
     min_lr_factor: Optional[Annotated[Number, Field(ge=0, le=1)]] = None
     cosine_per: Optional[Literal["step", "epoch"]] = None
+    # Between the warm-up and the cosine, the lr may stay flat: the cosine starts at this fraction
+    # of train.epochs (or right after the warm-up, if that is later). Empty: 0 (RSRefSeg); 0.1 for
+    # RSRefSeg-2, as its authors schedule it.
+    cosine_start: Optional[Annotated[Number, Field(ge=0, lt=1)]] = None
+    # The cosine's period T_max as a multiple of train.epochs; 0 = from its start to the last
+    # epoch, so the lr ends at min_lr_factor. RSRefSeg-2's authors set 1.3 or 1.8 (by commit) with
+    # the schedule cut at the last epoch, where the lr is then still 0.2-0.5 x (docs/training.md).
+    cosine_length: Annotated[Number, Field(ge=0, description="0 = to the last epoch")] = 0.0
     num_workers: Annotated[Int, Field(ge=1)] = 2
     use_gpu: Bool = False
     gpus_per_worker: Annotated[Number, Field(gt=0)] = 1.0
@@ -380,8 +430,12 @@ class Config:
         if self.data.decode == "gpu":
             raise ValueError("data.decode: gpu (decoding JPEGs on the train worker's device) is not "
                              "implemented yet; use data.decode=cpu")
-        if m.bce_weight is not None and m.bce_weight + m.dice_weight <= 0:
+        if m.bce_weight is not None and m.dice_weight is not None and m.bce_weight + m.dice_weight <= 0:
             raise ValueError("model.bce_weight: and model.dice_weight are both 0: no loss")
+        preset_arch = "rsrefseg2" if m.preset.startswith("rsrefseg2-") else "rsrefseg" if m.preset != "tiny" else m.arch
+        if preset_arch != m.arch:
+            raise ValueError(f"model.preset: {m.preset} is a preset of the {preset_arch} architecture, but "
+                             f"model.arch is {m.arch}; set model.arch={preset_arch} or pick a {m.arch} preset")
         return self
 
     def validate(self) -> "Config":
@@ -396,7 +450,9 @@ class Config:
         The config itself keeps the empty keys, so `model.variant=official` given later (an
         override, a sweep axis) still moves the whole group; what runs reads `resolved()`."""
         data = self.to_dict()
-        for key, value in VARIANTS[self.model.variant].items():
+        # The architecture's own defaults first (RSRefSeg-2 has one recipe), then the variant's.
+        defaults = {**VARIANTS[self.model.variant], **ARCH_DEFAULTS[self.model.arch]}
+        for key, value in defaults.items():
             section, *path = key.split(".")
             node = data[section]
             for part in path[:-1]:
@@ -455,6 +511,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "train.warmup_start_factor": 0.0,
         "train.min_lr_factor": 0.0,
         "train.cosine_per": "step",
+        "train.cosine_start": 0.0,
     },
     "official": {
         "model.prompter.sparse_branch": "official",
@@ -469,6 +526,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "train.warmup_start_factor": 0.01,
         "train.min_lr_factor": 0.001,
         "train.cosine_per": "epoch",
+        "train.cosine_start": 0.0,
+    },
+}
+
+
+# model.arch: what RSRefSeg-2's authors set (KyanChen/RSRefSeg2, refseg/models/models.py and
+# configs_RSRefSeg2/*), over model.variant's values (variant reads RSRefSeg's paper or code).
+# A key given explicitly still wins.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rsrefseg": {"model.dice_weight": 0.0},
+    "rsrefseg2": {
+        "model.bce_weight": 5.0,
+        "model.dice_weight": 5.0,
+        "model.train_prompt_encoder": True,
+        "model.lora.text_head": True,
+        "model.lora.dropout": 0.0,
+        "model.lora.alpha": 16.0,
+        "model.lora.half_depth": "floor",
+        "train.weight_decay": 0.05,
+        "train.warmup_start_factor": 0.01,
+        "train.min_lr_factor": 0.01,
+        "train.cosine_per": "epoch",
+        "train.cosine_start": 0.1,
     },
 }
 

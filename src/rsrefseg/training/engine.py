@@ -76,17 +76,21 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 
 def warmup_cosine(
     total_steps: int, warmup_steps: int, *, start_factor: float = 0.0, min_factor: float = 0.0,
-    steps_per_epoch: int = 0,
+    steps_per_epoch: int = 0, cosine_start: int = 0, cosine_steps: int = 0,
 ):
-    """LambdaLR factor: linear warm-up from `start_factor` to the base lr, then cosine decay to
-    `min_factor`. With `steps_per_epoch`, the cosine moves once per epoch (the authors' recipe:
-    per-epoch cosine after a per-step warm-up); without, every step."""
+    """LambdaLR factor: linear warm-up from `start_factor` to the base lr, flat until
+    `cosine_start` (a step; the warm-up's end if earlier), then cosine decay towards `min_factor`
+    over `cosine_steps` (T_max; 0 = to `total_steps`, which it then reaches). With
+    `steps_per_epoch`, the cosine moves once per epoch (the authors' recipe: per-epoch cosine
+    after a per-step warm-up); without, every step."""
+    start = max(warmup_steps, cosine_start)
+    period = cosine_steps or max(1, total_steps - start)
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return start_factor + (1.0 - start_factor) * (step + 1) / warmup_steps
         at = (step // steps_per_epoch) * steps_per_epoch if steps_per_epoch else step
-        progress = max(0.0, (at - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = max(0.0, (at - start) / period)
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -100,6 +104,8 @@ def lr_schedule(train: TrainConfig, steps_per_epoch: int):
         start_factor=train.warmup_start_factor,
         min_factor=train.min_lr_factor,
         steps_per_epoch=steps_per_epoch if train.cosine_per == "epoch" else 0,
+        cosine_start=int(round((train.cosine_start or 0.0) * train.epochs * steps_per_epoch)),
+        cosine_steps=int(round(train.cosine_length * train.epochs * steps_per_epoch)),
     )
 
 
@@ -127,11 +133,16 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, *, world_size: int,
     return engine, scheduler, precision
 
 
-def train_step(engine, batch: dict) -> torch.Tensor:
+def train_step(engine, batch: dict, terms: dict | None = None) -> torch.Tensor:
     """One optimizer step on a batch already on the engine's device; the loss, detached (no host
-    sync: the caller decides when to read it)."""
-    logits = engine(**model_inputs(batch))
-    loss = engine.module.loss(logits.float(), batch["mask"])
+    sync: the caller decides when to read it). `terms`: a dict to which each weighted loss term
+    (bce, dice, and RSRefSeg-2's decorrelation and contrastive) is added, detached, by name."""
+    logits, aux = engine(**model_inputs(batch), return_aux=True)
+    parts = engine.module.loss_terms(logits.float(), batch["mask"], aux)
+    loss = sum(parts.values())
     engine.backward(loss)
     engine.step()
+    if terms is not None:
+        for name, value in parts.items():
+            terms[name] = terms.get(name, 0) + value.detach()
     return loss.detach()

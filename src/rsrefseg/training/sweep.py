@@ -15,7 +15,9 @@ A sweep file names axes, each a config key and its settings, and a mode:
         default: true
 
 `mode: grid` runs the full cross product instead. Any config key can be an axis. In
-one_at_a_time mode the shared default setting is one trial, not one per axis.
+one_at_a_time mode the shared default setting is one trial, not one per axis. An axis may set
+other keys with each value (`also:`, one mapping per value): the preset and weight files that
+go with each `model.arch`, say (configs/sweeps/arch.yaml).
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ class Axis:
     values: tuple
     labels: tuple
     default: Any = None
+    # Per value, other keys set together with it (`also:`), e.g. the preset and weight files
+    # that go with each model.arch; empty mappings when the axis has none.
+    also: tuple = ()
 
     def label(self, value: Any) -> str:
         return self.labels[self.values.index(value)]
+
+    def also_for(self, value: Any) -> dict[str, Any]:
+        return dict(self.also[self.values.index(value)]) if self.also else {}
 
 
 @dataclass
@@ -67,7 +75,14 @@ class Sweep:
                     setting = {**default, axis.key: value}
                     if setting not in settings:
                         settings.append(setting)
-        return [{**self.fixed, **s} for s in settings]
+        return [self.complete(s) for s in settings]
+
+    def complete(self, setting: dict[str, Any]) -> dict[str, Any]:
+        """A setting of the axis keys with the fixed keys and each value's `also` keys added."""
+        out = dict(self.fixed)
+        for axis in self.axes:
+            out.update(axis.also_for(setting[axis.key]))
+        return {**out, **setting}
 
     def trial_label(self, setting: dict[str, Any]) -> str:
         return ", ".join(f"{a.name}={a.label(setting[a.key])}" for a in self.axes)
@@ -109,7 +124,11 @@ def load_sweep(path: str | Path, base: Config) -> Sweep:
         default = raw.get("default", flat_base[key])
         if mode == "one_at_a_time" and default not in values:
             raise ConfigError(f"{where}: default {default!r} is not one of the values {list(values)}")
-        axes.append(Axis(name=str(raw.get("name", key)), key=key, values=values, labels=labels, default=default))
+        also = tuple(raw.get("also") or ())
+        if also and (len(also) != len(values) or not all(isinstance(a, dict) for a in also)):
+            raise ConfigError(f"{where}: also: one mapping of keys per value ({len(values)}), e.g. {{}} for none")
+        axes.append(Axis(name=str(raw.get("name", key)), key=key, values=values, labels=labels, default=default,
+                         also=also))
     fixed = data.get("fixed") or {}
     sweep = Sweep(mode=mode, axes=axes, source=str(path), fixed=dict(fixed))
     for setting in sweep.trials():
@@ -147,7 +166,7 @@ def table_rows(sweep: Sweep, results: list[TrialResult]) -> list[dict[str, Any]]
     default = {a.key: a.default for a in sweep.axes}
     for axis in sweep.axes:
         for value in axis.values:
-            setting = {**sweep.fixed, **default, axis.key: value}
+            setting = sweep.complete({**default, axis.key: value})
             r = by_setting.get(_key(setting), TrialResult(setting=setting, status="pending"))
             rows.append(_row(axis.name, axis.label(value), r))
     return rows

@@ -57,7 +57,7 @@ class Worker:
 def setup(cfg: Config, *, rank: int, world: int, steps_per_epoch: int, device: torch.device) -> Worker:
     """The model and its DeepSpeed engine, seeded per rank."""
     from rsrefseg.models.presets import input_sizes
-    from rsrefseg.models.rsrefseg import build_model
+    from rsrefseg.models.build import build_model
 
     train = cfg.train
     torch.manual_seed(train.seed + rank)
@@ -91,23 +91,25 @@ def train_epoch(worker: Worker, shard, epoch: int, state: LoopState, *, on_log) 
     cfg, train = worker.cfg, worker.cfg.train
     worker.engine.train()
     window_loss = torch.zeros((), device=worker.device)
+    window_terms: dict = {}
     window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
     for batch in iter_batches(shard, worker.micro_batch, shuffle_seed=train.seed + epoch, drop_last=True,
                               local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                               timeout_s=train.batch_timeout_s, on_timeout=describe_resources):
         inputs = model_batch(batch, worker.sizes, worker.device, augment=cfg.data.augment)
         # Accumulate on device; `.item()` (a host sync) only at logging intervals.
-        window_loss += train_step(worker.engine, inputs)
+        window_loss += train_step(worker.engine, inputs, window_terms)
         state.global_step += 1
         window_steps += 1
         window_samples += len(batch["id"]) * worker.world
         if state.global_step % train.log_every_n_steps == 0:
-            on_log(_window_stats(window_loss, window_steps, window_samples, window_t0, worker.scheduler),
-                   state.global_step)
+            on_log(_window_stats(window_loss, window_terms, window_steps, window_samples, window_t0,
+                                 worker.scheduler), state.global_step)
             window_loss.zero_()
+            window_terms.clear()
             window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
     if window_steps:  # the tail of the epoch
-        on_log(_window_stats(window_loss, window_steps, window_samples, window_t0, worker.scheduler),
+        on_log(_window_stats(window_loss, window_terms, window_steps, window_samples, window_t0, worker.scheduler),
                state.global_step)
 
 
@@ -190,14 +192,17 @@ def train_func(loop_config: dict) -> None:
     system.close()
 
 
-def _window_stats(loss_sum, steps: int, samples: int, t0: float, scheduler) -> dict:
-    """Mean loss, learning rate and throughput over the steps since the last log line."""
+def _window_stats(loss_sum, term_sums: dict, steps: int, samples: int, t0: float, scheduler) -> dict:
+    """Mean loss (and each weighted term of it, as train/loss_<term>), learning rate and
+    throughput over the steps since the last log line."""
     elapsed = time.perf_counter() - t0
-    return {
+    stats = {
         "train/loss": float(loss_sum.item()) / steps,
         "train/lr": scheduler.get_last_lr()[0],
         "train/samples_per_s": samples / max(elapsed, 1e-9),
     }
+    stats.update({f"train/loss_{name}": float(total) / steps for name, total in term_sums.items()})
+    return stats
 
 
 def _worker_nodes(world: int) -> list[str]:
