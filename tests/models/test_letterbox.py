@@ -19,6 +19,7 @@ def pipeline_batch(images: list[np.ndarray], masks: list[np.ndarray]) -> dict:
     return {
         "image": images,
         "mask": [np.packbits(m.astype(bool), axis=1) for m in masks],
+        "height": np.array([m.shape[0] for m in masks]),
         "width": np.array([m.shape[1] for m in masks]),
         "input_ids": np.zeros((len(images), 4), np.int64),
         "attention_mask": np.ones((len(images), 4), np.int64),
@@ -68,3 +69,24 @@ def test_scoring_compares_only_the_image_area_with_the_original_mask():
     tensors.pop("mask_original")
     assert score_batch(logits, tensors)["iou"] == [1.0]
     assert [c.shape for c in crop_valid(logits, [(8, 16)])] == [(8, 16)]
+
+
+def test_an_image_larger_than_the_input_keeps_its_aspect_through_the_pipeline_and_lines_up_with_its_label():
+    """The data pipeline shrinks images larger than SAM's input before they travel; with
+    keep_ratio it keeps their aspect, so the device letterboxes the image as it letterboxes the
+    mask (stretching it instead would squeeze 100 rows of label into the image's 11)."""
+    from rsrefseg.datasets.pipeline import Preprocessor
+
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, :150] = 255  # the left half bright
+    mask = np.zeros((100, 300), np.uint8)
+    mask[:, :150] = 1  # and it is the target
+    shrunk = Preprocessor(sizes=SIZES, tokenizer=None).shrunk(image[None])
+    assert shrunk.shape == (1, 11, 32, 3)  # fit inside 32 x 32 with the aspect kept
+    out = model_batch(pipeline_batch([shrunk[0]], [mask]), SIZES, "cpu", originals=True)
+    sam, label = out["sam_image"][0, 0], out["mask"][0]
+    assert out["valid"] == [(5, 16)]
+    assert (sam[:11, :15] == 255).all() and (sam[:11, 17:] == 0).all() and (sam[11:] == 0).all()
+    assert (label[:5, :8] == 1).all() and (label[:5, 8:] == 0).all() and (label[5:] == IGNORE_LABEL).all()
+    logits = torch.where(label == 1, 5.0, -5.0).float()[None]
+    assert score_batch(logits, out)["iou"] == [1.0]

@@ -68,6 +68,8 @@ def test_a_preset_of_the_other_architecture_is_refused_naming_both_keys():
         Config().replace(["model.preset=rsrefseg2-l"])
     with pytest.raises(ConfigError, match="model.preset: rsrefseg-b .* model.arch=rsrefseg"):
         Config().replace(["model.arch=rsrefseg2", "model.preset=rsrefseg-b"])
+    with pytest.raises(ConfigError, match="model.activation_checkpointing: .*rsrefseg2 does not read it"):
+        config2(["model.activation_checkpointing=true"])
     assert get_preset("tiny", "rsrefseg2") is TINY2 and get_preset("tiny").arch == "rsrefseg"
     assert input_sizes(config2().model).keep_ratio and not input_sizes(Config().model).keep_ratio
 
@@ -117,7 +119,8 @@ def test_gradients_reach_exactly_the_trainable_parameters():
                    "siglip.model.text_model.encoder.", "siglip.model.text_model.head."):
         assert any(n.startswith(prefix) and ".lora_" in n for n in trainable), prefix
     assert not any(n.startswith("siglip.model.vision_model.head.") for n in trainable)  # never used
-    for name in ("siglip.model.logit_scale", "contrast_log_scale", "prompter.image_pe", "prompter.prompt_embedding"):
+    for name in ("siglip.model.logit_scale", "contrast_log_scale", "prompter.image_pe", "prompter.prompt_embedding",
+                 "sam.no_mem_embed"):
         assert name in trainable
     assert any(n.startswith("sam.sam_prompt_encoder.mask_downscaling.") for n in trainable)
     assert any(n.startswith("sam.sam_mask_decoder.transformer.") for n in trainable)
@@ -139,8 +142,11 @@ def test_the_dense_prompt_is_siglips_matching_logit_of_the_refined_map(model):
     refined, text = torch.randn(b, h * w, c), torch.randn(b, c)
     scale, bias = torch.tensor(2.0), torch.tensor(-1.5)
     with torch.no_grad():
-        dense = prompter.dense_mask(refined, text, scale, bias, mask_size=h)  # no resize at its own size
+        dense = prompter.dense_mask(refined, text, scale, bias, mask_size=3 * h)
         feature = prompter.dense_conv(refined.transpose(1, 2).reshape(b, c, h, w))
+        # Upsampled before the cosine (the authors' "preup"), corners aligned.
+        feature = torch.nn.functional.interpolate(feature, size=(3 * h, 3 * w), mode="bilinear", align_corners=True)
+    assert dense.shape == (b, 1, 3 * h, 3 * w)
     cosine = torch.nn.functional.cosine_similarity(feature, text[:, :, None, None], dim=1)
     torch.testing.assert_close(dense[:, 0], cosine * math.exp(2.0) - 1.5, rtol=1e-4, atol=1e-4)
     prompter.train()
@@ -187,3 +193,20 @@ def test_missing_weight_files_name_the_key_the_file_and_where_to_get_it(tmp_path
     cfg = cfg.replace([f"model.sam_checkpoint={tmp_path / 'sam2.1_hiera_large.pt'}", f"model.siglip_path={tmp_path / 'siglip2'}"])
     with pytest.raises(ModelLoadError, match=r"model.siglip_path: .*google/siglip2-so400m-patch16-512"):
         check_model_files(cfg.model)
+
+
+def test_longest_padding_trims_the_text_to_the_batchs_longest_phrase():
+    """text_padding=longest (the authors' padding=True): appending pads changes nothing; the
+    pipeline's 64-position padding (max_length) is another input, so other logits."""
+    batch = batch2()
+    longest = build_model(config2().model).eval()
+    fixed = build_model(config2(["model.rsrefseg2.text_padding=max_length"]).model).eval()
+    fixed.load_trainable_state_dict(longest.trainable_state_dict())
+    trimmed = dict(batch)
+    length = int(batch["attention_mask"].sum(1).max())
+    trimmed["input_ids"], trimmed["attention_mask"] = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+    assert length < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(run(longest, batch), run(longest, trimmed))
+        torch.testing.assert_close(run(fixed, trimmed), run(longest, batch))
+        assert not torch.allclose(run(fixed, batch), run(longest, batch))

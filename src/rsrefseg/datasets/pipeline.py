@@ -209,9 +209,8 @@ def preprocess(
 
 def row_bytes(height: int, width: int, sizes) -> int:
     """About how many bytes one preprocessed row of an image of this size holds."""
-    side = sizes.sam_image
-    image = 3 * side * side if max(height, width) > side else 3 * height * width  # Preprocessor.shrunk
-    return image + height * packed_width(width) + 2 * 8 * sizes.max_text_len + 256
+    rows, cols = sizes.shrunk_shape(height, width)  # Preprocessor.shrunk
+    return 3 * rows * cols + height * packed_width(width) + 2 * 8 * sizes.max_text_len + 256
 
 
 def cache_fits(rows: int, largest: tuple[int, int], sizes, budget_bytes: int) -> bool:
@@ -276,13 +275,16 @@ class Preprocessor:
 
     def shrunk(self, images: np.ndarray) -> np.ndarray:
         """Images larger than the SAM input on a side, resized to it here (bilinear, as the model
-        input would be): more pixels than any model input reads need not travel."""
-        side = self.sizes.sam_image
+        input would be): more pixels than any model input reads need not travel. To the square,
+        or (sizes.keep_ratio, RSRefSeg-2) to fit inside it with the aspect kept, so the device's
+        letterbox pads the image as its mask is padded."""
         rows = list(images)
-        if all(max(image.shape[:2]) <= side for image in rows):
+        shapes = [self.sizes.shrunk_shape(*image.shape[:2]) for image in rows]
+        if all(shape == image.shape[:2] for shape, image in zip(shapes, rows)):
             return images
-        small = [np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR)) if max(image.shape[:2]) > side
-                 else image for image in rows]
+        small = [image if shape == image.shape[:2] else
+                 np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
+                 for shape, image in zip(shapes, rows)]
         return _stacked(small)
 
 

@@ -87,13 +87,16 @@ def prediction_image(examples: list[dict], *, title: str = "", tile: int = GALLE
 
 
 def _panel(pixels, tile: int, resample):
-    """One gallery panel: uint8 RGB [H, W, 3], or a 0/1 (or bool) mask [H, W] drawn white on black."""
+    """One gallery panel: uint8 RGB [H, W, 3], or a 0/1 (or bool) mask [H, W] drawn white on black;
+    a letterboxed label's padding (IGNORE_LABEL) drawn grey, neither target nor background."""
     import numpy as np
     from PIL import Image
 
+    from rsrefseg.models.sizes import IGNORE_LABEL
+
     array = np.asarray(pixels)
     if array.ndim == 2:
-        array = (array > 0).astype(np.uint8) * 255
+        array = np.where(array == IGNORE_LABEL, 96, (array > 0) * 255) if array.dtype == np.uint8 else (array > 0) * 255
     image = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8, copy=False))).convert("RGB")
     return image.resize((tile, tile), resample)
 

@@ -70,7 +70,8 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     try:
         state = load_file(str(weights), device="cpu")
         # Checkpoints written before model.arch existed hold RSRefSeg's weights.
-        saved_arch = (safe_open(str(weights), "pt").metadata() or {}).get("arch", "rsrefseg")
+        with safe_open(str(weights), "pt") as handle:
+            saved_arch = (handle.metadata() or {}).get("arch", "rsrefseg")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
     if saved_arch != config.model.arch:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsrefseg.models.sizes import IGNORE_LABEL, InputSizes
+from rsrefseg.models.sizes import IGNORE_LABEL, InputSizes, fit_inside
 
 # The text columns a batch carries through to the per-sample records (not tensors).
 TEXT_COLUMNS = ("id", "phrase", "category")
@@ -53,7 +53,7 @@ def model_batch(batch: dict, sizes: InputSizes, device: Union[torch.device, str]
     device = torch.device(device)
     widths = [int(w) for w in _as_list(batch["width"])]
     images = _to(batch["image"], device)
-    sam_image, siglip_image, valid = model_images(images, sizes)
+    sam_image, siglip_image, _ = model_images(images, sizes)
     out = {
         "sam_image": sam_image,
         "siglip_image": siglip_image,
@@ -62,8 +62,8 @@ def model_batch(batch: dict, sizes: InputSizes, device: Union[torch.device, str]
     }
     masks = unpack_masks(_to(batch["mask"], device), widths)
     out["mask"] = letterbox_masks(masks, sizes.label) if sizes.keep_ratio else resize_masks(masks, sizes.label)
-    if sizes.keep_ratio:
-        out["valid"] = valid
+    if sizes.keep_ratio:  # from the true size (the pipeline may have shrunk the image)
+        out["valid"] = [fit_inside(int(h), int(w), sizes.label) for h, w in zip(_as_list(batch["height"]), widths)]
     if originals:
         out["mask_original"] = list(masks)
     if augment:
@@ -102,12 +102,6 @@ def model_images(images: Pixels, sizes: InputSizes) -> tuple[torch.Tensor, torch
     return canvas, siglip, [fit_inside(h, w, sizes.label) for h, w in shapes]
 
 
-def fit_inside(height: int, width: int, size: int) -> tuple[int, int]:
-    """(rows, cols) of a height x width image resized to fit a size x size square, aspect kept."""
-    scale = size / max(height, width)
-    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
-
-
 def letterbox_images(images: Pixels, size: int) -> torch.Tensor:
     """uint8 RGB [B, H, W, 3] (or one [H, W, 3] per sample) -> uint8 [B, 3, size, size]: each
     resized to fit (bilinear, antialiased), aspect kept, zero-padded at the bottom/right."""
@@ -144,8 +138,9 @@ def crop_valid(logits: torch.Tensor, valid: Optional[Sequence[tuple[int, int]]])
 
 
 def _resize_chw(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> uint8 [B, 3, size, size] (bilinear, antialiased)."""
-    y = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    """uint8 [B, 3, H, W] -> uint8 [B, 3, size, size]: plain bilinear, without antialiasing, as
+    RSRefSeg-2's authors resize the padded canvas for SigLIP (1024 -> 512: a 2 x 2 average)."""
+    y = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 

@@ -222,7 +222,8 @@ def build_backbones2(model_cfg: ModelConfig, *, random_init: bool = False) -> tu
     preset = model_preset(model_cfg)
     dynamic = model_cfg.rsrefseg2.dynamic_multimask
     if not preset.pretrained or random_init:
-        return build_random_siglip(preset.siglip), build_sam2_backbone(preset.sam, dynamic_multimask=dynamic)
+        return (build_random_siglip(preset.siglip, repo=preset.siglip_repo),
+                build_sam2_backbone(preset.sam, dynamic_multimask=dynamic))
     check_model_files(model_cfg)
     sam = build_sam2_backbone(preset.sam, dynamic_multimask=dynamic)
     load_sam2_checkpoint(

@@ -57,13 +57,16 @@ class RSRefSeg2(TrainableWeights):
         sam_image:      uint8 [B, 3, S, S]  the letterboxed RGB canvas at SAM 2.1's input size
         siglip_image:   uint8 [B, 3, s, s]  the same canvas at SigLIP 2's input size
         input_ids:      int64 [B, L]        phrase tokens, padded to max_length
-        attention_mask: int64 [B, L]        unused: SigLIP pools the last position and the
-                                            queries pool every position, pads included, as the
-                                            authors' code does
+        attention_mask: int64 [B, L]        1 = a real token; with text_padding=longest the
+                                            tokens are trimmed to the batch's longest phrase (the
+                                            authors' padding=True). The text tower itself runs
+                                            unmasked and the queries pool every position left,
+                                            pads included, as in the authors' code
         returns:        float [B, label, label] mask logits; with `return_aux`, (logits, the
                         loss's inputs: queries1, queries2, image_map)
         """
-        del attention_mask
+        if self.cfg.text_padding == "longest":
+            input_ids = input_ids[:, : max(1, int(attention_mask.sum(1).max()))]
         tokens = self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h*w, C]
         text_pooled, text = self.siglip.encode_text(input_ids)  # [B, C], [B, L, C]
         prompts = self.prompter(
@@ -130,7 +133,8 @@ def build_rsrefseg2(model_cfg: ModelConfig, label_size: int = 0, *, random_init:
         sam.requires_grad_(False)
         apply_lora_rsrefseg2(sam2_image_encoder=sam.image_encoder, siglip_vision=siglip_model.vision_model,
                              siglip_text=siglip_model.text_model, cfg=model_cfg.lora)
-        _train_heads(sam, siglip_model, dense_prompt=options.dense_prompt)
+        _train_heads(sam, siglip_model, dense_prompt=options.dense_prompt,
+                     prompt_encoder=model_cfg.train_prompt_encoder)
         siglip = SiglipEncoder(model=siglip_model)
         prompter = CascadedPrompter(
             dim=preset.siglip.hidden_size, prompt_dim=preset.sam.d_model, grid=siglip.grid, sizes=preset.prompter,
@@ -142,16 +146,18 @@ def build_rsrefseg2(model_cfg: ModelConfig, label_size: int = 0, *, random_init:
     return model
 
 
-def _train_heads(sam: Sam2Backbone, siglip_model: nn.Module, *, dense_prompt: bool) -> None:
-    """What trains besides LoRA: SAM 2.1's mask decoder and prompt encoder (only what the forward
-    uses gets a gradient, so only that trains), and SigLIP's logit scale and bias, which score the
+def _train_heads(sam: Sam2Backbone, siglip_model: nn.Module, *, dense_prompt: bool, prompt_encoder: bool) -> None:
+    """What trains besides LoRA: SAM 2.1's mask decoder, `no_mem_embed` and (model.train_prompt_encoder,
+    on as the authors have it) the prompt encoder (only what the forward uses gets a gradient, so
+    only that trains), and SigLIP's logit scale and bias, which score the
     dense prompt. Without the dense branch, the pooled text and those two are unused: the text
     head's LoRA is frozen again so every trainable parameter gets a gradient."""
     sam.sam_mask_decoder.requires_grad_(True)
+    sam.no_mem_embed.requires_grad_(True)  # outside the LoRA-wrapped encoder, it trains there too
     for p in sam.unused_decoder_parameters():
         p.requires_grad_(False)
     encoder = sam.sam_prompt_encoder
-    (encoder.mask_downscaling if dense_prompt else encoder.no_mask_embed).requires_grad_(True)
+    (encoder.mask_downscaling if dense_prompt else encoder.no_mask_embed).requires_grad_(prompt_encoder)
     siglip_model.logit_scale.requires_grad_(dense_prompt)
     siglip_model.logit_bias.requires_grad_(dense_prompt)
     if not dense_prompt:

@@ -27,6 +27,22 @@ class InputSizes:
     keep_ratio: bool = False
 
 
+    def shrunk_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) an image of this size travels at from the data pipeline: itself when it
+        fits the SAM input, else shrunk to it, to the square (stretched) or, with keep_ratio, to
+        fit inside it with its aspect kept (what the device-side letterbox then pads)."""
+        side = self.sam_image
+        if max(height, width) <= side:
+            return height, width
+        return fit_inside(height, width, side) if self.keep_ratio else (side, side)
+
+
+def fit_inside(height: int, width: int, size: int) -> tuple[int, int]:
+    """(rows, cols) of a height x width image resized to fit a size x size square, aspect kept."""
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
 # Label value of padding pixels (keep_ratio): neither foreground nor background.
 IGNORE_LABEL = 255
 

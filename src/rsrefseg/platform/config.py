@@ -159,6 +159,12 @@ class Rsrefseg2Config:
     # pooled SigLIP map and mean Q2 over the batch of all workers (0 = the term is off).
     decorrelation_weight: Annotated[Number, Field(ge=0)] = 0.5
     contrastive_weight: Annotated[Number, Field(ge=0)] = 0.5
+    # The text tower's input: `longest` trims each batch's tokens to its longest phrase, as the
+    # authors' tokenizer call (padding=True) does: the queries' average pooling and the text
+    # cross-attention then see a phrase and few pads, and the pooled last position is a pad of
+    # the shorter phrases. `max_length` keeps the pipeline's 64 positions (what SigLIP 2 was
+    # trained on), which makes a phrase's features independent of its batch.
+    text_padding: Literal["longest", "max_length"] = "longest"
     # SAM 2.1's builder turns on `dynamic_multimask_via_stability`: in eval, a single-mask call
     # whose mask is unstable switches to the best of the three multimask outputs, which training
     # never optimises. Off here: evaluation scores the mask training optimised (docs/training.md).
@@ -432,6 +438,11 @@ class Config:
                              "implemented yet; use data.decode=cpu")
         if m.bce_weight is not None and m.dice_weight is not None and m.bce_weight + m.dice_weight <= 0:
             raise ValueError("model.bce_weight: and model.dice_weight are both 0: no loss")
+        if m.arch == "rsrefseg2":
+            for key in ("activation_checkpointing", "compile_backbones", "channels_last"):
+                if getattr(m, key) is True:
+                    raise ValueError(f"model.{key}: a speed switch of RSRefSeg's backbones; model.arch=rsrefseg2 "
+                                     "does not read it (leave it at auto/false)")
         preset_arch = "rsrefseg2" if m.preset.startswith("rsrefseg2-") else "rsrefseg" if m.preset != "tiny" else m.arch
         if preset_arch != m.arch:
             raise ValueError(f"model.preset: {m.preset} is a preset of the {preset_arch} architecture, but "
