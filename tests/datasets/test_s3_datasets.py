@@ -204,8 +204,8 @@ def test_replacing_keeps_the_old_version_published_until_the_new_manifest_then_d
     real = prepare_module._open_shard
 
     def open_shard(target, path):
-        if not seen_at_first_shard:
-            seen_at_first_shard.append(objects(s3_server, s3_bucket))
+        if not seen_at_first_shard:  # besides the new version's resume journal (datasets.resume)
+            seen_at_first_shard.append([k for k in objects(s3_server, s3_bucket) if "/.resume/" not in k])
         return real(target, path)
 
     monkeypatch.setattr(prepare_module, "_open_shard", open_shard)

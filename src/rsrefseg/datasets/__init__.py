@@ -14,6 +14,7 @@
     fiftyone.py    read_fiftyone(root)     a FiftyOne export of RefSegRS, without fiftyone
     synthetic.py   generate(out_dir, size, seed), read_synthetic(root)   the built-in synthetic set
     prepare.py     prepare_dataset(fmt, root, out), load_manifest(path)
+    resume.py      a killed or interrupted prepare's staging, resumed: fingerprint, journal, kept shards
     pipeline.py    read_split, preprocess, iter_batches (Ray Data; imports ray): pixels as stored
 
 Import from the submodules; this package imports nothing on its own, so that `prepare` does not

@@ -25,8 +25,9 @@ version becomes the dataset only when `<out>/manifest.json` naming its shards is
 write-then-rename, on a store one PUT, which replaces the object whole). Then, and only then, the
 versions it replaced are deleted. So a reader sees the previous complete dataset or the new
 complete one; a prepare that fails or is killed at any moment leaves the previous dataset
-published and whole (a failure removes its own version; a kill leaves an unpublished one, which
-the next prepare that publishes there deletes as stale).
+published and whole (a failure removes its own version; a kill or an interrupt leaves an
+unpublished one, its staging, which the next prepare with the same arguments and source resumes,
+keeping its validation and finished shards (`resume`), and any other deletes as stale).
 
 A reader that read the manifest (`pipeline.read_split`) streams the one version it names. That
 version is deleted right after a newer one is published, not kept a generation longer (which
@@ -56,6 +57,7 @@ import shutil
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -66,7 +68,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rsrefseg.platform import atomic, storage
+from rsrefseg.platform.console import ProgressBar
 
+from . import resume
 from .fiftyone import read_fiftyone
 from .imagefiles import DEFAULT_MASK_THRESHOLD, DEFAULT_MAX_PIXELS
 from .nwpu_refer import read_nwpu_refer
@@ -129,8 +133,10 @@ MAX_LISTED_ISSUES = 20
 # What prepare writes inside a dataset besides manifest.json, and so what it may delete there: a
 # version's shards (`v-TIME-RANDOM/split/part-NNNNN.parquet`), the shards of a dataset prepared
 # before versions (`split/part-NNNNN.parquet`) and, in a local folder, the lock.
-VERSION = re.compile(r"v-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}")
+VERSION = resume.VERSION
 SHARD_KEY = re.compile(rf"(?:(?P<version>{VERSION.pattern})/)?[^/]+/part-\d{{5}}\.parquet")
+# A version's resume journal (`resume`), anything under `v-.../.resume/`.
+JOURNAL_KEY = re.compile(rf"{VERSION.pattern}/{re.escape(resume.JOURNAL)}/.+")
 LOCK = ".prepare.lock"
 
 
@@ -146,6 +152,7 @@ def prepare_dataset(
     mask_threshold: int = DEFAULT_MASK_THRESHOLD,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_non_english: Optional[bool] = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Validate the dataset at `root` (format `fmt`) and write it to `out`; return the manifest.
 
@@ -157,6 +164,11 @@ def prepare_dataset(
     max_pixels: an image or mask whose header declares more pixels is refused before decoding.
     keep_non_english: keep (True) or leave out (False, the readers' default) the Chinese or mixed
         expressions of the formats in LANGUAGE_OPTION; their count is in the manifest's warnings.
+    progress: show a progress bar (rate, ETA) on stderr while validating and writing, where
+        stderr is a terminal (`console.ProgressBar`).
+
+    A prepare interrupted or killed before it published is resumed by the next one with the same
+    arguments and the same source (`resume`): it keeps the validation and the finished shards.
     """
     _check_arguments(fmt, mask_threshold)
     options = {} if keep_non_english is None else {"keep_non_english": keep_non_english}
@@ -167,30 +179,70 @@ def prepare_dataset(
         # Before any decoding: a missing bucket or a key that may not write fails in a second.
         storage.check_writable("--out", str(out))
     _check_replaceable(out)
-    workers = workers or min(8, os.cpu_count() or 1)
-
-    # Every sample is validated before anything is written: bad input never touches the output.
-    valid, issues, notes = _validate(
-        fmt, root, workers, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels, options=options
-    )
-
-    # Write a new version (in the folder, or straight to the store), then publish it.
-    by_split = _group_by_split(valid)
-
-    def write(target: storage.Location) -> dict[str, Any]:
-        """The shards under `target` (the version's folder or prefix), and the manifest that
-        lists them (paths relative to `target`: `_in_version` makes them relative to `out`)."""
-        shards, largest, digests = _write_shards(target, by_split, workers, rows_per_shard, max_shard_bytes)
-        return _manifest(
-            fmt, root, by_split, shards, largest, digests, mask_threshold=mask_threshold, issues=issues, notes=notes
-        )
-
+    request = _Request(fmt, root, out, skip_invalid=skip_invalid, rows_per_shard=rows_per_shard,
+                       max_shard_bytes=max_shard_bytes, workers=workers or min(8, os.cpu_count() or 1),
+                       mask_threshold=mask_threshold, max_pixels=max_pixels, options=options, progress=progress)
     if isinstance(out, storage.RemotePath):
-        manifest = _publish_remote(out, write)
+        manifest = _publish_remote(out, lambda locked: _prepare(request, locked))
     else:
-        manifest = _publish_local(out, write)
+        manifest = _publish_local(out, lambda locked: _prepare(request, locked))
     log.debug("prepared %s: %s", out, manifest["counts"])  # the job says it to the user
     return manifest
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One prepare's arguments, checked."""
+
+    fmt: str
+    root: Path
+    out: storage.Location
+    skip_invalid: bool
+    rows_per_shard: int
+    max_shard_bytes: int
+    workers: int
+    mask_threshold: int
+    max_pixels: int
+    options: dict
+    progress: bool
+
+    def settings(self) -> dict[str, Any]:
+        """What the shards depend on besides the source (the resume fingerprint's part; the
+        thread count changes no byte, so it is not in it)."""
+        return {
+            "format": self.fmt, "root": str(self.root.resolve()), "options": self.options,
+            "skip_invalid": self.skip_invalid, "mask_threshold": self.mask_threshold, "max_pixels": self.max_pixels,
+            "rows_per_shard": self.rows_per_shard, "max_shard_bytes": self.max_shard_bytes,
+            "schema_version": SCHEMA_VERSION, "compression": PIXEL_COMPRESSION,
+            "rows_per_row_group": ROWS_PER_ROW_GROUP, "dictionary_page_bytes": DICTIONARY_PAGE_BYTES,
+        }
+
+
+def _prepare(request: _Request, locked: bool) -> dict[str, Any]:
+    """Validate, write and publish (holding `out`'s lock when `locked`). Every sample is
+    validated before anything is written: bad input never touches the output. A staging of an
+    earlier prepare with the same fingerprint is resumed: its validation and finished shards kept."""
+    out = request.out
+    triplets, issues, reader_notes = _read(request)
+    local_out = out if not isinstance(out, storage.RemotePath) else None
+    fingerprint = resume.fingerprint(request.settings(), request.root, triplets, skip=local_out)
+    base = _published_text(out)  # the published dataset this one replaces (None: none)
+    resumed = resume.find(out, fingerprint, _named_versions(base), locked=locked)
+    recorded = resume.load_validation(out, resumed, fingerprint) if resumed else None
+    valid, issues, notes, validation = _validate(request, triplets, issues, reader_notes, recorded)
+    by_split = _group_by_split(valid)
+
+    def stage() -> resume.Staging:
+        return _stage(request, by_split, fingerprint, resumed, validation, base, locked)
+
+    def write(staging: resume.Staging) -> dict[str, Any]:
+        """The shards under the staging's version (those it lacks), and the manifest that lists
+        them (paths relative to the version: `_in_version` makes them relative to `out`)."""
+        shards, largest, digests = _write_shards(staging, by_split, request)
+        return _manifest(request.fmt, request.root, by_split, shards, largest, digests,
+                         mask_threshold=request.mask_threshold, issues=issues, notes=notes)
+
+    return _publish(out, base, stage, write)
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -269,31 +321,46 @@ def _check_arguments(fmt: str, mask_threshold: int) -> None:
         raise DatasetError(f"mask threshold must be within 1..255 (8-bit values at or above it are foreground), got {mask_threshold}")
 
 
-def _validate(
-    fmt: str, root: Path, workers: int, *, skip_invalid: bool, mask_threshold: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-    options: Optional[dict] = None,
-) -> tuple[list[Triplet], list[Issue], list[Issue]]:
-    """The samples to write, the problems found (the skipped samples) and the notes (samples kept
-    with a change). Raises one DatasetError listing every problem unless `skip_invalid` may skip
-    them all; a split left empty raises regardless."""
-    # 1. Metadata: every declared sample, and the problems visible without pixels.
+def _read(request: _Request) -> tuple[list[Triplet], list[Issue], list[Issue]]:
+    """1. Metadata: every declared sample (duplicate ids and ids in two splits dropped), the
+    problems visible without pixels, and the readers' notes (samples kept as they are)."""
     issues: list[Issue] = []
-    triplets = list(READERS[fmt](root, on_issue=issues.append, mask_threshold=mask_threshold, max_pixels=max_pixels, **(options or {})))
+    reader = READERS[request.fmt]
+    triplets = list(reader(request.root, on_issue=issues.append, mask_threshold=request.mask_threshold,
+                           max_pixels=request.max_pixels, **request.options))
     reader_notes = [i for i in issues if i.kind == "note"]  # kept as they are, said in the warnings
     issues = [i for i in issues if i.kind != "note"]
-    triplets = _drop_bad_ids(triplets, issues)
-
-    # 2. Pixels: decode every sample once.
-    valid, notes = _check_pixels(triplets, issues, workers)
-    notes = reader_notes + notes
-
-    _check_empty_splits(valid, triplets, issues, root, EXPECTED_SPLITS_OF.get(fmt, EXPECTED_SPLITS))
-    if any(i.kind == "split" for i in issues) or (issues and not skip_invalid):
-        raise DatasetError(_summary(issues, fmt, root, skip_invalid))
-    return valid, issues, notes
+    return _drop_bad_ids(triplets, issues), issues, reader_notes
 
 
-def _check_pixels(triplets: list[Triplet], issues: list[Issue], workers: int) -> tuple[list[Triplet], list[Issue]]:
+def _validate(
+    request: _Request, triplets: list[Triplet], issues: list[Issue], reader_notes: list[Issue],
+    recorded: Optional[resume.Validation],
+) -> tuple[list[Triplet], list[Issue], list[Issue], resume.Validation]:
+    """2. Pixels: decode every sample once, or take what a resumed staging recorded of that
+    (the same source, the same outcome). Returns the samples to write, the problems found (the
+    skipped samples), the notes (samples kept with a change) and the pixels' outcome. Raises one
+    DatasetError listing every problem unless `skip_invalid` may skip them all; a split left
+    empty raises regardless."""
+    if recorded is None:
+        before = len(issues)
+        with ProgressBar("validating", len(triplets), enabled=request.progress) as bar:
+            valid, pixel_notes = _check_pixels(triplets, issues, request.workers, bar)
+        validation = resume.Validation(issues[before:], pixel_notes)
+    else:
+        validation, left_out = recorded, {i.id for i in recorded.issues}
+        valid, issues = [t for t in triplets if t.id not in left_out], issues + recorded.issues
+        log.info("resuming: the validation of %d sample(s) is kept from the interrupted prepare", len(triplets))
+    notes = reader_notes + validation.notes
+    _check_empty_splits(valid, triplets, issues, request.root, EXPECTED_SPLITS_OF.get(request.fmt, EXPECTED_SPLITS))
+    if any(i.kind == "split" for i in issues) or (issues and not request.skip_invalid):
+        raise DatasetError(_summary(issues, request.fmt, request.root, request.skip_invalid))
+    return valid, issues, notes, validation
+
+
+def _check_pixels(
+    triplets: list[Triplet], issues: list[Issue], workers: int, bar: Optional[ProgressBar] = None
+) -> tuple[list[Triplet], list[Issue]]:
     """Decode every sample (threads: tifffile, zlib and Pillow release the GIL), a bounded window
     of them at a time. Returns the valid samples and the notes on those kept with a change; the
     invalid ones are added to `issues`."""
@@ -305,6 +372,8 @@ def _check_pixels(triplets: list[Triplet], issues: list[Issue], workers: int) ->
                 notes.extend([found] if found else [])
             else:
                 issues.append(found)
+            if bar is not None:
+                bar.update()
     return valid, notes
 
 
@@ -417,19 +486,22 @@ def _group_by_split(valid: list[Triplet]) -> dict[str, list[Triplet]]:
 
 
 def _write_shards(
-    target: storage.Location, by_split: dict[str, list[Triplet]], workers: int, rows_per_shard: int, max_shard_bytes: int
+    staging: resume.Staging, by_split: dict[str, list[Triplet]], request: _Request
 ) -> tuple[dict[str, list[dict]], dict[str, list[int]], list[str]]:
-    """Every split's shards under `target`, one pool of encoding threads for them all. Returns
-    split -> shards (path, rows), split -> largest [height, width], and the samples' digests."""
+    """Every split's shards under the staging's version (after those it kept), one pool of
+    encoding threads for them all. Returns split -> shards (path, rows), split -> largest
+    [height, width], and the samples' digests."""
     shards: dict[str, list[dict]] = {}
     largest: dict[str, list[int]] = {}
     digests: list[str] = []
-    with ThreadPoolExecutor(workers) as pool:
+    todo = sum(len(items) - staging.kept_rows(split) for split, items in by_split.items())
+    with ThreadPoolExecutor(request.workers) as pool, ProgressBar("writing", todo, enabled=request.progress) as bar:
         for split in _split_order(by_split):
             if split in by_split:
-                shards[split], largest[split] = _write_split(
-                    target, split, by_split[split], pool, 4 * workers, digests, rows_per_shard, max_shard_bytes
-                )
+                writer = _SplitWriter(staging, split, request.rows_per_shard, request.max_shard_bytes)
+                writer.write(by_split[split], pool, 4 * request.workers, bar)
+                shards[split], largest[split] = writer.shards, writer.largest
+                digests.extend(writer.digests)
     return shards, largest, digests
 
 
@@ -480,62 +552,103 @@ def _content_hash(digests: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _write_split(
-    target: storage.Location, split: str, items: list[Triplet], pool: ThreadPoolExecutor, window: int, digests: list[str],
-    rows_per_shard: int, max_bytes: int,
-) -> tuple[list[dict], list[int]]:
-    """The split's shards (path, rows) and its largest image height and width."""
-    (target / split).mkdir(parents=True)  # an object store has no folders: nothing to do there
-    shards: list[dict] = []
-    writer: Optional[pq.ParquetWriter] = None
-    rows: list[tuple] = []
-    shard_rows = shard_bytes = 0
-    largest = [0, 0]
+class _SplitWriter:
+    """The shards of one split under a staging: rows in order, a shard closed at the row or the
+    byte bound and journaled once whole (`resume.record_shard`), the shards the staging kept
+    taken as they are. The bounds depend only on the rows, so a resumed split is cut as an
+    uninterrupted one is."""
 
-    def flush_group() -> None:
-        nonlocal rows
-        if rows:
-            columns = list(zip(*rows))
-            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA)], schema=SCHEMA))
-            rows = []
+    def __init__(self, staging: resume.Staging, split: str, rows_per_shard: int, max_bytes: int):
+        self.staging, self.split, self.rows_per_shard, self.max_bytes = staging, split, rows_per_shard, max_bytes
+        kept = staging.kept.get(split, [])
+        self.shards = [{"path": r["path"], "rows": r["rows"]} for r in kept]
+        self.largest = [max([0] + [r["largest"][k] for r in kept]) for k in (0, 1)]
+        self.digests = [d for r in kept for d in r["digests"]]
+        self.file: Optional[_ShardFile] = None
+        self.rows: list[tuple] = []  # of the row group being filled
+        self.shard_digests: list[str] = []
+        self.shard_largest = [0, 0]
+        self.shard_bytes = 0
 
-    def close_shard() -> None:
-        nonlocal writer, shard_rows, shard_bytes
-        if writer is not None:
-            flush_group()
-            writer.close()
-            shards[-1]["rows"] = shard_rows
-            writer, shard_rows, shard_bytes = None, 0, 0
+    def write(self, items: list[Triplet], pool: ThreadPoolExecutor, window: int, bar: ProgressBar) -> None:
+        """Write the split's samples `items` (all of them, sorted), those the staging kept skipped."""
+        start = sum(s["rows"] for s in self.shards)
+        target = self.staging.out / self.staging.version
+        (target / self.split).mkdir(parents=True, exist_ok=True)  # an object store has no folders
+        todo = items[start:]
+        try:
+            for index, (t, encoded) in enumerate(zip(todo, bounded_map(pool, _encode, todo, window)), start=start):
+                self._add(target, index, t, encoded)
+                bar.update()
+            self._close_shard()
+        except BaseException:
+            if self.file is not None:  # closed now, not whenever it is collected (after the caller's cleanup)
+                self.file.abort()
+            raise
 
-    try:
-        for index, (t, (image, mask, height, width, digest, encoding)) in enumerate(zip(items, bounded_map(pool, _encode, items, window))):
-            if writer is not None and (shard_rows >= rows_per_shard or shard_bytes + len(image) + len(mask) > max_bytes):
-                close_shard()
-            if writer is None:
-                path = f"{split}/part-{len(shards):05d}.parquet"
-                writer = _open_shard(target, path)
-                shards.append({"path": path, "rows": 0})
-            rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index, encoding))
-            shard_rows += 1
-            shard_bytes += len(image) + len(mask)
-            largest = [max(largest[0], height), max(largest[1], width)]
-            digests.append(digest)
-            if len(rows) >= ROWS_PER_ROW_GROUP:
-                flush_group()
-        close_shard()
-    except BaseException:
-        if writer is not None:  # closed now, not whenever it is collected (after the caller's cleanup)
+    def _add(self, target: storage.Location, index: int, t: Triplet, encoded: tuple) -> None:
+        image, mask, height, width, digest, encoding = encoded
+        size = len(image) + len(mask)
+        if self.file is not None and (len(self.shard_digests) >= self.rows_per_shard or self.shard_bytes + size > self.max_bytes):
+            self._close_shard()
+        if self.file is None:
+            path = f"{self.split}/part-{len(self.shards):05d}.parquet"
+            self.file = _open_shard(target, path)
+            self.shards.append({"path": path, "rows": 0})
+        self.rows.append((t.id, t.phrase, t.split, t.category, image, mask, height, width, index, encoding))
+        self.shard_digests.append(digest)
+        self.shard_bytes += size
+        self.shard_largest = [max(self.shard_largest[0], height), max(self.shard_largest[1], width)]
+        if len(self.rows) >= ROWS_PER_ROW_GROUP:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if self.rows:
+            columns = list(zip(*self.rows))
+            arrays = [pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA)]
+            self.file.writer.write_table(pa.Table.from_arrays(arrays, schema=SCHEMA))
+            self.rows = []
+
+    def _close_shard(self) -> None:
+        """Close the open shard (whole from now on: uploaded, on a store), then journal it."""
+        if self.file is None:
+            return
+        self._flush_group()
+        size, sha256 = self.file.close()
+        shard, rows = self.shards[-1], len(self.shard_digests)
+        shard["rows"] = rows
+        record = resume.shard_record(shard["path"], rows, size, sha256, self.shard_largest, self.shard_digests)
+        resume.record_shard(self.staging, self.split, len(self.shards) - 1, record)
+        self.digests.extend(self.shard_digests)
+        self.largest = [max(a, b) for a, b in zip(self.largest, self.shard_largest)]
+        self.file, self.shard_digests, self.shard_largest, self.shard_bytes = None, [], [0, 0], 0
+
+
+class _ShardFile:
+    """A shard being written: its Parquet writer, over a sink that hashes the bytes it passes on."""
+
+    def __init__(self, writer: pq.ParquetWriter, sink: resume.HashingSink):
+        self.writer, self.sink = writer, sink
+
+    def close(self) -> tuple[int, str]:
+        """Finish the file; its size and SHA-256."""
+        self.writer.close()
+        self.sink.close()
+        return self.sink.size, self.sink.hexdigest()
+
+    def abort(self) -> None:
+        for close in (self.writer.close, self.sink.close):
             try:
-                writer.close()
+                close()
             except Exception:
                 pass
-        raise
-    return shards, largest
 
 
-def _open_shard(target: storage.Location, path: str) -> pq.ParquetWriter:
+def _open_shard(target: storage.Location, path: str) -> _ShardFile:
     """A Parquet writer of the shard `path` (split/part-NNNNN.parquet) under `target`: a local
     file, or an object the store receives as it is written (multipart upload, no local copy)."""
+    from pyarrow import fs
+
     # A codec that decodes fast (shard_codec), no min/max statistics on the pixel columns
     # (useless there, and costly to compute), and dictionary encoding on them too: the
     # phrases of one image (RRSIS-D's "6_0", "6_1", ...) sit side by side, and a row
@@ -547,8 +660,15 @@ def _open_shard(target: storage.Location, path: str) -> pq.ParquetWriter:
         write_statistics=["id", "split", "height", "width", "index"],
     )
     if isinstance(target, storage.RemotePath):
-        return pq.ParquetWriter(f"{target.path}/{path}", SCHEMA, filesystem=target.fs, **options)
-    return pq.ParquetWriter(target / path, SCHEMA, **options)
+        raw = target.fs.open_output_stream(f"{target.path}/{path}")
+    else:
+        raw = fs.LocalFileSystem().open_output_stream(str(target / path))
+    sink = resume.HashingSink(raw)
+    try:
+        return _ShardFile(pq.ParquetWriter(sink, SCHEMA, **options), sink)
+    except BaseException:
+        sink.close()
+        raise
 
 
 def _manifest_text(manifest: dict[str, Any]) -> str:
@@ -590,8 +710,9 @@ def _check_replaceable(out: storage.Location) -> None:
 
 def _is_leftover(relative: str) -> bool:
     """Whether a file under a dataset (path relative to it) is one prepare writes besides the
-    manifest: a shard, the lock, a manifest being written."""
-    return bool(SHARD_KEY.fullmatch(relative)) or relative == LOCK or relative.startswith(f".{MANIFEST}.tmp-")
+    manifest: a shard, a version's resume journal, the lock, a manifest being written."""
+    return (bool(SHARD_KEY.fullmatch(relative) or JOURNAL_KEY.fullmatch(relative)) or relative == LOCK
+            or relative.startswith(f".{MANIFEST}.tmp-"))
 
 
 def _files(out: storage.Location) -> list[str]:
@@ -601,16 +722,17 @@ def _files(out: storage.Location) -> list[str]:
     return [p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()]
 
 
-def _publish_local(out: Path, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
-    """Publish a new version inside the folder `out`, holding its lock (one prepare at a time:
-    another one fails at once, naming the folder). A folder this call created and did not
-    publish to is removed again, as if nothing had been written."""
+def _publish_local(out: Path, prepare: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """`prepare(locked)` inside the folder `out`, holding its lock (one prepare at a time:
+    another one fails at once, naming the folder; `locked` is False on a filesystem without
+    locks). A folder this call created and left empty is removed again, as if nothing had been
+    written."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with _local_lock(out):
+        with _local_lock(out) as locked:
             _check_replaceable(out)  # again: someone may have written there meanwhile
-            return _publish(out, write)
+            return prepare(locked)
     finally:
         if created and not (out / MANIFEST).exists():
             try:
@@ -620,15 +742,15 @@ def _publish_local(out: Path, write: Callable[[storage.Location], dict[str, Any]
 
 
 @contextlib.contextmanager
-def _local_lock(out: Path) -> Iterator[None]:
+def _local_lock(out: Path) -> Iterator[bool]:
     """Hold `out/.prepare.lock` (flock, so the kernel releases it when its process dies, even by
-    SIGKILL: a killed prepare never blocks the next), removed again on release. A filesystem
-    without locks (some NFS mounts) gets a warning, and the manifest check (`_check_unchanged`)
-    alone then guards against a concurrent prepare."""
+    SIGKILL: a killed prepare never blocks the next), removed again on release; yields whether
+    it is held. A filesystem without locks (some NFS mounts) gets a warning, and the manifest
+    check (`_check_unchanged`) alone then guards against a concurrent prepare."""
     path = out / LOCK
     fd = _take_lock(out, path)
     try:
-        yield
+        yield fd is not None
     finally:
         if fd is not None:
             path.unlink(missing_ok=True)  # while still holding it
@@ -664,42 +786,113 @@ def _take_lock(out: Path, path: Path) -> Optional[int]:
         os.close(fd)
 
 
-def _publish_remote(out: storage.RemotePath, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
-    """Publish a new version under the prefix `out` (an object store has no lock: concurrent
-    prepares are told apart by the manifest each started from, `_publish`)."""
+def _publish_remote(out: storage.RemotePath, prepare: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """`prepare(False)` under the prefix `out` (an object store has no lock: concurrent prepares
+    are told apart by the manifest each started from, `_publish`, and a staging by its owner)."""
+    return prepare(False)
+
+
+def _stage(
+    request: _Request, by_split: dict[str, list[Triplet]], fingerprint: str, resumed: Optional[str],
+    validation: resume.Validation, base: Optional[str], locked: bool,
+) -> resume.Staging:
+    """The version this prepare writes: the staging `resumed` (its finished shards checked and
+    kept) or a new one, claimed (its journal names this process). Stagings no prepare will
+    resume or publish are deleted here: ones of other arguments or sources whose owner is gone."""
+    out = request.out
     _check_replaceable(out)  # again: someone may have written there meanwhile
-    return _publish(out, write)
-
-
-def _publish(out: storage.Location, write: Callable[[storage.Location], dict[str, Any]]) -> dict[str, Any]:
-    """Write a new version under `out/v-...`, publish it by writing `out/manifest.json`, then
-    delete the versions it replaced. Until the manifest is written the previous dataset stays
-    published and whole; on any failure this version is removed again (best effort: what a
-    kill or an outage leaves, the next prepare removes as stale)."""
-    version = _new_version()
-    base = _published_text(out)  # the published dataset this one replaces (None: none)
-    stage = "writing"
+    staging = resume.claim(out, resumed or _new_version(), fingerprint)
     try:
-        manifest = _in_version(write(out / version), version)
+        for version in resume.abandoned(out, _named_versions(base) | {staging.version}, locked=locked):
+            log.info("removing %s/%s, the staging of a prepare that will not be resumed", out, version)
+            _remove_version(out, version)
+        if not validation.recorded:
+            resume.save_validation(staging, validation)
+        if resumed:
+            kept = resume.keep_finished(staging, by_split, request.workers)
+            shards, rows = sum(len(v) for v in kept.values()), sum(staging.kept_rows(s) for s in kept)
+            log.info("resuming the interrupted prepare %s/%s: kept %d finished shard(s) (%d samples), "
+                     "checked against their recorded hashes", out, staging.version, shards, rows)
+    except BaseException:
+        resume.release(staging)
+        raise
+    return staging
+
+
+def _publish(out: storage.Location, base: Optional[str], stage: Callable[[], resume.Staging],
+             write: Callable[[resume.Staging], dict[str, Any]]) -> dict[str, Any]:
+    """Write the version `stage()` gives under `out/v-...`, publish it by writing
+    `out/manifest.json` (the published text was `base` when this prepare began), then delete the
+    versions it replaced. Until the manifest is written the previous dataset stays published and
+    whole. An interrupt (Ctrl-C, SIGTERM in the CLI) keeps the staging for the next prepare
+    with the same arguments to resume; any other failure removes it (best effort: what a kill or
+    an outage leaves, the next prepare resumes or removes)."""
+    staging: Optional[resume.Staging] = None
+    where = "staging"
+    try:
+        staging = stage()
+        where = "writing"
+        manifest = _in_version(write(staging), staging.version)
         _check_unchanged(out, base)
-        stage = "publishing"
+        where = "publishing"
+        # The journal goes first: a published version is its shards alone (a kill just before
+        # the manifest then costs the next prepare a full run, nothing more).
+        resume.drop_journal(out, staging.version)
         atomic.write_text(out / MANIFEST, _manifest_text(manifest))
     except BaseException as exc:
-        remote = isinstance(out, storage.RemotePath)
-        # A manifest upload that failed may still have landed: then its shards must stay.
-        if stage == "writing" or not remote:
-            _remove_version(out, version)
-        if remote and isinstance(exc, OSError) and "AWS Error" in str(exc):
-            said = storage.describe(exc, str(out))
-            if stage == "writing":
-                raise storage.StorageError(f"--out: writing {out} failed, nothing was published there "
-                                           f"(the previous dataset, if any, is unchanged): {said}") from exc
-            raise storage.StorageError(f"--out: publishing {out}/{MANIFEST} failed; either the previous "
-                                       f"dataset or this one is published there, whole: {said}") from exc
+        _after_failure(out, staging, where, exc)
         raise
-    if _confirm_published(out, manifest, version):
-        _remove_stale(out, version, base, _manifest_text(manifest))
+    finally:
+        if staging is not None:
+            resume.release(staging)
+    if _confirm_published(out, manifest, staging.version):
+        _remove_stale(out, staging.version, base, _manifest_text(manifest))
     return manifest
+
+
+def _after_failure(out: storage.Location, staging: Optional[resume.Staging], where: str, exc: BaseException) -> None:
+    """What a failure of `_publish` while `where` ("staging", "writing", "publishing") leaves: an
+    interrupt before publishing keeps the staging (resumable); otherwise the version is removed,
+    except a remote manifest upload that failed (it may still have landed: then its shards must
+    stay), a version published meanwhile (two prepares resuming one staging on a store) and a
+    staging that failed to be set up (the next prepare resumes or removes it). A storage error
+    is raised as a StorageError saying what is published now."""
+    remote = isinstance(out, storage.RemotePath)
+    if isinstance(exc, KeyboardInterrupt) and where != "publishing":
+        if staging is not None:
+            log.warning("interrupted: the shards finished so far are kept under %s/%s; run the same prepare "
+                        "again to resume it", out, staging.version)
+        return
+    removable = staging is not None and (where == "writing" or not remote)
+    if removable and staging.version not in _named_versions(_published_text_or_none(out)):
+        _remove_version(out, staging.version)
+    if remote and isinstance(exc, OSError) and "AWS Error" in str(exc):
+        said = storage.describe(exc, str(out))
+        if where != "publishing":
+            raise storage.StorageError(f"--out: writing {out} failed, nothing was published there "
+                                       f"(the previous dataset, if any, is unchanged): {said}") from exc
+        raise storage.StorageError(f"--out: publishing {out}/{MANIFEST} failed; either the previous "
+                                   f"dataset or this one is published there, whole: {said}") from exc
+
+
+def _named_versions(manifest_text: Optional[str]) -> set[str]:
+    """The versions whose shards a manifest's text lists (none for a dataset prepared before
+    versions, or a text that is not a manifest)."""
+    try:
+        shards = json.loads(manifest_text or "{}").get("shards", {})
+        paths = [shard["path"] for split in shards.values() for shard in split]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return set()
+    return {m.group("version") for path in paths if isinstance(path, str)
+            and (m := SHARD_KEY.fullmatch(path)) and m.group("version")}
+
+
+def _published_text_or_none(out: storage.Location) -> Optional[str]:
+    """The published manifest's text; None also when it cannot be read (the store is down)."""
+    try:
+        return _published_text(out)
+    except (OSError, DatasetError):
+        return None
 
 
 def _new_version() -> str:
@@ -770,19 +963,22 @@ def _remove_stale(out: storage.Location, current: str, base: Optional[str], ours
 
 def _stale_versions(out: storage.Location, current: str, base: Optional[str]) -> list[str]:
     """The versions `_remove_stale` deletes; the shards of a dataset prepared before versions
-    are deleted here."""
+    are deleted here. Under a prefix, a version that started after `current` is deleted too when
+    it is a staging whose owner is gone (`resume.abandoned`): a resumed `current` keeps the name
+    of the prepare that started it."""
     remote = isinstance(out, storage.RemotePath)
     if remote:
         keys = [(key, m) for key in _objects(out) if (m := SHARD_KEY.fullmatch(key))]
         versions = {m.group("version") for _, m in keys if m.group("version")}
         for key in [key for key, m in keys if not m.group("version")]:
             (out / key).unlink(missing_ok=True)
+        versions = {v for v in versions if v < current} | set(resume.abandoned(out, {current}, locked=False))
     else:
         versions = {p.name for p in out.iterdir() if VERSION.fullmatch(p.name)}
         for split in _unversioned_splits(base):
             shutil.rmtree(out / split, ignore_errors=True)
         atomic.clear_stale_siblings(out / MANIFEST)  # `.manifest.json.tmp-*` of killed prepares
-    return sorted(v for v in versions if v != current and (v < current or not remote))
+    return sorted(v for v in versions if v != current)
 
 
 def _restore_if_overwritten(out: storage.Location, ours: str, deleted: list[str]) -> None:

@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,17 @@ def _last_change(path: Path) -> float:
 
 def is_stale(sibling: Path, owner: Optional[str], pid: Optional[int], now: Optional[float] = None) -> bool:
     """Whether a staging sibling is left over from an earlier run (the rule in the module doc)."""
+    return owner_gone(owner, pid, lambda: _last_change(sibling), now)
+
+
+def owner_gone(owner: Optional[str], pid: Optional[int], last_change: Callable[[], float],
+               now: Optional[float] = None) -> bool:
+    """The module doc's rule for anything staged by (OWNER, pid), wherever it lies (a prepare's
+    staging in an object store too): its process of this machine no longer runs, or, made
+    elsewhere, nothing in it changed (`last_change()`, a time stamp) for STALE_AFTER_S."""
     if owner == OWNER and pid is not None:
         return pid != os.getpid() and not process_running(pid)
-    return (time.time() if now is None else now) - _last_change(sibling) > STALE_AFTER_S
+    return (time.time() if now is None else now) - last_change() > STALE_AFTER_S
 
 
 def clear_stale_siblings(target: str | os.PathLike) -> list[Path]:

@@ -242,3 +242,70 @@ def worker_lines(lines: list[str], source: str = "") -> list[str]:
         if traceback or PREFIX.strip() in line or _ALARM.search(line):
             kept.append(line)
     return kept
+
+
+# -- progress ---------------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    """`H:MM:SS`, what an ETA reads as (training's progress lines and the progress bar)."""
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours:d}:{minutes:02d}:{seconds:02d}"
+
+
+def bar_text(label: str, done: int, total: int, elapsed: float, *, unit: str = "samples", width: int = 24) -> str:
+    """`label [#########...............] 1234/4000 310.2 samples/s ETA 0:00:08`: the rate is
+    over the `elapsed` seconds so far, the ETA the rest at that rate ("?" before the first)."""
+    share = done / total if total else 1.0
+    filled = int(width * min(1.0, share))
+    rate = done / elapsed if done and elapsed > 0 else 0.0
+    eta = duration((total - done) / rate) if rate else "?"
+    return f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.1f} {unit}/s ETA {eta}"
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place (at most every `every` seconds) as work is done:
+    `bar_text`. Drawn only where stderr is a terminal: a pipe or a log file gets no redraws (and
+    the command's result lines, `say`, are on stdout either way); `enabled=False` draws nothing
+    anywhere. `close()` (or leaving the `with` block) draws the last state and ends the line."""
+
+    def __init__(self, label: str, total: int, *, unit: str = "samples", enabled: bool = True, every: float = 0.1,
+                 clock=time.monotonic):
+        self.label, self.total, self.unit, self.every, self.clock = label, total, unit, every, clock
+        self.enabled = enabled and _is_terminal(sys.stderr)
+        self.done, self.start, self.drawn = 0, clock(), None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled and (self.drawn is None or self.clock() - self.drawn >= self.every or self.done >= self.total):
+            self._draw()
+
+    def text(self) -> str:
+        return bar_text(self.label, self.done, self.total, self.clock() - self.start, unit=self.unit)
+
+    def close(self) -> None:
+        if self.enabled and self.drawn is not None:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.enabled = False
+
+    def _draw(self) -> None:
+        self.drawn = self.clock()
+        sys.stderr.write("\r" + self.text() + "\x1b[K")  # erase what a longer line left
+        sys.stderr.flush()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced by something without one, or closed
+        return False

@@ -6,14 +6,7 @@ import time
 
 # Not `print`, which Ray Train patches in its workers: console.say writes the worker's stdout,
 # which Ray forwards to the driver and the job log.
-from rsrefseg.platform.console import say
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
+from rsrefseg.platform.console import duration, say
 
 
 class Progress:
@@ -38,7 +31,7 @@ class Progress:
         total = self.total_epochs * self.steps_per_epoch
         done = global_step - self._first_step
         rate = done / max(time.perf_counter() - self._t0, 1e-9) if done else 0.0
-        eta = _fmt_eta((total - global_step) / rate) if rate else "?"
+        eta = duration((total - global_step) / rate) if rate else "?"
         in_epoch = global_step - (self.epoch - 1) * self.steps_per_epoch
         say(
             f"[rsrefseg] epoch {self.epoch}/{self.total_epochs} step {in_epoch}/{self.steps_per_epoch} "
