@@ -13,7 +13,6 @@ here the same math runs batched on the decoder's own submodules.
 from __future__ import annotations
 
 import os
-import pickle
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from torch import nn
 
 from rsrefseg.models.errors import ModelLoadError, state_dict_problems
 from rsrefseg.models.sizes import SamSizes
+from rsrefseg.models.weight_files import load_tensors, require_file
 
 # SAM normalizes 0-255 RGB with ImageNet statistics (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -157,12 +157,7 @@ def require_sam_checkpoint(
 ) -> Path:
     """The checkpoint path, or `ModelLoadError` if it is unset or not a file (checked before any
     large model is built, so a wrong path fails fast)."""
-    if path is None or str(path) == "":
-        raise ModelLoadError(f"{config_key} is not set; {_sam_hint(config_key, expected_file)}")
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{config_key}: file not found: {path}; {_sam_hint(config_key, expected_file)}")
-    return path
+    return require_file(path, config_key=config_key, hint=_sam_hint(config_key, expected_file))
 
 
 def load_sam_checkpoint(
@@ -179,17 +174,7 @@ def load_sam_checkpoint(
     """
     path = require_sam_checkpoint(path, config_key=config_key, expected_file=expected_file)
     hint = _sam_hint(config_key, expected_file)
-    try:
-        # weights_only: an official checkpoint is a plain dict of tensors; never unpickle code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{config_key}: {path} holds pickled Python objects, not just tensors; refusing to "
-            f"unpickle it (weights_only). {hint}"
-        ) from exc
-    except Exception as exc:  # truncated zip, not a torch file, ...
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{config_key}: cannot read {path} as a SAM state dict ({first_line}); {hint}") from exc
+    state = load_tensors(path, config_key=config_key, hint=hint, what="a SAM state dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{config_key}: {path} is not a state dict of tensors; {hint}")
 

@@ -18,7 +18,6 @@ single-mask output). `tests/models/test_sam2.py` checks both against Meta's own 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +33,7 @@ from torch.nn.init import trunc_normal_
 
 from rsrefseg.models.errors import ModelLoadError, state_dict_problems
 from rsrefseg.models.sizes import Sam2Sizes
+from rsrefseg.models.weight_files import load_tensors, require_file
 
 # SAM 2 normalizes 0..1 RGB with ImageNet statistics (sam2.utils.transforms.SAM2Transforms).
 SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -290,27 +290,12 @@ def require_sam2_checkpoint(
 ) -> Path:
     """The checkpoint path, or `ModelLoadError` if it is unset or not a file (checked before any
     large model is built, so a wrong path fails fast)."""
-    if path is None or str(path) == "":
-        raise ModelLoadError(f"{config_key} is not set; {_sam2_hint(config_key, expected_file)}")
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{config_key}: file not found: {path}; {_sam2_hint(config_key, expected_file)}")
-    return path
+    return require_file(path, config_key=config_key, hint=_sam2_hint(config_key, expected_file))
 
 
 def _read_model_state(path: Path, *, config_key: str, hint: str) -> dict[str, torch.Tensor]:
     """The `"model"` state dict of an official SAM 2 file (`torch.save({"model": sd})`)."""
-    try:
-        # weights_only: an official checkpoint is a plain dict of tensors; never unpickle code.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{config_key}: {path} holds pickled Python objects, not just tensors; refusing to "
-            f"unpickle it (weights_only). {hint}"
-        ) from exc
-    except Exception as exc:  # truncated zip, not a torch file, ...
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{config_key}: cannot read {path} as a SAM 2 checkpoint ({first_line}); {hint}") from exc
+    payload = load_tensors(path, config_key=config_key, hint=hint, what="a SAM 2 checkpoint")
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise ModelLoadError(
             f"{config_key}: {path} is not a SAM 2 checkpoint (no \"model\" state dict in it, as the "
