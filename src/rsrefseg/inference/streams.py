@@ -70,11 +70,11 @@ def _union(parts: list, *, seed: int):
     """One stream of the sources' streams. Streamed sources interleave as their read tasks finish;
     cached ones (already in the object store) would follow each other block by block, so their
     blocks are put in a seeded random order (which moves references, not rows)."""
-    import ray.data
+    from ray.data.dataset import MaterializedDataset
 
     if len(parts) == 1:
         return parts[0]
     ds = parts[0].union(*parts[1:])
-    if all(isinstance(part, ray.data.MaterializedDataset) for part in parts):
+    if all(isinstance(part, MaterializedDataset) for part in parts):
         ds = ds.randomize_block_order(seed=seed)
     return ds
