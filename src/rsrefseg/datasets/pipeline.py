@@ -161,6 +161,7 @@ def preprocess(
     batch_size: Optional[int] = PREPROCESS_BATCH_SIZE,
     cache: bool = False,
     source: str = "",
+    phrases_of=None,
 ):
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
@@ -191,11 +192,12 @@ def preprocess(
     shuffle_phrases: control experiment; each sample gets the phrase of another sample of the
         split (a seeded derangement over the whole split, in id order), so the text no longer
         describes the image. The `phrase` column then holds the phrase the model was given.
-        Building the id -> phrase table runs a small Ray job that reads only those two columns.
+        Building the id -> phrase table runs a small Ray job that reads only those two columns
+        (of `phrases_of` when given: the whole split of a source whose rows `ds` samples).
     """
     phrase_map = None
     if shuffle_phrases:
-        rows = ds.select_columns(["id", "phrase"]).take_all()  # two small columns of the split
+        rows = (phrases_of or ds).select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
     fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, source=source)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with

@@ -58,12 +58,13 @@ def _source_stream(cfg: Config, source: DataSource, split: str, sizes, tokenizer
     cache = epochs and split in largest and cache_fits(kept, tuple(largest[split]), sizes, cfg.data.cache_mib << 20)
     # Training reads its shards in a new order every epoch (or once, when cached: then the
     # workers' shuffle buffers mix the rows); evaluation reads them in order.
-    ds = read_split(source.path, split, limit=cfg.data.limit, shuffle_seed=cfg.train.seed if train else None)
+    whole = ds = read_split(source.path, split, limit=cfg.data.limit, shuffle_seed=cfg.train.seed if train else None)
     if budget is not None:
         ds = sampled(ds, rows, budget, seed=cfg.train.seed, name=source.name)
     # Flips (data.augment) are drawn on the train workers' devices (models.device_inputs).
+    # Shuffled phrases (the control) are dealt over the source's whole split, each row once.
     return preprocess(ds, sizes, tokenizer, shuffle_phrases=cfg.data.shuffle_phrases and train,
-                      seed=cfg.train.seed, cache=cache, source=source.name)
+                      seed=cfg.train.seed, cache=cache, source=source.name, phrases_of=whole)
 
 
 def _union(parts: list, *, seed: int):
