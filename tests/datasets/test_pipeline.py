@@ -48,7 +48,9 @@ def test_batches_follow_the_contract(prepared_synthetic, tokenizer):
     sizes = InputSizes(sam_image=1024, siglip_image=384, label=512, max_text_len=8)
     ds = preprocess(read_split(prepared_synthetic, "val"), sizes, tokenizer)
     batch = next(iter_batches(ds, 3))
-    assert set(batch) == {"image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category"}
+    assert set(batch) == {"image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category",
+                          "source"}
+    assert batch["source"] == [""] * 3  # data.path alone; a mixture's rows carry their source's name
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 512, 512, 3)
     assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape == (3, 512, 64)  # bits, packed
     assert batch["height"].tolist() == batch["width"].tolist() == [512] * 3

@@ -161,3 +161,18 @@ def test_trials_take_the_train_sections_resources_unless_tune_sets_them():
     assert (shared.train.gpus_per_worker, shared.train.cpus_per_worker, shared.train.num_workers) == (0.5, 2, 1)
     on_cpu = trial_config(BASE.replace(["tune.gpus_per_worker=0", "train.precision=fp32"]), {}).train
     assert not on_cpu.use_gpu
+
+
+def test_a_sweep_varies_a_mixture_s_weights(tmp_path):
+    mixed = load_config(REPO / "configs/demo-mixed.yaml")
+    path = tmp_path / "weights.yaml"
+    path.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"key": "data.sources.synth_b.weight", "values": [0.5, 1.0, 4.0]}]}))
+    trials = sweeps.load_sweep(path, mixed).trials()
+    assert [t["data.sources.synth_b.weight"] for t in trials] == [0.5, 1.0, 4.0]
+    cfg = mixed.replace(trials[-1])
+    assert [(s.name, s.weight) for s in cfg.data.source_list()] == [("synth_a", 1.0), ("synth_b", 4.0)]
+    path.write_text(yaml.safe_dump({"mode": "grid", "axes": [
+        {"key": "data.sources.synth_b.weight", "values": [1.0, 0]}]}))
+    with pytest.raises(ConfigError, match="data.sources.synth_b.weight"):
+        sweeps.load_sweep(path, mixed)

@@ -180,3 +180,40 @@ def test_scoring_at_the_images_own_size_resizes_the_logits_not_the_mask():
     assert records["id"] == ["7"] and records["category"] == ["road"]
     del batch["mask_original"]  # without originals: scored at the label size
     assert score_batch(logits, batch)["iou"] == [0.5]
+
+
+def test_grouped_metrics_reduce_each_source_and_the_mixture():
+    from rsrefseg.models.metrics import GroupedMetrics
+
+    acc = GroupedMetrics(["a", "b"])
+    acc.add_records({"intersection": [1, 0, 3], "union": [2, 4, 3], "source": ["a", "b", "a"]})
+    acc.add_records({"intersection": [2], "union": [2], "source": ["b"]})
+    out = acc.compute()
+    assert out["count"] == 4 and out["a/count"] == 2 and out["b/count"] == 2
+    assert out["a/gIoU"] == pytest.approx(75.0) and out["b/gIoU"] == pytest.approx(50.0)
+    assert out["gIoU"] == pytest.approx(62.5) and out["cIoU"] == pytest.approx(100 * 6 / 11)
+    assert out["a/cIoU"] == pytest.approx(80.0)
+    plain = GroupedMetrics()  # data.path alone: the mixture's names only
+    plain.add_records({"intersection": [1], "union": [2]})
+    assert set(plain.compute()) == set(SegMetrics().compute())
+
+
+def test_grouped_metrics_all_reduce_in_one_call():
+    import torch.distributed as dist
+
+    from rsrefseg.models.metrics import GroupedMetrics
+    from tests.conftest import single_process_group
+
+    acc = GroupedMetrics(["a", "b"])
+    acc.add_records({"intersection": [1, 2], "union": [2, 2], "source": ["a", "b"]})
+    before = acc.compute()
+    with single_process_group():
+        calls = []
+        original = dist.all_reduce
+        dist.all_reduce = lambda t, *a, **k: (calls.append(t.shape), original(t, *a, **k))[1]
+        try:
+            acc.reduce()
+        finally:
+            dist.all_reduce = original
+    assert calls == [(3, acc.total.state.numel())]
+    assert acc.compute() == before

@@ -41,8 +41,9 @@ from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
 from .shard_codec import RAW, binary_rows, decode_images, packed_width, pixel_rows
 from .triplet import DatasetError
 
-OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category")
-TEXT_COLUMNS = ("id", "phrase", "category")
+OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category",
+                  "source")
+TEXT_COLUMNS = ("id", "phrase", "category", "source")
 # Rows per map task call. None = the whole block a read task produced (one shard), which lets
 # Ray fuse the map into the read task: the raw rows then never enter the object store. Measured
 # (benchmarks/ingest.py, 20k samples of 512 x 512, 2 CPUs): fused 830 samples/s and 1.0 GB of
@@ -159,6 +160,8 @@ def preprocess(
     seed: int = 0,
     batch_size: Optional[int] = PREPROCESS_BATCH_SIZE,
     cache: bool = False,
+    source: str = "",
+    phrases_of=None,
 ):
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
@@ -170,6 +173,8 @@ def preprocess(
         input_ids      int64 [sizes.max_text_len]
         attention_mask int64 [sizes.max_text_len]
         id, phrase, category   str (category: of the shards, even with shuffled phrases)
+        source         str              `source`: the mixture's source (data.sources) the row
+                                        came from; "" for data.path
 
     Resizing to the model's inputs, normalizing, unpacking the mask and flips happen batched on
     the consumer's device (`rsrefseg.models.device_inputs.model_batch`): a 512 x 512 sample then
@@ -187,13 +192,14 @@ def preprocess(
     shuffle_phrases: control experiment; each sample gets the phrase of another sample of the
         split (a seeded derangement over the whole split, in id order), so the text no longer
         describes the image. The `phrase` column then holds the phrase the model was given.
-        Building the id -> phrase table runs a small Ray job that reads only those two columns.
+        Building the id -> phrase table runs a small Ray job that reads only those two columns
+        (of `phrases_of` when given: the whole split of a source whose rows `ds` samples).
     """
     phrase_map = None
     if shuffle_phrases:
-        rows = ds.select_columns(["id", "phrase"]).take_all()  # two small columns of the split
+        rows = (phrases_of or ds).select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map)
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, source=source)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
     ds = ds.map_batches(fn, batch_size=batch_size, batch_format="pyarrow")
@@ -233,10 +239,11 @@ class Preprocessor:
     the consumer's device. The pixels are never copied here: the output arrays are views of the
     Parquet buffers, which Ray copies once, into the object store."""
 
-    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None):
+    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, source: str = ""):
         self.sizes = sizes
         self.tokenizer = tokenizer
         self.phrases = phrases
+        self.source = source
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch.column("id").to_pylist()]
@@ -260,6 +267,7 @@ class Preprocessor:
             "id": np.array(ids, dtype=object),
             "phrase": np.array(phrases, dtype=object),
             "category": np.array([str(c) for c in batch.column("category").to_pylist()], dtype=object),
+            "source": np.array([self.source] * len(ids), dtype=object),
         }
 
     def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> np.ndarray:

@@ -55,7 +55,7 @@ class Scorer:
 
         # Resized on the replica's device; only the per-sample records leave the actor.
         records = score(self.model, batch, self.sizes, self.device, autocast=self.autocast, empty_iou=self.empty_iou)
-        return {k: np.asarray(v, dtype=object if k in ("id", "phrase", "category", "size") else None) for k, v in records.items()}
+        return {k: np.asarray(v, dtype=object if k in ("id", "phrase", "category", "source", "size") else None) for k, v in records.items()}
 
 
 def _resolve(ref):

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HEADERS = {"cIoU": "cIoU (=oIoU)", "gIoU": "gIoU (=mIoU)"}
 CONVENTIONS = ("gIoU = mIoU = mean of per-sample IoU; cIoU = oIoU = total intersection / total union; "
                "Pr@X = share of samples with IoU > X")
-SAMPLE_COLUMNS = ("id", "phrase", "category", "size", "iou", "intersection", "union", "gt_area", "pred_area", "pixels")
+SAMPLE_COLUMNS = ("id", "phrase", "category", "source", "size", "iou", "intersection", "union", "gt_area", "pred_area", "pixels")
 
 
 def format_row(metrics: dict, label: str = "") -> str:
@@ -75,15 +75,16 @@ def run_evaluate(
     model, cfg = load_checkpoint(ckpt_dir)
     given = {"batch_size": batch_size, "replicas": replicas, "gpus_per_replica": gpus_per_replica, "gallery": gallery}
     cfg = evaluation_config(cfg, overrides, {f"evaluate.{k}": v for k, v in given.items() if v is not None})
-    manifest = _probe_split(cfg, split)
+    inputs = session.dataset_inputs(cfg, _probe_split(cfg, split), {"evaluation": split})
     session.start_ray(cfg, ingest=False)
-    tags = {"rsrefseg.checkpoint": source, "rsrefseg.dataset_hash": manifest.get("content_hash", "")}
-    inputs = session.Inputs(manifest, cfg.data.path, {"evaluation": split})
+    tags = {"rsrefseg.checkpoint": source, "rsrefseg.dataset_hash": session.dataset_hash(inputs)}
+    dataset = ", ".join(s.path for s in cfg.data.source_list())
+    about = {"sources": {s.name: s.path for s in cfg.data.source_list()}} if cfg.data.sources else {}
     with session.open_run(cfg, job="evaluate", run_name=f"evaluate-{split}", tags=tags, inputs=inputs) as run:
         rows = _score(cfg, model, split)
-        result = summarize(rows, checkpoint=source, dataset=cfg.data.path,
-                           dataset_hash=manifest.get("content_hash", ""), split=split)
-        _print_result(result, cfg.data.path, split)
+        result = summarize(rows, checkpoint=source, dataset=dataset, **about,
+                           dataset_hash=session.dataset_hash(inputs), split=split)
+        _print_result(result, "mixture" if cfg.data.sources else dataset, split)
         samples = _samples_table(rows)
         if out:
             result["samples"] = _write_result(Path(out), result, samples)
@@ -106,16 +107,14 @@ def evaluation_config(cfg: Config, overrides: list[str] | None, evaluate: dict) 
     return session.resolve(cfg.replace(["paths.root=", *(overrides or [])])).replace(evaluate)
 
 
-def _probe_split(cfg: Config, split: str) -> dict:
-    """The prepared dataset's manifest, once its folder and `split` are known to be there."""
-    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
+def _probe_split(cfg: Config, split: str) -> dict[str, dict]:
+    """Each prepared dataset's manifest (source name -> manifest; "" for data.path), once its
+    folder and `split` are known to be there."""
+    from rsrefseg.datasets.prepare import MANIFEST
 
-    paths.require(cfg, ["data.path"])
+    paths.require(cfg, cfg.data.source_path_keys())
     session.probe_inputs(cfg, MANIFEST)
-    manifest = load_manifest(cfg.data.path)
-    if split not in manifest["counts"]:
-        raise ConfigError(f"--split {split}: not in {cfg.data.path} (it has {', '.join(sorted(manifest['counts']))})")
-    return manifest
+    return session.check_splits(cfg, (("--split", split),))
 
 
 def _score(cfg: Config, model, split: str) -> dict[str, list]:
@@ -126,14 +125,21 @@ def _score(cfg: Config, model, split: str) -> dict[str, list]:
     ds = build_datasets(cfg, splits={"eval": split})["eval"]
     replicas = plan_replicas(cfg, batch_size=cfg.evaluate.batch_size, count=cfg.evaluate.replicas,
                              gpus=cfg.evaluate.gpus_per_replica)
-    log.info("scoring %s/%s with %s", cfg.data.path, split, replicas)
+    log.info("scoring %s/%s with %s", [s.path for s in cfg.data.source_list()], split, replicas)
     return score_split(ds, cfg, model.trainable_state_dict(), replicas)
 
 
 def _print_result(result: dict, dataset: str, split: str) -> None:
-    """The paper's row, the tables by category and by object size, and the conventions."""
+    """The paper's row, the tables by source (a mixture), by category (a mixture: one per source)
+    and by object size, and the conventions."""
     print(format_row(result["metrics"], label=f"{Path(dataset).name}/{split}"))
-    print(f"\nby category ({split}):\n" + format_table(result["by_category"], first="category"))
+    if result.get("by_source"):
+        print(f"\nby source ({split}; the first row's numbers are the mixture's):\n"
+              + format_table(result["by_source"], first="source"))
+    for source in result.get("by_source") or [""]:
+        prefix = f"{source}/" if source else ""
+        table = {k[len(prefix):]: m for k, m in result["by_category"].items() if k.startswith(prefix)}
+        print(f"\nby category ({prefix}{split}):\n" + format_table(table, first="category"))
     print(f"\nby object size (ground truth's share of the image; {split}):\n"
           + format_table(result["by_size"], first="size"))
     print(f"\n{CONVENTIONS}")
@@ -160,16 +166,19 @@ def gallery_examples(cfg, model, split: str, rows: dict[str, list], *, k: int) -
     from rsrefseg.models.tokenizer import load_tokenizer
 
     order = sorted(range(len(rows.get("id", []))), key=lambda i: (rows["iou"][i], rows["id"][i]))
-    wanted = {rows["id"][i] for i in order[:k] + order[-k:]} if k else set()
+    sources = rows.get("source") or [""] * len(order)
+    wanted = {(sources[i], rows["id"][i]) for i in order[:k] + order[-k:]} if k else set()
     if not wanted:
         return []
-    ds = read_split(cfg.data.path, split).filter(expr=col("id").is_in(sorted(wanted)))  # Arrow-side filter
     sizes = input_sizes(cfg.model, cfg.data.label_size)
-    ds = preprocess(ds, sizes, load_tokenizer(cfg.model))
     gallery = Gallery(k)
     model.eval()
-    for batch in iter_batches(ds, 8):
-        score(model, batch, sizes, "cpu", gallery=gallery)
+    for source in cfg.data.source_list():  # ids are a source's own: looked up in it
+        ids = sorted(i for s, i in wanted if s == source.name)
+        if ids:
+            ds = read_split(source.path, split).filter(expr=col("id").is_in(ids))  # Arrow-side filter
+            for batch in iter_batches(preprocess(ds, sizes, load_tokenizer(cfg.model), source=source.name), 8):
+                score(model, batch, sizes, "cpu", gallery=gallery)
     return gallery.examples()
 
 
@@ -201,7 +210,9 @@ def replica_cpus(cluster: float, largest_node: float, *, ingest: float, count: i
 
 
 def summarize(rows: dict[str, list], **about) -> dict:
-    """The JSON result: overall metrics, by category, by object size (all in percent)."""
+    """The JSON result: overall metrics (a mixture's: the mixture), by source (a mixture), by
+    category (a mixture: keyed `<source>/<category>`, each source its own names), by object size
+    (all in percent)."""
     import torch
 
     from rsrefseg.models.metrics import SIZE_BUCKETS, SegMetrics, metrics_by
@@ -209,10 +220,12 @@ def summarize(rows: dict[str, list], **about) -> dict:
     overall = SegMetrics()
     if rows.get("id"):
         overall.add(torch.tensor(rows["intersection"]), torch.tensor(rows["union"]))
+    mixed = any(rows.get("source") or [])
     return {
         **about,
         "metrics": overall.compute(),
-        "by_category": metrics_by(rows, "category") if rows.get("id") else {},
+        "by_source": metrics_by(rows, "source") if mixed else {},
+        "by_category": _by_category(rows, mixed) if rows.get("id") else {},
         "by_size": metrics_by(rows, "size", order=tuple(b for b, _ in SIZE_BUCKETS)) if rows.get("id") else {},
         "size_buckets": {label: f"ground truth < {upper:.0%} of the image" if upper != float("inf") else "the rest"
                          for label, upper in SIZE_BUCKETS},
@@ -220,13 +233,28 @@ def summarize(rows: dict[str, list], **about) -> dict:
     }
 
 
+def _by_category(rows: dict[str, list], mixed: bool) -> dict[str, dict]:
+    """metrics_by category; of a mixture, per source (keys `<source>/<category>`)."""
+    from rsrefseg.models.metrics import metrics_by
+
+    if not mixed:
+        return metrics_by(rows, "category")
+    out = {}
+    for source in dict.fromkeys(rows["source"]):
+        index = [i for i, s in enumerate(rows["source"]) if s == source]
+        part = {key: [values[i] for i in index] for key, values in rows.items()}
+        out.update({f"{source}/{name}": m for name, m in metrics_by(part, "category").items()})
+    return out
+
+
 def _samples_table(rows: dict[str, list]):
     import pyarrow as pa
 
     from rsrefseg.datasets.prepare import natural_key
 
-    order = sorted(range(len(rows.get("id", []))), key=lambda i: natural_key(rows["id"][i]))
-    return pa.table({c: [rows[c][i] for i in order] for c in SAMPLE_COLUMNS})
+    sources = rows.get("source") or [""] * len(rows.get("id", []))
+    order = sorted(range(len(rows.get("id", []))), key=lambda i: (sources[i], natural_key(rows["id"][i])))
+    return pa.table({c: [rows[c][i] for i in order] if c in rows else [""] * len(order) for c in SAMPLE_COLUMNS})
 
 
 def _log_to_mlflow(run: session.Run, cfg: Config, result: dict, samples, split: str, examples: list[dict]) -> None:
@@ -236,6 +264,8 @@ def _log_to_mlflow(run: session.Run, cfg: Config, result: dict, samples, split: 
 
     c, run_id = run.client, run.run_id
     metrics = {f"{split}/{k}": v for k, v in result["metrics"].items()}
+    for name, m in result.get("by_source", {}).items():  # as validation names them: val/<source>/gIoU
+        metrics.update({f"{split}/{_metric_safe(name)}/{k}": v for k, v in m.items()})
     for group in ("by_category", "by_size"):
         for name, m in result[group].items():
             metrics[f"{split}/{group}/{_metric_safe(name)}/gIoU"] = m["gIoU"]

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from rsrefseg.platform import paths, runs, signals, storage, tracking
 from rsrefseg.platform.config import Config
+from rsrefseg.platform.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,14 @@ class Inputs:
     manifest: dict
     path: str
     splits: dict[str, str]
+    source: str = ""  # the name of a mixture's source (data.sources); "" = data.path
 
 
 def resolve(cfg: Config) -> Config:
     """Step 1: the config as it runs on this machine: URIs checked (no credentials in them), then
     every path and the tracking store absolute here (`paths.localize`)."""
     flat = cfg.flat()
-    for key in (*paths.PATH_KEYS, "tracking.artifact_location"):
+    for key in (*paths.path_keys(cfg), "tracking.artifact_location"):
         storage.check_uri(key, flat[key])
     return paths.localize(cfg)
 
@@ -67,9 +69,42 @@ def probe_run_store(root: storage.Location, resume: str | None = None) -> None:
 def probe_inputs(cfg: Config, manifest_name: str) -> None:
     """Step 2, what the job reads and writes besides its folder: the dataset readable (its
     `manifest_name` file) and a direct MLflow artifact store writable."""
-    storage.check_readable("data.path", cfg.data.path, manifest_name)
+    for key, source in zip(cfg.data.source_path_keys(), cfg.data.source_list()):
+        storage.check_readable(key, source.path, manifest_name)
     if cfg.tracking.enabled and storage.is_remote(cfg.tracking.artifact_location):
         storage.check_writable("tracking.artifact_location", cfg.tracking.artifact_location)
+
+
+def check_splits(cfg: Config, splits) -> dict[str, dict]:
+    """Each source's manifest (source name -> manifest), once every (key, split) of `splits` is
+    known to be in it; else a ConfigError naming the key, the split, the source and its path."""
+    from rsrefseg.datasets.prepare import load_manifest
+
+    manifests = {}
+    for source in cfg.data.source_list():
+        manifest = manifests[source.name] = load_manifest(source.path)
+        for key, split in splits:
+            if split not in manifest["counts"]:
+                which = f"source {source.name!r} (data.sources.{source.name}.path)" if source.name else "dataset"
+                raise ConfigError(
+                    f"{key}: split {split!r} is not in the prepared {which} {source.path} "
+                    f"(it has {', '.join(sorted(manifest['counts']))})"
+                )
+    return manifests
+
+
+def dataset_inputs(cfg: Config, manifests: dict[str, dict], splits: dict[str, str]) -> list[Inputs]:
+    """A job's MLflow dataset inputs: one per source (data.path alone: one), from `check_splits`'
+    manifests; `splits`: how the job uses each split ({"train": "train", "validation": "val"})."""
+    return [Inputs(manifests[source.name], source.path, splits, source=source.name)
+            for source in cfg.data.source_list()]
+
+
+def dataset_hash(inputs: list[Inputs]) -> str:
+    """The rsrefseg.dataset_hash tag: the content hash, or a mixture's `name=hash` list."""
+    if len(inputs) == 1 and not inputs[0].source:
+        return inputs[0].manifest.get("content_hash", "")
+    return ",".join(f"{i.source}={i.manifest.get('content_hash', '')}" for i in inputs)
 
 
 def start_ray(cfg: Config, *, ingest: bool) -> float | None:
@@ -94,7 +129,7 @@ def start_ray(cfg: Config, *, ingest: bool) -> float | None:
 @contextlib.contextmanager
 def open_run(cfg: Config, *, job: str, run_name: str, run_id: str | None = None, create: bool = True,
              parent_run_id: str | None = None, config_file: str | None = None,
-             tags: dict[str, str] | None = None, inputs: Inputs | None = None) -> Iterator[Run]:
+             tags: dict[str, str] | None = None, inputs: Inputs | list[Inputs] | None = None) -> Iterator[Run]:
     """Steps 5 and 6: the job's MLflow run for the block. `run_id`: continue that run (a resume:
     set RUNNING again, nothing recorded twice); else a new one is created when `create` and
     tracking is on, with the config as params, `tags` (plus rsrefseg.job), the recipe file and
@@ -109,6 +144,6 @@ def open_run(cfg: Config, *, job: str, run_name: str, run_id: str | None = None,
     with signals.sigterm_interrupts(), tracking.run_lifecycle(cfg.tracking, run_id, continued=continued) as client:
         if client is not None and not continued:
             tracking.record_run(client, run_id, cfg, config_file=config_file)
-            if inputs is not None:
-                tracking.log_dataset(client, run_id, inputs.manifest, inputs.path, inputs.splits)
+            for item in [inputs] if isinstance(inputs, Inputs) else inputs or []:  # one per source
+                tracking.log_dataset(client, run_id, item.manifest, item.path, item.splits, source=item.source)
         yield Run(run_id, client)

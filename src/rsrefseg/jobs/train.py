@@ -37,9 +37,9 @@ class TrainOutcome:
 
 
 def preflight(cfg: Config) -> dict:
-    """Checks that need no Ray: the prepared dataset, the model files, what the run must do at
-    its end. Returns the manifest."""
-    from rsrefseg.datasets.prepare import MANIFEST, load_manifest
+    """Checks that need no Ray: the prepared dataset(s), the model files, what the run must do at
+    its end. Returns the manifest (of a mixture: of its first source; `manifests` has them all)."""
+    from rsrefseg.datasets.prepare import MANIFEST
     from rsrefseg.models.presets import check_model_files, model_preset
 
     if cfg.train.register_as and not cfg.tracking.enabled:
@@ -47,28 +47,26 @@ def preflight(cfg: Config) -> dict:
         # (register_as included) with MLflow off, which is fine for them.
         raise ConfigError("train.register_as: registers the model in MLflow, which tracking.enabled=false turns off")
     weights = ("model.sam_checkpoint", "model.siglip_path") if model_preset(cfg.model).pretrained else ()
-    paths.require(cfg, ("data.path", *weights))  # names this host: a cluster's paths are not the laptop's
+    # Names this host: a cluster's paths are not the laptop's.
+    paths.require(cfg, (*cfg.data.source_path_keys(), *weights))
     session.probe_inputs(cfg, MANIFEST)
     check_model_files(cfg.model)
-    manifest = load_manifest(cfg.data.path)
-    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
-        if split not in manifest["counts"]:
-            raise ConfigError(
-                f"{key}: split {split!r} is not in the prepared dataset {cfg.data.path} "
-                f"(it has {', '.join(sorted(manifest['counts']))})"
-            )
-    rows = _rows(manifest, cfg.data.train_split, cfg.data.limit)
+    manifests = session.check_splits(cfg, (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)))
+    rows = epoch_rows(cfg)
     if steps_per_epoch(cfg, rows) < 1:
+        where = ", ".join(s.path for s in cfg.data.source_list())
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the {rows} training samples of "
-            f"{cfg.data.path} split over {cfg.train.num_workers} workers; lower it"
+            f"{where} split over {cfg.train.num_workers} workers; lower it"
         )
-    return manifest
+    return next(iter(manifests.values()))
 
 
-def _rows(manifest: dict, split: str, limit: int) -> int:
-    n = int(manifest["counts"][split])
-    return min(n, limit) if limit else n
+def epoch_rows(cfg: Config) -> int:
+    """Training rows of one epoch: data.path's train split, or a mixture's budgets together."""
+    from rsrefseg.inference.streams import train_budgets
+
+    return sum(train_budgets(cfg).values())
 
 
 def steps_per_epoch(cfg: Config, train_rows: int) -> int:
@@ -94,7 +92,7 @@ def build_trainer(cfg: Config, *, name: str, mlflow_run_id: str | None, manifest
     loop_config = {
         "config": cfg.to_dict(),
         "mlflow_run_id": mlflow_run_id,
-        "steps_per_epoch": steps_per_epoch(cfg, _rows(manifest, cfg.data.train_split, cfg.data.limit)),
+        "steps_per_epoch": steps_per_epoch(cfg, epoch_rows(cfg)),
     }
     return TorchTrainer(
         train_func,
@@ -154,12 +152,12 @@ def run_train(
     with runs.lock(run_dir, f"run {name}") if resume else contextlib.nullcontext():
         manifest = preflight(cfg)
         session.start_ray(cfg, ingest=True)
-        inputs = session.Inputs(manifest, cfg.data.path,
-                                {"train": cfg.data.train_split, "validation": cfg.data.val_split})
+        inputs = session.dataset_inputs(cfg, session.check_splits(cfg, ()),
+                                        {"train": cfg.data.train_split, "validation": cfg.data.val_split})
         with session.open_run(cfg, job="train", run_name=run_name or name.replace("/", "-"),
                               run_id=saved.mlflow_run_id if saved else None, parent_run_id=parent_run_id,
                               config_file=config_file, inputs=inputs,
-                              tags={"rsrefseg.dataset_hash": manifest.get("content_hash", ""), **(tags or {})}) as run:
+                              tags={"rsrefseg.dataset_hash": session.dataset_hash(inputs), **(tags or {})}) as run:
             runs.create_run(run_dir, cfg, run.run_id)
             say(f"run {name}: {run_dir}")
             if run.run_id:

@@ -12,7 +12,7 @@ pipeline (pixels at their stored size, masks bit-packed) -> the model's inputs.
     valid          list of (rows, cols)      each image's area at the label size (keep_ratio only)
     mask_original  list of bool [h, w]       each mask at its image's own size (for scoring;
                                              only with originals=True)
-    id, phrase, category                     lists of str
+    id, phrase, category, source             lists of str
 
 `F.interpolate(..., antialias=True)` is torch's port of Pillow's resampling filters: it matches
 the CPU reference (`pipeline.resize_image`, Pillow's BILINEAR) within one level of 255, and
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rsrefseg.models.sizes import IGNORE_LABEL, InputSizes, fit_inside
 
 # The text columns a batch carries through to the per-sample records (not tensors).
-TEXT_COLUMNS = ("id", "phrase", "category")
+TEXT_COLUMNS = ("id", "phrase", "category", "source")
 
 Pixels = Union[torch.Tensor, Sequence]  # a stacked [B, ...] tensor, or one array per sample
 

@@ -117,6 +117,46 @@ class SegMetrics:
         return out
 
 
+class GroupedMetrics:
+    """SegMetrics of all samples and of each group of them (a mixture's sources, by the records'
+    `source` column): validation's accumulator. Metric names: the SegMetrics names for all
+    samples (the mixture), `<group>/<name>` for a group. Samples of a group not listed count in
+    the total only. Workers combine all of it with one all-reduce (`reduce`)."""
+
+    def __init__(self, groups=(), *, key: str = "source", empty_iou: float = 1.0, factory=SegMetrics) -> None:
+        self.key = key
+        self.total = factory(empty_iou=empty_iou)
+        self.groups = {str(g): factory(empty_iou=empty_iou) for g in groups}
+        self.empty_iou = self.total.empty_iou
+
+    @torch.no_grad()
+    def add_records(self, records: dict[str, list]) -> None:
+        """Per-sample records (`sample_records` columns, plus `key` when there are groups)."""
+        inter, union = torch.tensor(records["intersection"]), torch.tensor(records["union"])
+        self.total.add(inter, union)
+        labels = records.get(self.key, [])
+        for name, acc in self.groups.items():
+            index = [i for i, label in enumerate(labels) if label == name]
+            if index:
+                acc.add(inter[index], union[index])
+
+    def reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum every accumulator over the workers of the default process group (one all-reduce)."""
+        import torch.distributed as dist
+
+        accs = [self.total, *self.groups.values()]
+        state = torch.stack([acc.state for acc in accs]).to(device)
+        dist.all_reduce(state)
+        for acc, row in zip(accs, state.cpu()):
+            acc.state = row.clone()
+
+    def compute(self) -> dict[str, float]:
+        out = self.total.compute()
+        for name, acc in self.groups.items():
+            out.update({f"{name}/{k}": v for k, v in acc.compute().items()})
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # Per-sample records and breakdowns (by category, by object size)
 

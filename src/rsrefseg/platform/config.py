@@ -239,11 +239,40 @@ class ModelConfig:
         )
 
 
+DatasetPath = Annotated[str, Field(min_length=1, description="the folder `rsrefseg prepare` wrote"),
+                        _no_credentials(STORAGE_LOGIN)]
+# A source's label: part of metric names (val/<source>/gIoU) and of dotted keys.
+SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+@dataclass(config=SECTION)
+class SourceConfig:
+    """One prepared dataset of a mixture (data.sources.<name>)."""
+
+    path: DatasetPath
+    # Share of each training epoch: source i contributes weight_i / (sum of weights) of the
+    # epoch's rows (docs/training.md, "Mixed datasets").
+    weight: Annotated[Number, Field(gt=0)] = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A source as the jobs read it: data.sources' entries, or data.path alone (name "")."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
 @dataclass(config=SECTION)
 class DataConfig:
     # A prepared dataset: the folder `rsrefseg prepare` wrote (manifest.json + Parquet shards).
-    path: Annotated[str, Field(min_length=1, description="the folder `rsrefseg prepare` wrote"),
-                    _no_credentials(STORAGE_LOGIN)] = "data/demo/prepared"
+    # Ignored when data.sources names datasets.
+    path: DatasetPath = "data/demo/prepared"
+    # Several prepared datasets in one run, by name: {name: {path, weight}}. Empty = data.path
+    # alone. Training draws each epoch from them by weight; validation and evaluate report each
+    # source and the mixture. Dotted keys reach each one: data.sources.rrsisd.weight=2.
+    sources: dict[SourceName, SourceConfig] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
     # Label resolution (masks are compared at this size); 0 = the preset's default.
@@ -269,6 +298,16 @@ class DataConfig:
     # input at reduced size). `gpu` is reserved for torchvision.io.decode_jpeg on the train
     # worker's device and is refused for now.
     decode: Literal["cpu", "gpu"] = "cpu"
+
+    def source_list(self) -> list[DataSource]:
+        """The datasets the run reads: data.sources in their order, else data.path (name "")."""
+        if not self.sources:
+            return [DataSource("", self.path)]
+        return [DataSource(name, s.path, float(s.weight)) for name, s in self.sources.items()]
+
+    def source_path_keys(self) -> list[str]:
+        """The dotted keys of the dataset paths this config reads."""
+        return [f"data.sources.{name}.path" for name in self.sources] or ["data.path"]
 
 
 @dataclass(config=SECTION)
@@ -662,11 +701,13 @@ _PHRASES = {
     "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
     "less_than_equal": "must be <= {le}", "less_than": "must be < {lt}",
     "literal_error": "must be one of {expected}", "string_too_short": "must not be empty",
+    "string_pattern_mismatch": "must match {pattern} (letters, digits, _ and -)", "missing": "missing",
+    "dict_type": "expected a mapping of keys",
 }
 
 
 def _config_error(error: dict, source: str) -> ConfigError:
-    loc = [str(part) for part in error["loc"]]
+    loc = [str(part) for part in error["loc"] if part != "[key]"]  # a mapping's key: named by itself
     key = ".".join(loc)
     if error["type"] == CREDENTIALS_IN_URI:  # the message, never the value
         return ConfigError(f"{key}: {error['msg']} ({source})")
@@ -686,9 +727,13 @@ def _config_error(error: dict, source: str) -> ConfigError:
 def _fields(loc: list[str]) -> dict:
     """The pydantic fields of the section at `loc` (the top level for [])."""
     section: Any = Config
-    for part in loc:
+    parts = iter(loc)
+    for part in parts:
         info = getattr(section, "__pydantic_fields__", {}).get(part)
         if info is None:
             return {}
         section = info.annotation
+        if getattr(section, "__origin__", None) is dict:  # a mapping by name (data.sources): skip the name
+            section = section.__args__[1]
+            next(parts, None)
     return dict(getattr(section, "__pydantic_fields__", {}))

@@ -24,6 +24,12 @@ from rsrefseg.platform.errors import ConfigError
 HOME_ENV = "RSREFSEG_HOME"
 # The config keys that name local files or folders (URIs such as s3://... pass through).
 PATH_KEYS = ("data.path", "model.siglip_path", "model.sam_checkpoint", "train.storage_path")
+
+
+def path_keys(cfg: Config) -> tuple[str, ...]:
+    """PATH_KEYS plus the path of each of data.sources (data.sources.<name>.path)."""
+    return PATH_KEYS + tuple(f"data.sources.{name}.path" for name in cfg.data.sources)
+
 # What each key must hold and where users get it, for the missing-path message.
 EXPECTED = {
     "data.path": "a folder written by `rsrefseg prepare`",
@@ -99,7 +105,7 @@ def absolute(cfg: Config) -> Config:
     that resolves the same config again, such as a Tune trial, gets the same answer)."""
     root = project_root(cfg.paths.root)
     flat = cfg.flat()
-    updates = {key: rooted(flat[key], root) for key in PATH_KEYS if flat[key]}
+    updates = {key: rooted(flat[key], root) for key in path_keys(cfg) if flat[key]}
     updates["paths.root"] = str(root)
     return cfg.replace(updates)
 
@@ -116,7 +122,8 @@ def require(cfg: Config, keys: tuple[str, ...] | list[str]) -> None:
             continue
         path = Path(rooted(value, root))
         if not path.exists():
-            expected = f" (expected: {EXPECTED[key]})" if key in EXPECTED else ""
+            what = "data.path" if key.startswith("data.sources.") else key
+            expected = f" (expected: {EXPECTED[what]})" if what in EXPECTED else ""
             raise MissingPath(
                 f"{key}: {path} does not exist on host {socket.gethostname()}{expected}. Relative paths in a "
                 f"config resolve against paths.root, here {root} (paths.root empty: ${HOME_ENV}, else "
@@ -174,7 +181,7 @@ def portable(cfg: Config) -> Config:
     paths against their own project folder. (A path given outside the project stays as given.)"""
     root = project_root(cfg.paths.root)
     flat = cfg.flat()
-    updates: dict = {key: relative(flat[key], root) for key in PATH_KEYS if flat[key]}
+    updates: dict = {key: relative(flat[key], root) for key in path_keys(cfg) if flat[key]}
     updates["paths.root"] = ""
     uri = flat["tracking.uri"]
     db = sqlite_file(uri)

@@ -125,16 +125,18 @@ def experiment_id(tracking: TrackingConfig, name: str | None = None) -> str:
     return exp.experiment_id
 
 
-def log_dataset(c, run_id: str, manifest: dict, path: str, splits: dict[str, str]) -> None:
+def log_dataset(c, run_id: str, manifest: dict, path: str, splits: dict[str, str], *, source: str = "") -> None:
     """The prepared dataset as the run's MLflow dataset inputs (the runs table's Dataset column):
     one per split the run read, named `<format>:<folder>/<split>` (MLflow keeps one input per
     name and digest), tagged with how the run used it (mlflow.data.context: train, validation,
     evaluation); digest = the manifest's content hash; profile = the split's sample and category
-    counts."""
+    counts. A mixture's source (data.sources.<source>) is named `<format>:<source>/<split>` and
+    tagged rsrefseg.source."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source_type = path.split("://", 1)[0] if is_uri(path) else "local"
-    folder = Path(path.rstrip("/")).name
+    folder = source or Path(path.rstrip("/")).name
+    extra = [InputTag("rsrefseg.source", source)] if source else []
     inputs = []
     for context, split in splits.items():
         dataset = Dataset(
@@ -146,7 +148,7 @@ def log_dataset(c, run_id: str, manifest: dict, path: str, splits: dict[str, str
             profile=json.dumps({"samples": manifest.get("counts", {}).get(split, 0),
                                 "categories": manifest.get("categories", {}).get(split, {})}),
         )
-        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context), InputTag("rsrefseg.split", split)]))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context), InputTag("rsrefseg.split", split), *extra]))
     c.log_inputs(run_id, datasets=inputs)
 
 

@@ -172,7 +172,7 @@ def train_func(loop_config: dict) -> None:
             train_epoch(worker, train_shard, epoch, state, on_log=on_log)
             metrics, examples = validate(worker.engine, val_shard, worker.micro_batch, worker.device, worker.sizes,
                                          SegMetrics, keep=train.figure_samples if rank == 0 else 0,
-                                         timeout_s=train.batch_timeout_s)
+                                         timeout_s=train.batch_timeout_s, sources=tuple(cfg.data.sources))
             metrics = {f"val/{k}": v for k, v in metrics.items()}
             metrics["epoch"] = epoch
             state.epoch = epoch
@@ -217,8 +217,9 @@ def _worker_nodes(world: int) -> list[str]:
 
 @torch.no_grad()
 def validate(engine, shard, batch_size: int, device, sizes: InputSizes, metrics_cls, *, keep: int = 0,
-             timeout_s: float = 0.0):
-    """Metrics over this worker's share of the split, summed over all workers.
+             timeout_s: float = 0.0, sources: tuple[str, ...] = ()):
+    """Metrics over this worker's share of the split, summed over all workers: of every sample
+    (a mixture's: the mixture), and as `<source>/<metric>` of each of `sources`.
 
     Scored as `rsrefseg evaluate` scores (`inference.scoring.score`: each sample at its image's
     own size). Returns (metrics dict, this worker's `keep` worst then `keep`
@@ -226,16 +227,15 @@ def validate(engine, shard, batch_size: int, device, sizes: InputSizes, metrics_
     engine.eval()
     from rsrefseg.datasets.pipeline import iter_batches
     from rsrefseg.inference.gallery import Gallery
+    from rsrefseg.models.metrics import GroupedMetrics
     from rsrefseg.platform.capacity import describe_resources
 
-    acc = metrics_cls()
+    acc = GroupedMetrics(sources, factory=metrics_cls)
     gallery = Gallery(keep)
     for batch in iter_batches(shard, batch_size, timeout_s=timeout_s, on_timeout=describe_resources):
-        records = score(engine, batch, sizes, device, empty_iou=acc.empty_iou, gallery=gallery)
-        acc.add(torch.tensor(records["intersection"]), torch.tensor(records["union"]))
+        acc.add_records(score(engine, batch, sizes, device, empty_iou=acc.empty_iou, gallery=gallery))
     if dist.is_initialized():
         # One all-reduce of the metric sums: every sample counted once over all workers.
-        acc.to(device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(acc.state)
+        acc.reduce(device if dist.get_backend() == "nccl" else "cpu")
     return acc.compute(), gallery.examples()
 
