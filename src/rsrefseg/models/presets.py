@@ -133,8 +133,16 @@ def _rsrefseg2(name: str, sam: Sam2Sizes, checkpoint: str) -> Preset:
     )  # fmt: skip
 
 
+# RSRefSeg-2's toy SigLIP sees the letterboxed canvas at half SAM's size, as the real one (1024 ->
+# 512): a plain bilinear halving is a 2 x 2 average, where a third would alias. The same 16 x 16
+# grid and text tower as SIGLIP_TINY (one tokenizer for both tiny models).
+SIGLIP2_TINY = SiglipSizes(
+    image_size=96, patch_size=6, hidden_size=32, intermediate_size=64, num_heads=2,
+    vision_layers=2, text_layers=2, vocab_size=512, max_text_len=16,
+)  # fmt: skip
+
 TINY2 = Preset(
-    name="tiny", sam=SAM2_TINY, siglip=SIGLIP_TINY, label_size=64, pretrained=False, arch="rsrefseg2",
+    name="tiny", sam=SAM2_TINY, siglip=SIGLIP2_TINY, label_size=64, pretrained=False, arch="rsrefseg2",
     prompter=PROMPTER_TINY, keep_ratio=True,
 )  # fmt: skip
 RSREFSEG2_T = _rsrefseg2("rsrefseg2-t", SAM2_HIERA_T, "sam2.1_hiera_tiny.pt")
