@@ -174,10 +174,11 @@ def object_store_mib() -> int:
 
 class PeakMemory:
     """Samples the PSS of this process and all its descendants (and Ray's object store usage)
-    every `every` seconds."""
+    every `every` seconds. `spent`: CPU seconds its sampling took (reading every process's page
+    map is not free), to leave out of what the pipeline costs."""
 
     def __init__(self, every: float = 0.5):
-        self.every, self.peak, self.store_peak, self._stop = every, 0, -1, threading.Event()
+        self.every, self.peak, self.store_peak, self.spent, self._stop = every, 0, -1, 0.0, threading.Event()
 
     @staticmethod
     def now() -> int:
@@ -191,6 +192,20 @@ class PeakMemory:
                 pass
         return total
 
+    @staticmethod
+    def cpu_s() -> float:
+        """CPU seconds (user + system) spent so far by this process and its living descendants
+        (Ray's workers live through a run): what an epoch costs whatever else runs on the machine."""
+        me = psutil.Process()
+        total = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
     def __enter__(self):
         self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -198,9 +213,18 @@ class PeakMemory:
         return self
 
     def _run(self):
+        start = time.thread_time()
         while not self._stop.wait(self.every):
             self.peak = max(self.peak, self.now())
             self.store_peak = max(self.store_peak, object_store_mib())
+        self.spent += time.thread_time() - start
+
+    def sample(self) -> int:
+        """`now()`, its CPU time counted in `spent`."""
+        start = time.thread_time()
+        value = self.now()
+        self.spent += time.thread_time() - start
+        return value
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -258,36 +282,41 @@ def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) 
     return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen}
 
 
-def run_ray(path: Path, sizes, tokenizer, batch_size: int) -> dict:
-    # warm-up: worker processes started and modules imported, as in any epoch after the first
-    for _ in iter_batches(preprocess(read_split(path, "train", limit=64), sizes, tokenizer), batch_size):
+def run_ray(path: Path, sizes, tokenizer, batch_size: int, workers: int) -> dict:
+    # warm-up: worker processes started and modules imported, as in any epoch after the first;
+    # one shard per Ray CPU, so that every worker runs a task (each imports the decoders once)
+    warm = min(len_of(path), ROWS_PER_SHARD * workers)
+    for _ in iter_batches(preprocess(read_split(path, "train", limit=warm), sizes, tokenizer), batch_size):
         pass
     ds = preprocess(read_split(path, "train"), sizes, tokenizer)
     seen = nbytes = 0
     series, every = [], max(1, len_of(path) // 10)  # process-tree memory at each tenth of the epoch
+    cpu = PeakMemory.cpu_s()
     with PeakMemory() as memory:
         start = time.perf_counter()
         for batch in iter_batches(ds, batch_size):
             seen += len(batch["id"])
             nbytes += sample_bytes(batch)
             if seen >= every * (len(series) + 1):
-                series.append((seen, PeakMemory.now()))
+                series.append((seen, memory.sample()))
         elapsed = time.perf_counter() - start
+    cpu = PeakMemory.cpu_s() - cpu - memory.spent
     return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen, "store_peak": memory.store_peak,
-            "bytes_per_sample": nbytes / max(seen, 1), "series": series}
+            "bytes_per_sample": nbytes / max(seen, 1), "series": series, "per_cpu_s": seen / cpu, "stats": ds.stats()}
 
 
 def one_core_rate(path: Path, sizes, tokenizer, batch_size: int) -> float:
-    """Samples/s of the read task's work (Parquet read + `Preprocessor`) in this one process, one
-    thread: what one CPU core delivers, without Ray's scheduling or a busy neighbour's share."""
+    """Samples per CPU-second of the read task's work (Parquet read + `Preprocessor`) in this one
+    process: what one CPU core delivers, without Ray's scheduling, and (CPU time, not wall time)
+    without a busy neighbour's share."""
     files = [path / s["path"] for s in load_manifest(path)["shards"]["train"]]
     prep, seen = Preprocessor(sizes=sizes, tokenizer=tokenizer), 0
-    start = time.perf_counter()
+    start = time.process_time()
     for name in files:
         table = pq.read_table(name)
         for offset in range(0, len(table), batch_size):
             seen += len(prep(table.slice(offset, batch_size))["id"])
-    return seen / (time.perf_counter() - start)
+    return seen / (time.process_time() - start)
 
 
 def len_of(path: Path) -> int:
@@ -367,6 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (Ray gets as many CPUs)")
     parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"],
                         help="shard kinds: raw 512 x 512 pixels, JPEG 800 x 800 files as shipped")
+    parser.add_argument("--stats", action="store_true", help="print Ray Data's stats of each timed epoch")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to build the datasets (default: a temp dir, removed)")
     return parser.parse_args(argv)
 
@@ -378,6 +408,7 @@ class Measurements:
     device: str  # where device_side_ms ran
     device_ms: float
     codecs: list[tuple[str, float, float]]
+    load: tuple[float, float]  # 1-minute load average before the first timed epoch and after the last
 
 
 def time_dataloader(datasets: dict[int, Path], sizes, tokenizer, args: argparse.Namespace) -> dict:
@@ -400,7 +431,7 @@ def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: a
     ray.data.DataContext.get_current().enable_progress_bars = False
     idle_ray = PeakMemory.now()
     for key, path in datasets.items():
-        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
+        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size, args.workers)
         print(f"Ray Data {key[0]} n={key[1]}: {results[key]['ray']['rate']:.0f} samples/s", file=sys.stderr)
     device, device_ms = device_side_ms(next(iter(datasets.values())), sizes, tokenizer, args.batch_size)
     ray.shutdown()
@@ -418,12 +449,14 @@ def measure_all(args: argparse.Namespace, sizes, tokenizer) -> Measurements:
                     for n, path in build_datasets(work / kind, args.sizes, kinds[kind]).items()}
         print(f"built datasets {args.encodings} x {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
         codecs = codec_costs(rows) + ([jpeg_cost(kinds["jpeg"], sizes)] if kinds["jpeg"] else [])
+        load = os.getloadavg()[0]
         results = time_dataloader(datasets, sizes, tokenizer, args)
         idle_ray, device, device_ms = time_ray(datasets, results, sizes, tokenizer, args)
+        load = (load, os.getloadavg()[0])
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return Measurements(results, idle_ray, device, device_ms, codecs)
+    return Measurements(results, idle_ray, device, device_ms, codecs, load)
 
 
 def mib(b) -> str:
@@ -435,18 +468,23 @@ def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measure
     print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, "
           f"label {sizes.label}, {sizes.max_text_len} tokens; raw: 512 x 512 pixels, jpeg: 800 x 800 files as shipped)\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader "
-          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB\n")
-    print("| shards | samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | 1 core, 1 process | Ray / DataLoader | MiB/sample through the store "
-          "| DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {m.load[0]:.1f} before, {m.load[1]:.1f} after\n")
+    print("| shards | samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | Ray Data per CPU-second | 1 process per CPU-second "
+          "| Ray / DataLoader | MiB/sample through the store | DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (kind, n), r in m.results.items():
         t, y = r["torch"], r["ray"]
         assert t["seen"] == y["seen"] == n, (t["seen"], y["seen"], n)
-        print(f"| {kind} | {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {r['one_core']:,.0f} | {y['rate'] / t['rate']:.2f} "
+        print(f"| {kind} | {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {y['per_cpu_s']:,.0f} | {r['one_core']:,.0f} "
+              f"| {y['rate'] / t['rate']:.2f} "
               f"| {y['bytes_per_sample'] / 2**20:.2f} | {mib(t['peak'])} | {mib(y['peak'])} | {y['store_peak']:,} |")
     print(
         "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
-        " or driver + every Ray process, object store included); object store: Ray's plasma usage."
+        " or driver + every Ray process, object store included); object store: Ray's plasma usage. Per CPU-second:"
+        " samples over the CPU time (user + system) of the driver and every Ray process during the epoch, the"
+        " benchmark's own memory sampling left out: what a core delivers when the pipeline has it to itself,"
+        " however busy the machine was (samples/s per core is that only on an otherwise idle machine)."
     )
 
 
@@ -464,9 +502,12 @@ def print_details(args: argparse.Namespace, m: Measurements) -> None:
     for kind in args.encodings:
         last = m.results[(kind, args.sizes[-1])]
         print(f"\ningest ({kind} shards): {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes "
-              f"(Ray Data), {last['one_core']:.0f} on one core in one process; "
+              f"(Ray Data; {last['ray']['per_cpu_s']:.0f} per CPU-second), {last['one_core']:.0f} per CPU-second in one process; "
               f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
               f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
+    if args.stats:
+        for (kind, n), r in m.results.items():
+            print(f"\nRay Data stats of the timed {kind} epoch, {n:,} samples:\n{r['ray']['stats']}")
 
 
 def main(argv=None) -> None:

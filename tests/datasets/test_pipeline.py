@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split, shuffled_phrases, split_size, tokenize
+from rsrefseg.datasets.pipeline import _stacked, iter_batches, preprocess, read_split, shuffled_phrases, split_size, tokenize
 from rsrefseg.datasets.prepare import prepare_dataset
 from rsrefseg.datasets.triplet import DatasetError
 from rsrefseg.models.sizes import InputSizes
@@ -276,3 +276,18 @@ def test_a_cached_split_keeps_its_read_order_whichever_task_finishes_first(small
     ds = preprocess(read_split(path, "train"), IDENTITY, SlowOnFirstShard(tokenizer, first_shard), cache=True)
     assert len(in_order) == 7 and len(first_shard) == 2
     assert [r["id"] for r in ds.iter_rows()] == in_order
+
+
+@pytest.mark.parametrize("shapes, stacked", [
+    ([(4, 5, 3)] * 3, True),
+    ([(4, 5, 3), (4, 5, 3), (4, 6, 3)], False),  # the last differs: the rows so far were in the batch
+    ([(6, 5, 3), (4, 5, 3), (4, 5, 3)], False),
+    ([(4, 5, 3), (4, 6, 3), (4, 5, 3)], False),  # ragged on the second axis only
+    ([], False),
+])
+def test_decoded_images_are_copied_into_one_batch_or_kept_each(shapes, stacked):
+    images = [np.full(shape, k, dtype=np.uint8) for k, shape in enumerate(shapes)]
+    out = _stacked(iter(images), len(images))  # an iterator: decoded one at a time
+    assert (out.dtype == np.uint8) == stacked and len(out) == len(images)
+    for got, image in zip(out, images):
+        np.testing.assert_array_equal(got, image)

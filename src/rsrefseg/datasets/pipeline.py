@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import ray.data
@@ -38,7 +38,7 @@ from ray.data.expressions import col
 from rsrefseg.platform import storage
 
 from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
-from .shard_codec import RAW, binary_rows, decode_images, packed_width, pixel_rows
+from .shard_codec import RAW, binary_rows, iter_images, packed_width, pixel_rows
 from .triplet import DatasetError
 
 OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category")
@@ -163,7 +163,7 @@ def preprocess(
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
         image          uint8 [H, W, 3]  RGB at the image's stored size (raw shards: no decoding
-                                        work; JPEG/PNG shards: decoded here, on CPU, with Pillow),
+                                        work; JPEG/PNG shards: decoded here, on CPU, see shard_codec),
                                         or at most sizes.sam_image a side (see below)
         mask           uint8 [H', ceil(W'/8)]  the mask at the image's own size, bits still packed
         height, width  int32            the mask's (= the stored image's) size
@@ -231,8 +231,9 @@ def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[s
 
 class Preprocessor:
     """The map_batches function: one batch of Parquet rows (a pyarrow Table) -> one batch for
-    the consumer's device. The pixels are never copied here: the output arrays are views of the
-    Parquet buffers, which Ray copies once, into the object store."""
+    the consumer's device. Raw pixels are never copied here: the output arrays are views of the
+    Parquet buffers, which Ray copies once, into the object store; decoded pixels are written
+    once, into the batch (`_stacked`)."""
 
     def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None):
         self.sizes = sizes
@@ -271,8 +272,8 @@ class Preprocessor:
         encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else []
         if all(e == RAW for e in encodings):
             return pixel_rows(batch.column("image"), shapes, whats)
-        rows = decode_images(binary_rows(batch.column("image")), encodings, shapes, whats, max_side=self.sizes.sam_image)
-        return _stacked(rows)
+        rows = iter_images(binary_rows(batch.column("image")), encodings, shapes, whats, max_side=self.sizes.sam_image)
+        return _stacked(rows, len(shapes))
 
     def shrunk(self, images: np.ndarray) -> np.ndarray:
         """Images larger than the SAM input on a side, resized to it here (bilinear, as the model
@@ -283,16 +284,29 @@ class Preprocessor:
             return images
         small = [np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR)) if max(image.shape[:2]) > side
                  else image for image in rows]
-        return _stacked(small)
+        return _stacked(small, len(small))
 
 
-def _stacked(images: list) -> np.ndarray:
-    """[N, H, W, 3] when the images share a shape, else an object array of them."""
-    if images and len({image.shape for image in images}) == 1:
-        return np.stack(images)
-    out = np.empty(len(images), dtype=object)
-    out[:] = images
-    return out
+def _stacked(images: Iterable[np.ndarray], count: int) -> np.ndarray:
+    """[N, H, W, 3] when the `count` images share a shape, else an object array of them. Each
+    image is copied into the batch as it comes (while it is in the CPU's cache, and without a
+    list of them all beside the batch: decoded images are produced one at a time)."""
+    out, done = None, []
+    for k, image in enumerate(images):
+        if out is None and not done:
+            out = np.empty((count, *image.shape), dtype=image.dtype)
+        if out is not None and image.shape == out.shape[1:]:
+            out[k] = image
+            continue
+        if out is not None:  # shapes differ: the rows so far become views of the batch
+            done, out = list(out[:k]), None
+        done.append(image)
+    if out is not None:
+        return out
+    objects = np.empty(len(done), dtype=object)
+    for k, image in enumerate(done):  # one by one: numpy would read a list of arrays as one array
+        objects[k] = image
+    return objects
 
 
 def resize_image(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:
