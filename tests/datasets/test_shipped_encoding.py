@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -210,7 +211,31 @@ def test_a_damaged_or_unknown_encoding_fails_with_the_fix(jpeg_dataset, tokenize
 
 def test_decode_config_key():
     assert Config.from_dict({}).data.decode == "cpu"
-    with pytest.raises(ConfigError, match=r"data.decode: gpu .* not implemented yet; use data.decode=cpu"):
-        Config.from_dict({"data": {"decode": "gpu"}})
+    assert Config.from_dict({"data": {"decode": "gpu"}}).data.decode == "gpu"
     with pytest.raises(ConfigError, match=r"data.decode"):
         Config.from_dict({"data": {"decode": "tpu"}})
+
+
+def test_decode_gpu_leaves_the_jpeg_files_the_device_can_decode_whole(jpeg_dataset, tokenizer):
+    out, _ = jpeg_dataset
+    table = read_table(out, "train")
+    batch = Preprocessor(sizes=LARGE, tokenizer=tokenizer, decode="gpu")(table)
+    assert batch["image"].shape == (len(table), 0, 0, 3)  # nothing decoded here
+    assert list(batch["jpeg"]) == table.column("image").to_pylist()  # the files' own bytes
+    assert "jpeg" not in Preprocessor(sizes=LARGE, tokenizer=tokenizer)(table)  # decode="cpu": as before
+    # Larger than the SAM input: drafted and shrunk here, as with decode="cpu" (the device would
+    # decode them whole, which is other pixels).
+    small = InputSizes(sam_image=256, siglip_image=128, label=64, max_text_len=8)
+    shrunk = Preprocessor(sizes=small, tokenizer=tokenizer, decode="gpu")(table)
+    assert shrunk["image"].shape == (len(table), 256, 256, 3) and set(shrunk["jpeg"]) == {b""}
+    np.testing.assert_array_equal(shrunk["image"], Preprocessor(sizes=small, tokenizer=tokenizer)(table)["image"])
+    with pytest.raises(ValueError, match="decode must be one of cpu, gpu"):
+        Preprocessor(sizes=LARGE, tokenizer=tokenizer, decode="tpu")
+
+
+def test_decode_gpu_checks_the_header_before_a_file_leaves(jpeg_dataset, tokenizer):
+    out, _ = jpeg_dataset
+    table = read_table(out, "train").slice(0, 1)
+    lying = table.set_column(table.schema.get_field_index("width"), "width", pa.array([400], table.schema.field("width").type))
+    with pytest.raises(DatasetError, match=r"800x800 where the shard says 400x800"):
+        Preprocessor(sizes=LARGE, tokenizer=tokenizer, decode="gpu")(lying)

@@ -38,11 +38,15 @@ from ray.data.expressions import col
 from rsrefseg.platform import storage
 
 from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
-from .shard_codec import RAW, binary_rows, iter_images, packed_width, pixel_rows
+from .shard_codec import JPEG, RAW, binary_rows, check_header, iter_images, packed_width, pixel_rows
 from .triplet import DatasetError
 
 OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category")
 TEXT_COLUMNS = ("id", "phrase", "category")
+# Where JPEG rows are decoded (config `data.decode`): "cpu" in the map tasks; "gpu" on the
+# consumer's device (`models.device_inputs`), the file's bytes travelling in the DEVICE_JPEG column.
+DECODE = ("cpu", "gpu")
+DEVICE_JPEG = "jpeg"
 # Rows per map task call. None = the whole block a read task produced (one shard), which lets
 # Ray fuse the map into the read task: the raw rows then never enter the object store. Measured
 # (benchmarks/ingest.py, 20k samples of 512 x 512, 2 CPUs): fused 830 samples/s and 1.0 GB of
@@ -159,6 +163,7 @@ def preprocess(
     seed: int = 0,
     batch_size: Optional[int] = PREPROCESS_BATCH_SIZE,
     cache: bool = False,
+    decode: str = "cpu",
 ):
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
@@ -170,6 +175,8 @@ def preprocess(
         input_ids      int64 [sizes.max_text_len]
         attention_mask int64 [sizes.max_text_len]
         id, phrase, category   str (category: of the shards, even with shuffled phrases)
+        jpeg           bytes            decode="gpu" only: the file of a JPEG row left for the
+                                        device (its `image` empty, [0, 0, 3]); b"" for other rows
 
     Resizing to the model's inputs, normalizing, unpacking the mask and flips happen batched on
     the consumer's device (`rsrefseg.models.device_inputs.model_batch`): a 512 x 512 sample then
@@ -193,7 +200,7 @@ def preprocess(
     if shuffle_phrases:
         rows = ds.select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map)
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, decode=decode)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
     ds = ds.map_batches(fn, batch_size=batch_size, batch_format="pyarrow")
@@ -235,10 +242,13 @@ class Preprocessor:
     Parquet buffers, which Ray copies once, into the object store; decoded pixels are written
     once, into the batch (`_stacked`)."""
 
-    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None):
+    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, decode: str = "cpu"):
+        if decode not in DECODE:
+            raise ValueError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}")
         self.sizes = sizes
         self.tokenizer = tokenizer
         self.phrases = phrases
+        self.decode = decode
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch.column("id").to_pylist()]
@@ -249,10 +259,10 @@ class Preprocessor:
         heights = batch.column("height").to_numpy().astype(np.int32)
         widths = batch.column("width").to_numpy().astype(np.int32)
         sizes = list(zip(heights.tolist(), widths.tolist()))
-        images = self.images(batch, sizes, ids)
+        images, device_jpegs = self.images(batch, sizes, ids)
         masks = pixel_rows(batch.column("mask"), [(h, packed_width(w)) for h, w in sizes], [f"mask of {i!r}" for i in ids])
         input_ids, attention_mask = tokenize(self.tokenizer, phrases, self.sizes.max_text_len)
-        return {
+        out = {
             "image": self.shrunk(images),
             "mask": masks,
             "height": heights,
@@ -263,17 +273,33 @@ class Preprocessor:
             "phrase": np.array(phrases, dtype=object),
             "category": np.array([str(c) for c in batch.column("category").to_pylist()], dtype=object),
         }
+        if self.decode == "gpu":
+            out[DEVICE_JPEG] = device_jpegs
+        return out
 
-    def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> np.ndarray:
-        """The batch's images as uint8 [H, W, 3]: views of the Parquet buffers when raw, decoded
-        (JPEG at reduced size when larger than sizes.sam_image, see shard_codec) when shipped."""
+    def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's images as uint8 [H, W, 3], the JPEG files left for the device): images
+        are views of the Parquet buffers when raw, decoded (JPEG at reduced size when larger than
+        sizes.sam_image, see shard_codec) when shipped, and empty ([0, 0, 3]) where their file is
+        left for the device (decode="gpu": a JPEG not larger than sizes.sam_image, so that the
+        device decodes exactly what the CPU would; its header checked here)."""
         shapes, whats = [(h, w, 3) for h, w in sizes], [f"image of {i!r}" for i in ids]
         names = batch.column_names if hasattr(batch, "column_names") else list(batch)
-        encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else []
+        encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else [RAW] * len(ids)
+        files = np.full(len(ids), b"", dtype=object)
         if all(e == RAW for e in encodings):
-            return pixel_rows(batch.column("image"), shapes, whats)
-        rows = iter_images(binary_rows(batch.column("image")), encodings, shapes, whats, max_side=self.sizes.sam_image)
-        return _stacked(rows, len(shapes))
+            return pixel_rows(batch.column("image"), shapes, whats), files
+        rows = binary_rows(batch.column("image"))
+        side = self.sizes.sam_image
+        for k, (data, encoding, (h, w), what) in enumerate(zip(rows, encodings, sizes, whats)):
+            if self.decode == "gpu" and encoding == JPEG and max(h, w) <= side and check_header(data, JPEG, shapes[k], what):
+                files[k] = data.tobytes()
+        on_device = [bool(f) for f in files]
+        decoded = iter_images([r for r, d in zip(rows, on_device) if not d], [e for e, d in zip(encodings, on_device) if not d],
+                              [s for s, d in zip(shapes, on_device) if not d], [t for t, d in zip(whats, on_device) if not d],
+                              max_side=side)
+        empty = np.zeros((0, 0, 3), np.uint8)
+        return _stacked((empty if d else next(decoded) for d in on_device), len(rows)), files
 
     def shrunk(self, images: np.ndarray) -> np.ndarray:
         """Images larger than the SAM input on a side, resized to it here (bilinear, as the model

@@ -24,6 +24,8 @@ Masks stay packed all the way to the train worker's device
 
 from __future__ import annotations
 
+import io
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import numpy as np
@@ -31,7 +33,8 @@ import numpy as np
 from .triplet import DatasetError
 
 RAW = "raw"
-SHIPPED = {"JPEG": "jpeg", "PNG": "png"}  # Pillow's format name -> the `encoding` value
+JPEG = "jpeg"
+SHIPPED = {"JPEG": JPEG, "PNG": "png"}  # Pillow's format name -> the `encoding` value
 ENCODINGS = (RAW, *SHIPPED.values())
 
 # Parquet compression of the pixel columns. LZ4 over ZSTD: on the noisy synthetic images ZSTD
@@ -56,8 +59,6 @@ def shipped_bytes(path: str, image: np.ndarray) -> tuple[bytes, str] | None:
     decoding is exactly `image` (what validation decoded), else None (the image is stored raw).
     The comparison decodes the file once more, at prepare: whatever a reader did to the pixels
     (an orientation, a crop, a grey file made RGB), a shard never decodes to other pixels."""
-    import io
-
     from PIL import Image
 
     if not path:
@@ -100,11 +101,31 @@ def iter_images(rows: list, encodings: list[str], shapes: list[tuple], whats: li
 
 
 def _decode_shipped(data, shape: tuple, what: str, max_side: int) -> np.ndarray:
-    """Pillow reads the header (the size is checked against the shard's before anything is
-    decoded); a JPEG or PNG at full size is decoded by torchvision (`_torch_decoded`), the rest
-    (a JPEG drafted smaller, a file torchvision does not give as 8-bit RGB) by Pillow."""
-    import io
+    """A JPEG or PNG at full size decoded by torchvision (`_torch_decoded`), the rest (a JPEG
+    drafted smaller, a file torchvision does not give as 8-bit RGB) by Pillow."""
+    with _opened(data, shape, what) as im:
+        if im.format == "JPEG" and max(im.size) > max_side:
+            im.draft("RGB", (max_side, max_side))
+        elif im.format in SHIPPED:
+            pixels = _torch_decoded(data, im.format, tuple(shape))
+            if pixels is not None:
+                return pixels
+        return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
 
+
+def check_header(data, encoding: str, shape: tuple, what: str) -> bool:
+    """Whether the file in `data` is of `encoding`'s format; raises DatasetError (naming `what`)
+    when it is not of the shard's size or its header is unreadable. Nothing is decoded."""
+    with _opened(data, shape, what) as im:
+        return SHIPPED.get(im.format or "") == encoding
+
+
+@contextmanager
+def _opened(data, shape: tuple, what: str):
+    """The file in `data` opened by Pillow, which reads only its header: the size is checked
+    against the shard's before anything is decoded (a shard never makes a decoder allocate more).
+    Whatever fails inside (Pillow and torchvision raise many types for broken files) becomes a
+    DatasetError that names `what`."""
     from PIL import Image
 
     try:
@@ -112,16 +133,10 @@ def _decode_shipped(data, shape: tuple, what: str, max_side: int) -> np.ndarray:
             if (im.height, im.width) != tuple(shape[:2]):
                 raise DatasetError(f"{what}: the file is {im.width}x{im.height} where the shard says "
                                    f"{shape[1]}x{shape[0]}; the shard is damaged (run `rsrefseg prepare` again)")
-            if im.format == "JPEG" and max(im.size) > max_side:
-                im.draft("RGB", (max_side, max_side))
-            elif im.format in SHIPPED:
-                pixels = _torch_decoded(data, im.format, tuple(shape))
-                if pixels is not None:
-                    return pixels
-            return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+            yield im
     except DatasetError:
         raise
-    except Exception as exc:  # Pillow and torchvision raise many types for broken files
+    except Exception as exc:
         raise DatasetError(f"{what}: cannot decode ({type(exc).__name__}: {exc}); "
                            "the shard is damaged (run `rsrefseg prepare` again)") from exc
 

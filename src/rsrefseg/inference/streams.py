@@ -32,5 +32,5 @@ def build_datasets(cfg: Config, *, splits: dict[str, str], epochs: bool = False)
                         shuffle_seed=cfg.train.seed if is_train else None)
         # Flips (data.augment) are drawn on the train workers' devices (models.device_inputs).
         out[name] = preprocess(ds, sizes, tokenizer, shuffle_phrases=cfg.data.shuffle_phrases and is_train,
-                               seed=cfg.train.seed, cache=cache)
+                               seed=cfg.train.seed, cache=cache, decode=cfg.data.decode)
     return out
