@@ -18,9 +18,16 @@ stays flat from the small size to the large one is the point of streaming.
 Two kinds of shards, side by side in one run (--encodings): "raw", 64 prepared synthetic samples
 (512 x 512, RefSegRS's size, raw pixels) repeated under new ids (~0.25 GB of disk per 1000
 samples); "jpeg", 64 photograph-like 800 x 800 images (RRSIS-D's size) stored as shipped (JPEG,
-quality 90, ~0.2 MB each), which the pipeline decodes on CPU. Also prints what decoding one sample
-costs in each storage format (PNG, the previous one; raw pixels under LZ4 and under ZSTD; JPEG as
-shipped) and ends with one summary line per kind.
+quality 90, ~0.2 MB each), which the pipeline decodes on CPU; "jpeg-gpu", the same shards read
+with data.decode: gpu (the files travel, and the consumer's `model_batch` decodes them: its cost
+is in the device-side line, on this CPU where there is no GPU). Also prints what decoding one
+sample costs in each storage format (PNG, the previous one; raw pixels under LZ4 and under ZSTD;
+JPEG as shipped) and ends with one summary line per kind.
+
+    python benchmarks/ingest.py --preset rsrefseg-b --sizes 512 --encodings raw jpeg jpeg-gpu
+
+On a shared machine read "per CPU-second" (samples over the CPU time the pipeline's processes
+spent) beside samples/s per core, and the load average the header prints.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from rsrefseg.datasets.prepare import MANIFEST, ROWS_PER_SHARD, SCHEMA, SCHEMA_V
 from rsrefseg.datasets.shard_codec import PIXEL_COMPRESSION, decode_images, image_array
 from rsrefseg.datasets.synthetic import generate
 from rsrefseg.models.sizes import InputSizes
+
+# Shard kinds (--encodings) -> (the shards they read, the pipeline's `decode`): "jpeg-gpu" reads
+# the JPEG shards with data.decode: gpu (the files travel; model_batch decodes them).
+KINDS = {"raw": ("raw", "cpu"), "jpeg": ("jpeg", "cpu"), "jpeg-gpu": ("jpeg", "gpu")}
 
 FALLBACK_SIZES = {
     "tiny": InputSizes(sam_image=64, siglip_image=64, label=64, max_text_len=16),
@@ -174,10 +185,11 @@ def object_store_mib() -> int:
 
 class PeakMemory:
     """Samples the PSS of this process and all its descendants (and Ray's object store usage)
-    every `every` seconds."""
+    every `every` seconds. `spent`: CPU seconds its sampling took (reading every process's page
+    map is not free), to leave out of what the pipeline costs."""
 
     def __init__(self, every: float = 0.5):
-        self.every, self.peak, self.store_peak, self._stop = every, 0, -1, threading.Event()
+        self.every, self.peak, self.store_peak, self.spent, self._stop = every, 0, -1, 0.0, threading.Event()
 
     @staticmethod
     def now() -> int:
@@ -191,6 +203,20 @@ class PeakMemory:
                 pass
         return total
 
+    @staticmethod
+    def cpu_s() -> float:
+        """CPU seconds (user + system) spent so far by this process and its living descendants
+        (Ray's workers live through a run): what an epoch costs whatever else runs on the machine."""
+        me = psutil.Process()
+        total = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
     def __enter__(self):
         self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -198,9 +224,18 @@ class PeakMemory:
         return self
 
     def _run(self):
+        start = time.thread_time()
         while not self._stop.wait(self.every):
             self.peak = max(self.peak, self.now())
             self.store_peak = max(self.store_peak, object_store_mib())
+        self.spent += time.thread_time() - start
+
+    def sample(self) -> int:
+        """`now()`, its CPU time counted in `spent`."""
+        start = time.thread_time()
+        value = self.now()
+        self.spent += time.thread_time() - start
+        return value
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -217,12 +252,12 @@ class ParquetSamples(torch.utils.data.Dataset):
     time, through the same `Preprocessor` the Ray pipeline maps. Each worker keeps the shard it
     is reading in memory (one at a time)."""
 
-    def __init__(self, path: Path, sizes: InputSizes, tokenizer):
+    def __init__(self, path: Path, sizes: InputSizes, tokenizer, decode: str = "cpu"):
         manifest = load_manifest(path)
         self.files = [path / s["path"] for s in manifest["shards"]["train"]]
         self.starts = list(np.cumsum([0] + [s["rows"] for s in manifest["shards"]["train"]])[:-1])
         self.length = manifest["counts"]["train"]
-        self.prep = Preprocessor(sizes=sizes, tokenizer=tokenizer)
+        self.prep = Preprocessor(sizes=sizes, tokenizer=tokenizer, decode=decode)
         self._shard, self._table = None, None
 
     def __len__(self):
@@ -243,12 +278,13 @@ def sample_bytes(batch: dict) -> int:
         if torch.is_tensor(value):
             total += value.numel() * value.element_size()
         else:
-            total += sum(len(str(v).encode()) for v in value)
+            total += sum(len(v) if isinstance(v, bytes) else len(str(v).encode()) for v in value)
     return total
 
 
-def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) -> dict:
-    loader = torch.utils.data.DataLoader(ParquetSamples(path, sizes, tokenizer), batch_size=batch_size, num_workers=workers)
+def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu") -> dict:
+    samples = ParquetSamples(path, sizes, tokenizer, decode)
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers)
     seen = 0
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -258,48 +294,57 @@ def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int) 
     return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen}
 
 
-def run_ray(path: Path, sizes, tokenizer, batch_size: int) -> dict:
+def run_ray(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu") -> dict:
     # warm-up: worker processes started and modules imported, as in any epoch after the first
-    for _ in iter_batches(preprocess(read_split(path, "train", limit=64), sizes, tokenizer), batch_size):
+    # (a worker imports the decoders on its first shipped image: ~3 CPU-s for torchvision). Ray
+    # Data ramps its task concurrency up, so a shard per Ray CPU is not enough to reach every
+    # worker: four are.
+    warm = min(len_of(path), 4 * ROWS_PER_SHARD * workers)
+    for _ in iter_batches(preprocess(read_split(path, "train", limit=warm), sizes, tokenizer, decode=decode), batch_size):
         pass
-    ds = preprocess(read_split(path, "train"), sizes, tokenizer)
+    ds = preprocess(read_split(path, "train"), sizes, tokenizer, decode=decode)
     seen = nbytes = 0
     series, every = [], max(1, len_of(path) // 10)  # process-tree memory at each tenth of the epoch
+    cpu = PeakMemory.cpu_s()
     with PeakMemory() as memory:
         start = time.perf_counter()
         for batch in iter_batches(ds, batch_size):
             seen += len(batch["id"])
             nbytes += sample_bytes(batch)
             if seen >= every * (len(series) + 1):
-                series.append((seen, PeakMemory.now()))
+                series.append((seen, memory.sample()))
         elapsed = time.perf_counter() - start
+    cpu = PeakMemory.cpu_s() - cpu - memory.spent
     return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen, "store_peak": memory.store_peak,
-            "bytes_per_sample": nbytes / max(seen, 1), "series": series}
+            "bytes_per_sample": nbytes / max(seen, 1), "series": series, "per_cpu_s": seen / cpu, "stats": ds.stats()}
 
 
-def one_core_rate(path: Path, sizes, tokenizer, batch_size: int) -> float:
-    """Samples/s of the read task's work (Parquet read + `Preprocessor`) in this one process, one
-    thread: what one CPU core delivers, without Ray's scheduling or a busy neighbour's share."""
+def one_core_rate(path: Path, sizes, tokenizer, batch_size: int, decode: str = "cpu") -> float:
+    """Samples per CPU-second of the read task's work (Parquet read + `Preprocessor`) in this one
+    process: what one CPU core delivers, without Ray's scheduling, and (CPU time, not wall time)
+    without a busy neighbour's share."""
     files = [path / s["path"] for s in load_manifest(path)["shards"]["train"]]
-    prep, seen = Preprocessor(sizes=sizes, tokenizer=tokenizer), 0
-    start = time.perf_counter()
+    prep, seen = Preprocessor(sizes=sizes, tokenizer=tokenizer, decode=decode), 0
+    start = time.process_time()
     for name in files:
         table = pq.read_table(name)
         for offset in range(0, len(table), batch_size):
             seen += len(prep(table.slice(offset, batch_size))["id"])
-    return seen / (time.perf_counter() - start)
+    return seen / (time.process_time() - start)
 
 
 def len_of(path: Path) -> int:
     return int(load_manifest(path)["counts"]["train"])
 
 
-def device_side_ms(path: Path, sizes, tokenizer, batch_size: int) -> tuple[str, float]:
-    """Milliseconds per sample of `model_batch` (resize to SAM and SigLIP, unpack and resize the
-    mask) on the GPU when there is one, else on this CPU with every thread."""
+def device_side_ms(path: Path, sizes, tokenizer, batch_size: int, decode: str = "cpu") -> tuple[str, float]:
+    """Milliseconds per sample of `model_batch` (decode="gpu": decode the JPEGs; resize to SAM and
+    SigLIP, unpack and resize the mask) on the GPU when there is one, else on this CPU with every
+    thread."""
     from rsrefseg.models.device_inputs import model_batch
 
-    batch = next(iter_batches(preprocess(read_split(path, "train", limit=batch_size), sizes, tokenizer), batch_size))
+    ds = preprocess(read_split(path, "train", limit=batch_size), sizes, tokenizer, decode=decode)
+    batch = next(iter_batches(ds, batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     model_batch(batch, sizes, device, augment=True)  # warm-up
@@ -365,8 +410,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", choices=sorted(FALLBACK_SIZES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (Ray gets as many CPUs)")
-    parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"],
-                        help="shard kinds: raw 512 x 512 pixels, JPEG 800 x 800 files as shipped")
+    parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=list(KINDS),
+                        help="shard kinds: raw 512 x 512 pixels, JPEG 800 x 800 files as shipped (jpeg-gpu: "
+                             "the same, decoded by model_batch on the consumer's device, data.decode: gpu)")
+    parser.add_argument("--stats", action="store_true", help="print Ray Data's stats of each timed epoch")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to build the datasets (default: a temp dir, removed)")
     return parser.parse_args(argv)
 
@@ -376,23 +423,25 @@ class Measurements:
     results: dict  # per (kind, size): {"torch": run_dataloader(...), "ray": run_ray(...)}
     idle_ray: int  # process-tree PSS with Ray started and idle, bytes
     device: str  # where device_side_ms ran
-    device_ms: float
+    device_ms: dict  # per kind: ms a sample
     codecs: list[tuple[str, float, float]]
+    load: tuple[float, float]  # 1-minute load average before the first timed epoch and after the last
 
 
 def time_dataloader(datasets: dict[int, Path], sizes, tokenizer, args: argparse.Namespace) -> dict:
     """One DataLoader epoch per size, before any Ray process exists."""
     results = {}
     for key, path in datasets.items():
-        results[key] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers),
-                        "one_core": one_core_rate(path, sizes, tokenizer, args.batch_size)}
+        decode = KINDS[key[0]][1]
+        results[key] = {"torch": run_dataloader(path, sizes, tokenizer, args.batch_size, args.workers, decode),
+                        "one_core": one_core_rate(path, sizes, tokenizer, args.batch_size, decode)}
         print(f"DataLoader {key[0]} n={key[1]}: {results[key]['torch']['rate']:.0f} samples/s", file=sys.stderr)
     return results
 
 
-def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: argparse.Namespace) -> tuple[int, str, float]:
+def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: argparse.Namespace) -> tuple[int, str, dict]:
     """Starts Ray, then one Ray Data epoch per size (into `results`) and the device-side cost;
-    returns (Ray's idle process-tree memory, device, ms a sample on it)."""
+    returns (Ray's idle process-tree memory, device, ms a sample on it per kind)."""
     import ray
     import ray.data
 
@@ -400,9 +449,12 @@ def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: a
     ray.data.DataContext.get_current().enable_progress_bars = False
     idle_ray = PeakMemory.now()
     for key, path in datasets.items():
-        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size)
+        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size, args.workers, KINDS[key[0]][1])
         print(f"Ray Data {key[0]} n={key[1]}: {results[key]['ray']['rate']:.0f} samples/s", file=sys.stderr)
-    device, device_ms = device_side_ms(next(iter(datasets.values())), sizes, tokenizer, args.batch_size)
+    device, device_ms = "", {}
+    for (kind, n), path in datasets.items():
+        if kind not in device_ms:
+            device, device_ms[kind] = device_side_ms(path, sizes, tokenizer, args.batch_size, KINDS[kind][1])
     ray.shutdown()
     return idle_ray, device, device_ms
 
@@ -413,17 +465,20 @@ def measure_all(args: argparse.Namespace, sizes, tokenizer) -> Measurements:
     try:
         t0 = time.perf_counter()
         rows = base_rows(work)
-        kinds = {"raw": rows, "jpeg": jpeg_rows(rows) if "jpeg" in args.encodings else []}
-        datasets = {(kind, n): path for kind in args.encodings
-                    for n, path in build_datasets(work / kind, args.sizes, kinds[kind]).items()}
+        shards = {KINDS[kind][0] for kind in args.encodings}
+        kinds = {"raw": rows, "jpeg": jpeg_rows(rows) if "jpeg" in shards else []}
+        built = {name: build_datasets(work / name, args.sizes, kinds[name]) for name in sorted(shards)}
+        datasets = {(kind, n): built[KINDS[kind][0]][n] for kind in args.encodings for n in args.sizes}
         print(f"built datasets {args.encodings} x {args.sizes} in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
         codecs = codec_costs(rows) + ([jpeg_cost(kinds["jpeg"], sizes)] if kinds["jpeg"] else [])
+        load = os.getloadavg()[0]
         results = time_dataloader(datasets, sizes, tokenizer, args)
         idle_ray, device, device_ms = time_ray(datasets, results, sizes, tokenizer, args)
+        load = (load, os.getloadavg()[0])
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return Measurements(results, idle_ray, device, device_ms, codecs)
+    return Measurements(results, idle_ray, device, device_ms, codecs, load)
 
 
 def mib(b) -> str:
@@ -435,18 +490,23 @@ def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measure
     print(f"\n### Ingest: Ray Data vs torch DataLoader ({args.preset}: SAM {sizes.sam_image}, SigLIP {sizes.siglip_image}, "
           f"label {sizes.label}, {sizes.max_text_len} tokens; raw: 512 x 512 pixels, jpeg: 800 x 800 files as shipped)\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}, {args.workers} DataLoader "
-          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB\n")
-    print("| shards | samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | 1 core, 1 process | Ray / DataLoader | MiB/sample through the store "
-          "| DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"workers / Ray CPUs, tokenizer: {tokenizer_name}; Ray processes idle: {mib(m.idle_ray)} MiB; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {m.load[0]:.1f} before, {m.load[1]:.1f} after\n")
+    print("| shards | samples | DataLoader samples/s | Ray Data samples/s | Ray Data per core | Ray Data per CPU-second | 1 process per CPU-second "
+          "| Ray / DataLoader | MiB/sample through the store | DataLoader peak MiB | Ray Data peak MiB | Ray object store peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (kind, n), r in m.results.items():
         t, y = r["torch"], r["ray"]
         assert t["seen"] == y["seen"] == n, (t["seen"], y["seen"], n)
-        print(f"| {kind} | {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {r['one_core']:,.0f} | {y['rate'] / t['rate']:.2f} "
+        print(f"| {kind} | {n:,} | {t['rate']:,.0f} | {y['rate']:,.0f} | {y['rate'] / args.workers:,.0f} | {y['per_cpu_s']:,.0f} | {r['one_core']:,.0f} "
+              f"| {y['rate'] / t['rate']:.2f} "
               f"| {y['bytes_per_sample'] / 2**20:.2f} | {mib(t['peak'])} | {mib(y['peak'])} | {y['store_peak']:,} |")
     print(
         "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
-        " or driver + every Ray process, object store included); object store: Ray's plasma usage."
+        " or driver + every Ray process, object store included); object store: Ray's plasma usage. Per CPU-second:"
+        " samples over the CPU time (user + system) of the driver and every Ray process during the epoch, the"
+        " benchmark's own memory sampling left out: what a core delivers when the pipeline has it to itself,"
+        " however busy the machine was (samples/s per core is that only on an otherwise idle machine)."
     )
 
 
@@ -457,16 +517,20 @@ def print_details(args: argparse.Namespace, m: Measurements) -> None:
     print(f"\nRay Data process-tree memory (PSS, MiB) during the {args.sizes[-1]:,}-sample {args.encodings[0]} epoch, by samples delivered: "
           + ", ".join(f"{n:,}: {mib(b)}" for n, b in last["ray"]["series"]))
     print(f"\nOn the consumer's device ({m.device}): resizing to the model's inputs and unpacking the mask, "
-          f"{m.device_ms:.2f} ms a sample (models.device_inputs.model_batch, flips included).")
+          + ", ".join(f"{kind} {ms:.2f}" for kind, ms in m.device_ms.items())
+          + " ms a sample (models.device_inputs.model_batch, flips included; jpeg-gpu: decoding the files too).")
     print("\n| storage of an image (512 x 512 unless said) | KiB on disk | ms to decode (1 thread) |\n|---|---:|---:|")
     for name, kib, ms in m.codecs:
         print(f"| {name} | {kib:,.0f} | {ms:.2f} |")
     for kind in args.encodings:
         last = m.results[(kind, args.sizes[-1])]
         print(f"\ningest ({kind} shards): {last['ray']['rate'] / args.workers:.0f} samples/s per core at {args.preset} sizes "
-              f"(Ray Data), {last['one_core']:.0f} on one core in one process; "
+              f"(Ray Data; {last['ray']['per_cpu_s']:.0f} per CPU-second), {last['one_core']:.0f} per CPU-second in one process; "
               f"Ray Data/DataLoader {last['ray']['rate'] / last['torch']['rate']:.2f}; "
               f"object store {last['ray']['bytes_per_sample'] / 2**20:.2f} MiB/sample")
+    if args.stats:
+        for (kind, n), r in m.results.items():
+            print(f"\nRay Data stats of the timed {kind} epoch, {n:,} samples:\n{r['ray']['stats']}")
 
 
 def main(argv=None) -> None:

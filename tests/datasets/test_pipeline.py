@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsrefseg.datasets.pipeline import iter_batches, preprocess, read_split, shuffled_phrases, split_size, tokenize
+from rsrefseg.datasets.pipeline import _stacked, iter_batches, preprocess, read_split, shuffled_phrases, split_size, tokenize
 from rsrefseg.datasets.prepare import prepare_dataset
 from rsrefseg.datasets.triplet import DatasetError
 from rsrefseg.models.sizes import InputSizes
@@ -278,3 +278,58 @@ def test_a_cached_split_keeps_its_read_order_whichever_task_finishes_first(small
     ds = preprocess(read_split(path, "train"), IDENTITY, SlowOnFirstShard(tokenizer, first_shard), cache=True)
     assert len(in_order) == 7 and len(first_shard) == 2
     assert [r["id"] for r in ds.iter_rows()] == in_order
+
+
+@pytest.mark.parametrize("shapes, stacked", [
+    ([(4, 5, 3)] * 3, True),
+    ([(4, 5, 3), (4, 5, 3), (4, 6, 3)], False),  # the last differs: the rows so far were in the batch
+    ([(6, 5, 3), (4, 5, 3), (4, 5, 3)], False),
+    ([(4, 5, 3), (4, 6, 3), (4, 5, 3)], False),  # ragged on the second axis only
+    ([], False),
+])
+def test_decoded_images_are_copied_into_one_batch_or_kept_each(shapes, stacked):
+    images = [np.full(shape, k, dtype=np.uint8) for k, shape in enumerate(shapes)]
+    out = _stacked(iter(images), len(images))  # an iterator: decoded one at a time
+    assert (out.dtype == np.uint8) == stacked and len(out) == len(images)
+    for got, image in zip(out, images):
+        np.testing.assert_array_equal(got, image)
+
+
+def test_jpegs_decoded_on_the_device_give_the_model_inputs_of_the_cpu_pipeline(tmp_path, tokenizer):
+    # data.decode: gpu. JPEG rows travel as their files and model_batch decodes them, batched, on
+    # its device; raw rows (a grey JPEG the reader made RGB) and odd sizes mix in the batches.
+    # On a CPU the decoder is libjpeg-turbo either way: the same inputs to the bit. nvJPEG's IDCT
+    # and upsampling differ, hence a tolerance on a GPU (a guess until measured on one).
+    from PIL import Image
+
+    from rsrefseg.models.device_inputs import model_batch
+
+    from .conftest import rrsisd_paths
+
+    make_rrsisd(tmp_path / "src", odd_sized=True)
+    grey = rrsisd_paths(tmp_path / "src", "download")[2] / "00001.jpg"
+    with Image.open(grey) as im:
+        im.convert("L").save(grey, quality=95)
+    prepare_dataset("rrsisd", tmp_path / "src", tmp_path / "out")
+    sizes = InputSizes(sam_image=64, siglip_image=32, label=16, max_text_len=8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got, files = {}, 0
+    for decode in ("cpu", "gpu"):
+        for split in ("train", "val", "test"):
+            for batch in iter_batches(preprocess(read_split(tmp_path / "out", split), sizes, tokenizer, decode=decode), 4):
+                files += sum(len(f) > 0 for f in batch.get("jpeg", []))
+                inputs = model_batch(batch, sizes, device, originals=True)
+                for k, sample in enumerate(inputs["id"]):
+                    got.setdefault(sample, {})[decode] = {name: inputs[name][k].cpu().int() for name in
+                                                          ("sam_image", "siglip_image", "mask", "mask_original")}
+    assert files == len(got) - 1  # every sample but the raw one travelled as its file
+    for sample, by_decode in got.items():
+        cpu, gpu = by_decode["cpu"], by_decode["gpu"]
+        for name in ("mask", "mask_original"):
+            torch.testing.assert_close(gpu[name], cpu[name], rtol=0, atol=0)
+        for name in ("sam_image", "siglip_image"):
+            diff = (gpu[name] - cpu[name]).abs().float()
+            if device == "cpu":
+                assert diff.max() == 0, (sample, name)
+            else:
+                assert diff.max() <= 16 and diff.mean() <= 1.5, (sample, name, diff.max(), diff.mean())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import ray.data
@@ -38,12 +38,16 @@ from ray.data.expressions import col
 from rsrefseg.platform import storage
 
 from .prepare import MANIFEST, check_shard_path, load_manifest, natural_key
-from .shard_codec import RAW, binary_rows, decode_images, packed_width, pixel_rows
+from .shard_codec import JPEG, RAW, binary_rows, check_header, iter_images, packed_width, pixel_rows
 from .triplet import DatasetError
 
 OUTPUT_COLUMNS = ("image", "mask", "height", "width", "input_ids", "attention_mask", "id", "phrase", "category",
                   "source")
 TEXT_COLUMNS = ("id", "phrase", "category", "source")
+# Where JPEG rows are decoded (config `data.decode`): "cpu" in the map tasks; "gpu" on the
+# consumer's device (`models.device_inputs`), the file's bytes travelling in the DEVICE_JPEG column.
+DECODE = ("cpu", "gpu")
+DEVICE_JPEG = "jpeg"
 # Rows per map task call. None = the whole block a read task produced (one shard), which lets
 # Ray fuse the map into the read task: the raw rows then never enter the object store. Measured
 # (benchmarks/ingest.py, 20k samples of 512 x 512, 2 CPUs): fused 830 samples/s and 1.0 GB of
@@ -162,26 +166,26 @@ def preprocess(
     cache: bool = False,
     source: str = "",
     phrases_of=None,
+    decode: str = "cpu",
 ):
     """Decode and tokenize on CPU map tasks; returns a lazy `ray.data.Dataset` with
 
         image          uint8 [H, W, 3]  RGB at the image's stored size (raw shards: no decoding
-                                        work; JPEG/PNG shards: decoded here, on CPU, with Pillow),
+                                        work; JPEG/PNG shards: decoded here, on CPU, see shard_codec),
                                         or at most sizes.sam_image a side (see below)
         mask           uint8 [H', ceil(W'/8)]  the mask at the image's own size, bits still packed
         height, width  int32            the mask's (= the stored image's) size
         input_ids      int64 [sizes.max_text_len]
         attention_mask int64 [sizes.max_text_len]
         id, phrase, category   str (category: of the shards, even with shuffled phrases)
-        source         str              `source`: the mixture's source (data.sources) the row
-                                        came from; "" for data.path
+        source         str              the row's source in a mixture (data.sources); "" else
+        jpeg           bytes            decode="gpu" only: the file of a JPEG row left for the
+                                        device (its `image` empty, [0, 0, 3]); b"" for other rows
 
     Resizing to the model's inputs, normalizing, unpacking the mask and flips happen batched on
-    the consumer's device (`rsrefseg.models.device_inputs.model_batch`): a 512 x 512 sample then
-    crosses the object store as 0.8 MiB instead of 3.5 MiB at the real presets' sizes, and the
-    CPU work left here is a memory copy and the tokenizer. Images larger than the SAM input on a
-    side are shrunk here (to sizes.sam_image, like the model does) so that a huge tile does not
-    travel at full size; their masks stay at full size, for scoring.
+    the consumer's device (`models.device_inputs.model_batch`: 0.8 MiB a 512 x 512 sample through
+    the object store instead of 3.5 MiB). Images larger than the SAM input are shrunk here
+    (`Preprocessor.shrunk`); their masks stay at full size, for scoring.
 
     sizes: an `rsrefseg.models.sizes.InputSizes`.
     tokenizer: a Hugging Face tokenizer (or any picklable callable with its call signature);
@@ -199,7 +203,7 @@ def preprocess(
     if shuffle_phrases:
         rows = (phrases_of or ds).select_columns(["id", "phrase"]).take_all()  # two small columns of the split
         phrase_map = shuffled_phrases([r["id"] for r in rows], [r["phrase"] for r in rows], seed=seed)
-    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, source=source)
+    fn = Preprocessor(sizes=sizes, tokenizer=tokenizer, phrases=phrase_map, source=source, decode=decode)
     # An instance (not a class): Ray Data runs it as stateless tasks, which share the CPUs with
     # training instead of pinning actors to them.
     ds = ds.map_batches(fn, batch_size=batch_size, batch_format="pyarrow")
@@ -236,14 +240,19 @@ def shuffled_phrases(ids: list[str], phrases: list[str], *, seed: int) -> dict[s
 
 class Preprocessor:
     """The map_batches function: one batch of Parquet rows (a pyarrow Table) -> one batch for
-    the consumer's device. The pixels are never copied here: the output arrays are views of the
-    Parquet buffers, which Ray copies once, into the object store."""
+    the consumer's device. Raw pixels are never copied here: the output arrays are views of the
+    Parquet buffers, which Ray copies once, into the object store; decoded pixels are written
+    once, into the batch (`_stacked`)."""
 
-    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, source: str = ""):
+    def __init__(self, *, sizes, tokenizer, phrases: Optional[dict[str, str]] = None, source: str = "",
+                 decode: str = "cpu"):
+        if decode not in DECODE:
+            raise ValueError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}")
         self.sizes = sizes
         self.tokenizer = tokenizer
         self.phrases = phrases
         self.source = source
+        self.decode = decode
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch.column("id").to_pylist()]
@@ -254,10 +263,10 @@ class Preprocessor:
         heights = batch.column("height").to_numpy().astype(np.int32)
         widths = batch.column("width").to_numpy().astype(np.int32)
         sizes = list(zip(heights.tolist(), widths.tolist()))
-        images = self.images(batch, sizes, ids)
+        images, device_jpegs = self.images(batch, sizes, ids)
         masks = pixel_rows(batch.column("mask"), [(h, packed_width(w)) for h, w in sizes], [f"mask of {i!r}" for i in ids])
         input_ids, attention_mask = tokenize(self.tokenizer, phrases, self.sizes.max_text_len)
-        return {
+        out = {
             "image": self.shrunk(images),
             "mask": masks,
             "height": heights,
@@ -269,17 +278,33 @@ class Preprocessor:
             "category": np.array([str(c) for c in batch.column("category").to_pylist()], dtype=object),
             "source": np.array([self.source] * len(ids), dtype=object),
         }
+        if self.decode == "gpu":
+            out[DEVICE_JPEG] = device_jpegs
+        return out
 
-    def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> np.ndarray:
-        """The batch's images as uint8 [H, W, 3]: views of the Parquet buffers when raw, decoded
-        (JPEG at reduced size when larger than sizes.sam_image, see shard_codec) when shipped."""
+    def images(self, batch, sizes: list[tuple[int, int]], ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's images as uint8 [H, W, 3], the JPEG files left for the device): images
+        are views of the Parquet buffers when raw, decoded (JPEG at reduced size when larger than
+        sizes.sam_image, see shard_codec) when shipped, and empty ([0, 0, 3]) where their file is
+        left for the device (decode="gpu": a JPEG not larger than sizes.sam_image, so that the
+        device decodes exactly what the CPU would; its header checked here)."""
         shapes, whats = [(h, w, 3) for h, w in sizes], [f"image of {i!r}" for i in ids]
         names = batch.column_names if hasattr(batch, "column_names") else list(batch)
-        encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else []
+        encodings = [str(e) for e in batch.column("encoding").to_pylist()] if "encoding" in names else [RAW] * len(ids)
+        files = np.full(len(ids), b"", dtype=object)
         if all(e == RAW for e in encodings):
-            return pixel_rows(batch.column("image"), shapes, whats)
-        rows = decode_images(binary_rows(batch.column("image")), encodings, shapes, whats, max_side=self.sizes.sam_image)
-        return _stacked(rows)
+            return pixel_rows(batch.column("image"), shapes, whats), files
+        rows = binary_rows(batch.column("image"))
+        side = self.sizes.sam_image
+        for k, (data, encoding, (h, w), what) in enumerate(zip(rows, encodings, sizes, whats)):
+            if self.decode == "gpu" and encoding == JPEG and max(h, w) <= side and check_header(data, JPEG, shapes[k], what):
+                files[k] = data.tobytes()
+        on_device = [bool(f) for f in files]
+        decoded = iter_images([r for r, d in zip(rows, on_device) if not d], [e for e, d in zip(encodings, on_device) if not d],
+                              [s for s, d in zip(shapes, on_device) if not d], [t for t, d in zip(whats, on_device) if not d],
+                              max_side=side)
+        empty = np.zeros((0, 0, 3), np.uint8)
+        return _stacked((empty if d else next(decoded) for d in on_device), len(rows)), files
 
     def shrunk(self, images: np.ndarray) -> np.ndarray:
         """Images larger than the SAM input on a side, resized to it here (bilinear, as the model
@@ -293,16 +318,29 @@ class Preprocessor:
         small = [image if shape == image.shape[:2] else
                  np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
                  for shape, image in zip(shapes, rows)]
-        return _stacked(small)
+        return _stacked(small, len(small))
 
 
-def _stacked(images: list) -> np.ndarray:
-    """[N, H, W, 3] when the images share a shape, else an object array of them."""
-    if images and len({image.shape for image in images}) == 1:
-        return np.stack(images)
-    out = np.empty(len(images), dtype=object)
-    out[:] = images
-    return out
+def _stacked(images: Iterable[np.ndarray], count: int) -> np.ndarray:
+    """[N, H, W, 3] when the `count` images share a shape, else an object array of them. Each
+    image is copied into the batch as it comes (while it is in the CPU's cache, and without a
+    list of them all beside the batch: decoded images are produced one at a time)."""
+    out, done = None, []
+    for k, image in enumerate(images):
+        if out is None and not done:
+            out = np.empty((count, *image.shape), dtype=image.dtype)
+        if out is not None and image.shape == out.shape[1:]:
+            out[k] = image
+            continue
+        if out is not None:  # shapes differ: the rows so far become views of the batch
+            done, out = list(out[:k]), None
+        done.append(image)
+    if out is not None:
+        return out
+    objects = np.empty(len(done), dtype=object)
+    for k, image in enumerate(done):  # one by one: numpy would read a list of arrays as one array
+        objects[k] = image
+    return objects
 
 
 def resize_image(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:

@@ -64,7 +64,8 @@ def _source_stream(cfg: Config, source: DataSource, split: str, sizes, tokenizer
     # Flips (data.augment) are drawn on the train workers' devices (models.device_inputs).
     # Shuffled phrases (the control) are dealt over the source's whole split, each row once.
     return preprocess(ds, sizes, tokenizer, shuffle_phrases=cfg.data.shuffle_phrases and train,
-                      seed=cfg.train.seed, cache=cache, source=source.name, phrases_of=whole)
+                      seed=cfg.train.seed, cache=cache, source=source.name, phrases_of=whole,
+                      decode=cfg.data.decode)
 
 
 def _union(parts: list, *, seed: int):

@@ -14,6 +14,11 @@ pipeline (pixels at their stored size, masks bit-packed) -> the model's inputs.
                                              only with originals=True)
     id, phrase, category, source             lists of str
 
+A batch of a pipeline with `decode="gpu"` (config `data.decode: gpu`) carries the JPEG files of
+some rows undecoded (its "jpeg" column; those rows' images are empty): they are decoded here,
+batched, on the device (`torchvision.io.decode_jpeg`: nvJPEG on a GPU, libjpeg-turbo on a CPU,
+where the pixels are exactly the CPU pipeline's), before anything else.
+
 `F.interpolate(..., antialias=True)` is torch's port of Pillow's resampling filters: it matches
 the CPU reference (`pipeline.resize_image`, Pillow's BILINEAR) within one level of 255, and
 masks take exactly the pixels Pillow's NEAREST takes (`tests/models/test_device_inputs.py`).
@@ -52,7 +57,7 @@ def model_batch(batch: dict, sizes: InputSizes, device: Union[torch.device, str]
         raise ValueError("originals are for scoring (val/eval splits), which are never augmented")
     device = torch.device(device)
     widths = [int(w) for w in _as_list(batch["width"])]
-    images = _to(batch["image"], device)
+    images = device_images(batch, device)
     sam_image, siglip_image, _ = model_images(images, sizes)
     out = {
         "sam_image": sam_image,
@@ -72,6 +77,29 @@ def model_batch(batch: dict, sizes: InputSizes, device: Union[torch.device, str]
         if name in batch:
             out[name] = [str(v) for v in batch[name]]
     return out
+
+
+def device_images(batch: dict, device: torch.device) -> Pixels:
+    """batch["image"] on `device`, with the rows whose JPEG file the pipeline left in
+    batch["jpeg"] decoded there: [B, H, W, 3] when every image has one size, else one per sample."""
+    files = batch.get("jpeg")
+    images = _to(batch["image"], device)
+    if files is None or not any(len(f) for f in files):
+        return images
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    which = [k for k, f in enumerate(files) if len(f)]
+    encoded = [torch.frombuffer(bytearray(files[k]), dtype=torch.uint8) for k in which]
+    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    rows = list(images)
+    heights, widths = _as_list(batch["height"]), _as_list(batch["width"])
+    for k, chw in zip(which, decoded):
+        if tuple(chw.shape) != (3, int(heights[k]), int(widths[k])):  # the pipeline checked the header
+            raise ValueError(f"sample {k}: its JPEG decoded to {tuple(chw.shape)}, not {(3, heights[k], widths[k])}")
+        rows[k] = chw.permute(1, 2, 0)
+    if len({tuple(r.shape) for r in rows}) == 1:
+        return torch.stack(rows)
+    return rows
 
 
 def resize_images(images: Pixels, size: int) -> torch.Tensor:
