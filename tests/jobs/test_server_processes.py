@@ -83,12 +83,14 @@ def test_a_stop_signal_to_the_command_ends_every_process_it_started_and_frees_th
         assert len(_alive(tree)) >= 3, [p.cmdline() for p in tree]  # rsrefseg, its guard, MLflow's server...
         assert not _port_is_free(port)
         os.kill(command.pid, signum)
-        deadline = time.time() + 10
+        # 30 s: on a loaded 2-core machine (load 10) MLflow's dozen processes took over 10 s to
+        # end; on a quiet one it is about a second.
+        deadline = time.time() + 30
         while (_alive(tree) or not _port_is_free(port)) and time.time() < deadline:
             command.poll()
             time.sleep(0.2)
         left = [(p.pid, " ".join(p.cmdline())[:120]) for p in _alive(tree)]
-        assert not left, f"still running 10 s after {signal.Signals(signum).name}: {left}"
+        assert not left, f"still running 30 s after {signal.Signals(signum).name}: {left}"
         assert _port_is_free(port)
         output = command.communicate(timeout=10)[0].decode(errors="replace")
         if signum != signal.SIGKILL:
