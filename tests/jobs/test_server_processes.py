@@ -63,6 +63,11 @@ def _tree_once_started(pid: int, port: int) -> list[psutil.Process]:
         time.sleep(0.5)
 
 
+def _default_stop_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, signum", [
     ("mlflow-server", signal.SIGTERM),  # kill, a supervisor's stop
@@ -75,8 +80,12 @@ def test_a_stop_signal_to_the_command_ends_every_process_it_started_and_frees_th
     port = free_port()
     env = {**os.environ, "RSREFSEG_HOME": str(project_home)}
     # A session of its own: the signal below reaches the command's pid only, as `kill PID` does.
+    # Started as from a terminal: the stop signals at their defaults, whatever this test process
+    # inherited (a command started under nohup keeps SIGHUP ignored, on purpose; the suite may
+    # run with SIGHUP ignored).
     command = subprocess.Popen(_command(kind, port, project_home), cwd=project_home, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_default_stop_signals)
     tree: list[psutil.Process] = []
     try:
         tree = _tree_once_started(command.pid, port)
