@@ -63,9 +63,13 @@ def _tree_once_started(pid: int, port: int) -> list[psutil.Process]:
         time.sleep(0.5)
 
 
-def _default_stop_signals() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
+# Runs the command with the stop signals at their defaults, as a terminal starts it, whatever
+# this test process inherited: a signal ignored at exec stays ignored. A launcher that execs, not
+# a preexec_fn: that would fork this process, whose gRPC threads (Ray's) do not survive a fork
+# reliably, and the session's Ray then hangs in a later test.
+AT_DEFAULT_STOP_SIGNALS = ("import os, signal, sys\n"
+                           "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n"
+                           "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 @pytest.mark.slow
@@ -80,12 +84,11 @@ def test_a_stop_signal_to_the_command_ends_every_process_it_started_and_frees_th
     port = free_port()
     env = {**os.environ, "RSREFSEG_HOME": str(project_home)}
     # A session of its own: the signal below reaches the command's pid only, as `kill PID` does.
-    # Started as from a terminal: the stop signals at their defaults, whatever this test process
-    # inherited (a command started under nohup keeps SIGHUP ignored, on purpose; the suite may
-    # run with SIGHUP ignored).
-    command = subprocess.Popen(_command(kind, port, project_home), cwd=project_home, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=_default_stop_signals)
+    # Started as from a terminal (a command started under nohup keeps SIGHUP ignored, on purpose;
+    # the suite may run with SIGHUP ignored).
+    command = subprocess.Popen([sys.executable, "-c", AT_DEFAULT_STOP_SIGNALS, *_command(kind, port, project_home)],
+                               cwd=project_home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     tree: list[psutil.Process] = []
     try:
         tree = _tree_once_started(command.pid, port)
@@ -115,14 +118,16 @@ def test_a_stop_signal_to_the_command_ends_every_process_it_started_and_frees_th
 
 def test_a_server_that_exits_by_itself_leaves_no_process_of_its_group(tmp_path):
     """The command ending for another reason (its child exited, an error) ends the group too."""
-    from rsrefseg.jobs.ui import run_owned
-
     pids = tmp_path / "pids"
     # A "server" that starts a grandchild which would outlive it, then exits 3.
     script = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
               f"open({str(pids)!r}, 'w').write(str(p.pid)); sys.exit(3)")
+    # run_owned in a process of its own: it forks (its preexec_fn), which this Ray-connected
+    # process must not do.
+    owner = (f"import sys; from rsrefseg.jobs.ui import run_owned; "
+             f"sys.exit(run_owned([sys.executable, '-c', {script!r}], grace_s=2))")
     started = time.time()
-    assert run_owned([sys.executable, "-c", script], grace_s=2) == 3
+    assert subprocess.run([sys.executable, "-c", owner], timeout=60).returncode == 3
     grandchild = int(pids.read_text())
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
     assert time.time() - started < 10
