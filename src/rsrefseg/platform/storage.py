@@ -50,6 +50,9 @@ FORWARDED_ENVS = (*ENDPOINT_ENVS, *REGION_ENVS)
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 RETRY_ATTEMPTS = 6
+# The checks before a job (`check_writable`, `check_readable`) answer in a second or two: one
+# retry of a transient error, not the backoff of six attempts (about 14 s against a dead endpoint).
+PREFLIGHT_ATTEMPTS = 2
 PROBE_PREFIX = ".rsrefseg-probe-"  # the files `probe_file` writes and removes
 
 
@@ -93,16 +96,17 @@ def check_uri(key: str, value: str) -> None:
         _split(value, key)
 
 
-def filesystem(uri: str):
-    """(pyarrow filesystem, path inside it) for a URI: S3 from the standard AWS settings, any
-    other scheme pyarrow knows (gs://, hdfs://, file://) through pyarrow itself."""
+def filesystem(uri: str, attempts: int = RETRY_ATTEMPTS):
+    """(pyarrow filesystem, path inside it) for a URI: S3 from the standard AWS settings (each
+    request tried up to `attempts` times), any other scheme pyarrow knows (gs://, hdfs://,
+    file://) through pyarrow itself."""
     from pyarrow import fs
 
     scheme, inner = _split(uri)
     if scheme not in ("s3", "s3a"):
         return fs.FileSystem.from_uri(uri)
     options: dict = {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": REQUEST_TIMEOUT_S,
-                     "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS)}
+                     "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     endpoint = endpoint_url()
     if endpoint:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -129,9 +133,9 @@ class RemotePath:
     fs: object  # pyarrow.fs.FileSystem
 
     @classmethod
-    def parse(cls, uri: str) -> "RemotePath":
+    def parse(cls, uri: str, attempts: int = RETRY_ATTEMPTS) -> "RemotePath":
         scheme, _ = _split(uri)
-        filesystem_, inner = filesystem(uri)
+        filesystem_, inner = filesystem(uri, attempts)
         return cls(scheme, inner, filesystem_)
 
     def __str__(self) -> str:
@@ -351,7 +355,7 @@ def check_writable(key: str, uri: str) -> None:
         return
     require_credentials(key, uri)
     try:
-        with probe_file(location(uri)):
+        with probe_file(RemotePath.parse(uri, PREFLIGHT_ATTEMPTS)):
             pass
     except StorageError:
         raise
@@ -373,10 +377,10 @@ def check_readable(key: str, uri: str, name: str) -> None:
     if not is_remote(uri):
         return
     require_credentials(key, uri)
+    where = RemotePath.parse(uri, PREFLIGHT_ATTEMPTS)
     try:
-        (location(uri) / name).read_bytes()
+        (where / name).read_bytes()
     except FileNotFoundError:
-        where = location(uri)
         answer = missing_bucket(where)
         if answer:
             raise StorageError(f"{key}: {where}: {answer}") from None
