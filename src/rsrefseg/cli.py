@@ -71,7 +71,7 @@ def _prepare(args) -> None:
     from rsrefseg.jobs.prepare import run_prepare
 
     run_prepare(args.format, args.root, args.out, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
-                max_pixels=args.max_pixels, keep_non_english=args.keep_non_english)
+                max_pixels=args.max_pixels, keep_non_english=args.keep_non_english, ray_address=args.ray_address)
 
 
 def _train(args) -> None:
@@ -168,6 +168,9 @@ COMMANDS = (
         arg("--keep-non-english", action="store_true", default=None,
             help="risbench, nwpu-refer, remotesam: keep the Chinese or mixed expressions (default: left out; "
                  "counted in the manifest either way)"),
+        arg("--ray-address", metavar="ADDRESS",
+            help="decode on the nodes of this Ray cluster (auto, HOST:6379, ray://HOST:10001) instead of local "
+                 "threads; every node must see --root at the same path (default: this machine's threads)"),
     ), _prepare),
     Command("train", "train with Ray Train + DeepSpeed ZeRO-2, tracked in MLflow", (
         *CONFIG_ARGS,

@@ -15,7 +15,9 @@ samples are left out and listed in the manifest, but a split left empty is still
 sample whose format resizes masks (RRSIS-D) is kept with its mask fitted to the image, and listed
 in the manifest's warnings. Validation decodes every sample, then writing
 decodes it again: more time than one pass, in exchange for never touching the disk when the
-input is bad. Images are stored as shipped (a JPEG or PNG file's own bytes) or raw, masks
+input is bad. Both passes decode on local threads, or with `ray_address` as Ray tasks on a
+cluster's nodes (`cluster_pool`): the driver reads, orders and writes either way, so the dataset
+is the same. Images are stored as shipped (a JPEG or PNG file's own bytes) or raw, masks
 bit-packed, under Parquet compression (`shard_codec`).
 
 Publishing is versioned, the same way in a local folder and under an object-store prefix
@@ -56,7 +58,7 @@ import re
 import shutil
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -153,19 +155,24 @@ def prepare_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_non_english: Optional[bool] = None,
     progress: bool = False,
+    ray_address: Optional[str] = None,
 ) -> dict[str, Any]:
     """Validate the dataset at `root` (format `fmt`) and write it to `out`; return the manifest.
 
     fmt: one of READERS ("refsegrs", "rrsisd", "fiftyone", "synthetic", "risbench", "nwpu-refer", "remotesam").
     skip_invalid: leave invalid samples out (listed in manifest["skipped"]) instead of raising;
         a split left empty still raises.
-    workers: threads decoding and encoding images (default: the CPU count, at most 8).
+    workers: threads decoding and encoding images (default: the CPU count, at most 8); unused
+        with `ray_address`.
     mask_threshold: 8-bit mask values at or above it are foreground (README "Mask policy").
     max_pixels: an image or mask whose header declares more pixels is refused before decoding.
     keep_non_english: keep (True) or leave out (False, the readers' default) the Chinese or mixed
         expressions of the formats in LANGUAGE_OPTION; their count is in the manifest's warnings.
     progress: show a progress bar (rate, ETA) on stderr while validating and writing, where
         stderr is a terminal (`console.ProgressBar`).
+    ray_address: decode on the Ray cluster at this address (what `ray.init(address=...)` takes:
+        "auto", "HOST:6379", "ray://HOST:10001") instead of local threads (`cluster_pool`); every
+        node must see `root` at the same path. The dataset written is the same, byte for byte.
 
     A prepare interrupted or killed before it published is resumed by the next one with the same
     arguments and the same source (`resume`): it keeps the validation and the finished shards.
@@ -174,18 +181,22 @@ def prepare_dataset(
     options = {} if keep_non_english is None else {"keep_non_english": keep_non_english}
     if options and fmt not in LANGUAGE_OPTION:
         raise DatasetError(f"keep_non_english applies to the formats {', '.join(LANGUAGE_OPTION)}, not {fmt!r}")
-    root, out = Path(root), storage.location(out)
+    # A cluster's tasks open the samples' files by the paths the reader builds from the root: a
+    # relative root would resolve against each worker's own working directory.
+    root, out = (Path(root).absolute() if ray_address else Path(root)), storage.location(out)
     if isinstance(out, storage.RemotePath):
         # Before any decoding: a missing bucket or a key that may not write fails in a second.
         storage.check_writable("--out", str(out))
     _check_replaceable(out)
     request = _Request(fmt, root, out, skip_invalid=skip_invalid, rows_per_shard=rows_per_shard,
                        max_shard_bytes=max_shard_bytes, workers=workers or min(8, os.cpu_count() or 1),
-                       mask_threshold=mask_threshold, max_pixels=max_pixels, options=options, progress=progress)
-    if isinstance(out, storage.RemotePath):
-        manifest = _publish_remote(out, lambda locked: _prepare(request, locked))
-    else:
-        manifest = _publish_local(out, lambda locked: _prepare(request, locked))
+                       mask_threshold=mask_threshold, max_pixels=max_pixels, options=options, progress=progress,
+                       ray_address=ray_address or None)
+    with _on_cluster(request):
+        if isinstance(out, storage.RemotePath):
+            manifest = _publish_remote(out, lambda locked: _prepare(request, locked))
+        else:
+            manifest = _publish_local(out, lambda locked: _prepare(request, locked))
     log.debug("prepared %s: %s", out, manifest["counts"])  # the job says it to the user
     return manifest
 
@@ -205,10 +216,11 @@ class _Request:
     max_pixels: int
     options: dict
     progress: bool
+    ray_address: Optional[str] = None  # decode on this Ray cluster (None: local threads)
 
     def settings(self) -> dict[str, Any]:
         """What the shards depend on besides the source (the resume fingerprint's part; the
-        thread count changes no byte, so it is not in it)."""
+        thread count and the Ray address change no byte, so they are not in it)."""
         return {
             "format": self.fmt, "root": str(self.root.resolve()), "options": self.options,
             "skip_invalid": self.skip_invalid, "mask_threshold": self.mask_threshold, "max_pixels": self.max_pixels,
@@ -345,7 +357,7 @@ def _validate(
     if recorded is None:
         before = len(issues)
         with ProgressBar("validating", len(triplets), enabled=request.progress) as bar:
-            valid, pixel_notes = _check_pixels(triplets, issues, request.workers, bar)
+            valid, pixel_notes = _check_pixels(triplets, issues, request, bar)
         validation = resume.Validation(issues[before:], pixel_notes)
     else:
         validation, left_out = recorded, {i.id for i in recorded.issues}
@@ -359,14 +371,13 @@ def _validate(
 
 
 def _check_pixels(
-    triplets: list[Triplet], issues: list[Issue], workers: int, bar: Optional[ProgressBar] = None
+    triplets: list[Triplet], issues: list[Issue], request: _Request, bar: Optional[ProgressBar] = None
 ) -> tuple[list[Triplet], list[Issue]]:
-    """Decode every sample (threads: tifffile, zlib and Pillow release the GIL), a bounded window
-    of them at a time. Returns the valid samples and the notes on those kept with a change; the
-    invalid ones are added to `issues`."""
+    """Decode every sample (`_decoders`), a bounded window of them at a time. Returns the valid
+    samples and the notes on those kept with a change; the invalid ones are added to `issues`."""
     valid, notes = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        for t, found in zip(triplets, bounded_map(pool, _pixel_check, triplets, 4 * workers)):
+    with _decoders(request) as (pool, window):
+        for t, found in zip(triplets, bounded_map(pool, _pixel_check, triplets, window)):
             if found is None or found.kind == "note":
                 valid.append(t)
                 notes.extend([found] if found else [])
@@ -375,6 +386,35 @@ def _check_pixels(
             if bar is not None:
                 bar.update()
     return valid, notes
+
+
+@contextlib.contextmanager
+def _decoders(request: _Request) -> Iterator[tuple[Executor, int]]:
+    """The pool that decodes the samples of one pass, and how many samples may be in flight:
+    local threads (tifffile, zlib and Pillow release the GIL), or with `ray_address` the
+    cluster's tasks (`cluster_pool`). Either way the results come back in order."""
+    if request.ray_address is None:
+        with ThreadPoolExecutor(request.workers) as pool:
+            yield pool, 4 * request.workers
+        return
+    from .cluster_pool import ClusterPool
+
+    with ClusterPool(request.root) as pool:
+        yield pool, pool.window
+
+
+@contextlib.contextmanager
+def _on_cluster(request: _Request) -> Iterator[None]:
+    """With `ray_address`: joined to that Ray for the block, once every node has been seen to
+    see the source (before anything is read or written). Without it: nothing (no Ray import)."""
+    if request.ray_address is None:
+        yield
+        return
+    from .cluster_pool import check_source_visible, joined
+
+    with joined(request.ray_address):
+        check_source_visible(request.root)
+        yield
 
 
 def _drop_bad_ids(triplets: list[Triplet], issues: list[Issue]) -> list[Triplet]:
@@ -489,17 +529,17 @@ def _write_shards(
     staging: resume.Staging, by_split: dict[str, list[Triplet]], request: _Request
 ) -> tuple[dict[str, list[dict]], dict[str, list[int]], list[str]]:
     """Every split's shards under the staging's version (after those it kept), one pool of
-    encoding threads for them all. Returns split -> shards (path, rows), split -> largest
+    encoders for them all (`_decoders`). Returns split -> shards (path, rows), split -> largest
     [height, width], and the samples' digests."""
     shards: dict[str, list[dict]] = {}
     largest: dict[str, list[int]] = {}
     digests: list[str] = []
     todo = sum(len(items) - staging.kept_rows(split) for split, items in by_split.items())
-    with ThreadPoolExecutor(request.workers) as pool, ProgressBar("writing", todo, enabled=request.progress) as bar:
+    with _decoders(request) as (pool, window), ProgressBar("writing", todo, enabled=request.progress) as bar:
         for split in _split_order(by_split):
             if split in by_split:
                 writer = _SplitWriter(staging, split, request.rows_per_shard, request.max_shard_bytes)
-                writer.write(by_split[split], pool, 4 * request.workers, bar)
+                writer.write(by_split[split], pool, window, bar)
                 shards[split], largest[split] = writer.shards, writer.largest
                 digests.extend(writer.digests)
     return shards, largest, digests
@@ -570,7 +610,7 @@ class _SplitWriter:
         self.shard_largest = [0, 0]
         self.shard_bytes = 0
 
-    def write(self, items: list[Triplet], pool: ThreadPoolExecutor, window: int, bar: ProgressBar) -> None:
+    def write(self, items: list[Triplet], pool: Executor, window: int, bar: ProgressBar) -> None:
         """Write the split's samples `items` (all of them, sorted), those the staging kept skipped."""
         start = sum(s["rows"] for s in self.shards)
         target = self.staging.out / self.staging.version
@@ -675,7 +715,7 @@ def _manifest_text(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=False) + "\n"
 
 
-def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+def bounded_map(pool: Executor, fn: Callable, items: list, window: int) -> Iterator:
     """`pool.map` with at most `window` results in flight: Executor.map submits everything at
     once, which for encoded images would hold the whole dataset in memory."""
     pending: deque = deque()

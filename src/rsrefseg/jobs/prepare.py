@@ -11,12 +11,13 @@ LISTED = 3  # skipped samples and warnings shown on the terminal; the manifest h
 
 def run_prepare(
     fmt: str, root: str, out: str, *, skip_invalid: bool = False, mask_threshold: int = DEFAULT_MASK_THRESHOLD,
-    max_pixels: int = DEFAULT_MAX_PIXELS, keep_non_english: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS, keep_non_english: bool | None = None, ray_address: str | None = None,
 ) -> dict:
     # A progress bar (rate, ETA) on stderr where it is a terminal; a rerun after an interrupt or
-    # a kill resumes (datasets.resume) and says what it kept.
+    # a kill resumes (datasets.resume) and says what it kept. `ray_address`: decode on that Ray
+    # cluster's nodes (datasets.cluster_pool), which must see `root` at the same path.
     manifest = prepare_dataset(fmt, root, out, skip_invalid=skip_invalid, mask_threshold=mask_threshold, max_pixels=max_pixels,
-                               keep_non_english=keep_non_english, progress=True)
+                               keep_non_english=keep_non_english, progress=True, ray_address=ray_address)
     for line in summary_lines(manifest, out):
         say(line)
     return manifest
