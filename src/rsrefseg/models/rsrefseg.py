@@ -64,28 +64,60 @@ class RSRefSeg(TrainableWeights):
         returns:        float [B, label, label] mask logits (threshold at 0); with `return_aux`,
                         (logits, {}) as RSRefSeg-2's forward returns (logits, its loss inputs)
         """
+        sam_image, siglip_image = self._image_layout(sam_image, siglip_image)
+        # The steps in the order they always ran, so a training step draws the same random numbers.
+        v = self._encode_siglip_image(siglip_image)
+        sparse, dense = self._prompts(v, self.encode_text(input_ids, attention_mask))
+        logits = self._masks(self._encode_sam_image(sam_image), sparse, dense)
+        return (logits, {}) if return_aux else logits
+
+    def encode_images(self, sam_image: torch.Tensor, siglip_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The phrase-independent half of `forward` (both image encoders, the expensive part):
+        computed once per image, then `decode`d for each phrase. Same inputs as `forward`."""
+        sam_image, siglip_image = self._image_layout(sam_image, siglip_image)
+        return {"siglip": self._encode_siglip_image(siglip_image), "sam": self._encode_sam_image(sam_image)}
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The phrase's half: SigLIP's text tower, batch-for-batch with the images it will meet."""
+        t_global, t_local = self.siglip.encode_text(input_ids)  # [B, d1], [B, L, d1]
+        return {"global": t_global, "local": t_local, "mask": attention_mask}
+
+    def decode(self, images: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mask logits [B, label, label] of `encode_images`' and `encode_text`'s outputs: the
+        prompter and SAM's mask decoder, the same computation as `forward`'s."""
+        sparse, dense = self._prompts(images["siglip"], text)
+        return self._masks(images["sam"], sparse, dense)
+
+    def _image_layout(self, sam_image: torch.Tensor, siglip_image: torch.Tensor):
         if self.channels_last:
             if not self._weights_channels_last:  # first call: after DeepSpeed took the model
                 use_channels_last(self)
                 self._weights_channels_last = True
             sam_image, siglip_image = as_channels_last(sam_image), as_channels_last(siglip_image)
-        v = self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h1*w1, d1]
-        t_global, t_local = self.siglip.encode_text(input_ids)  # [B, d1], [B, L, d1]
-        sparse, dense = self.prompter(
+        return sam_image, siglip_image
+
+    def _encode_siglip_image(self, siglip_image: torch.Tensor) -> torch.Tensor:
+        return self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h1*w1, d1]
+
+    def _encode_sam_image(self, sam_image: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(self.sam.normalize(sam_image))  # [B, d2, h, w]
+
+    def _prompts(self, v: torch.Tensor, text: dict[str, torch.Tensor]):
+        return self.prompter(
             v=v,
             grid=self.siglip.grid,
-            t_global=t_global,
-            t_local=t_local,
-            text_mask=attention_mask,
+            t_global=text["global"],
+            t_local=text["local"],
+            text_mask=text["mask"],
             logit_scale=self.siglip.logit_scale,
             logit_bias=self.siglip.logit_bias,
             prompt_encoder=self.sam.prompt_encoder,
         )
-        image_embeddings = self.sam.image_encoder(self.sam.normalize(sam_image))  # [B, d2, h, w]
+
+    def _masks(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         low_res = self.sam.decode_masks(image_embeddings, sparse, dense)  # [B, 1, 4h, 4w]
         label = self.sizes.label
-        logits = F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)[:, 0]
-        return (logits, {}) if return_aux else logits
+        return F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)[:, 0]
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """logits: float [B, H, W]; mask: uint8/bool [B, H, W] (> 0 = foreground) -> scalar

@@ -65,23 +65,51 @@ class RSRefSeg2(TrainableWeights):
         returns:        float [B, label, label] mask logits; with `return_aux`, (logits, the
                         loss's inputs: queries1, queries2, image_map)
         """
-        if self.cfg.text_padding == "longest":
-            input_ids = input_ids[:, : max(1, int(attention_mask.sum(1).max()))]
-        tokens = self.siglip.encode_image(self.siglip.normalize(siglip_image))  # [B, h*w, C]
-        text_pooled, text = self.siglip.encode_text(input_ids)  # [B, C], [B, L, C]
-        prompts = self.prompter(
-            tokens, text, text_pooled, logit_scale=self.siglip.logit_scale, logit_bias=self.siglip.logit_bias,
-            mask_size=self.sam.sam_prompt_encoder.mask_input_size[0],
-        )
-        embedding, high_res = self.sam.encode(self.sam.normalize(sam_image))
-        low_res = self.sam.decode(embedding, high_res, prompts.sparse, prompts.dense)  # [B, 1, 4h, 4w]
-        label = self.sizes.label
-        logits = F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)[:, 0]
+        # The steps in the order they always ran, so a training step draws the same random numbers.
+        tokens = self._encode_siglip_image(siglip_image)  # [B, h*w, C]
+        prompts = self._prompts(tokens, self.encode_text(input_ids, attention_mask))
+        logits = self._masks(self._encode_sam_image(sam_image), prompts)
         if not return_aux:
             return logits
         b, _, c = tokens.shape
         image_map = tokens.transpose(1, 2).reshape(b, c, *self.siglip.grid)
         return logits, {"queries1": prompts.queries1, "queries2": prompts.queries2, "image_map": image_map}
+
+    def encode_images(self, sam_image: torch.Tensor, siglip_image: torch.Tensor) -> dict:
+        """The phrase-independent half of `forward` (both image encoders, the expensive part):
+        computed once per image, then `decode`d for each phrase. Same inputs as `forward`."""
+        return {"siglip": self._encode_siglip_image(siglip_image), "sam": self._encode_sam_image(sam_image)}
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The phrase's half: (pooled [B, C], per token [B, L, C]) of SigLIP 2's text tower, the
+        tokens trimmed as `forward` trims them (text_padding=longest)."""
+        if self.cfg.text_padding == "longest":
+            input_ids = input_ids[:, : max(1, int(attention_mask.sum(1).max()))]
+        return self.siglip.encode_text(input_ids)
+
+    def decode(self, images: dict, text: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mask logits [B, label, label] of `encode_images`' and `encode_text`'s outputs: the
+        cascaded prompter and SAM 2.1's mask decoder, the same computation as `forward`'s."""
+        return self._masks(images["sam"], self._prompts(images["siglip"], text))
+
+    def _encode_siglip_image(self, siglip_image: torch.Tensor) -> torch.Tensor:
+        return self.siglip.encode_image(self.siglip.normalize(siglip_image))
+
+    def _encode_sam_image(self, sam_image: torch.Tensor) -> tuple:
+        return self.sam.encode(self.sam.normalize(sam_image))  # (embedding, high-resolution levels)
+
+    def _prompts(self, tokens: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor]):
+        text_pooled, text_tokens = text  # [B, C], [B, L, C]
+        return self.prompter(
+            tokens, text_tokens, text_pooled, logit_scale=self.siglip.logit_scale, logit_bias=self.siglip.logit_bias,
+            mask_size=self.sam.sam_prompt_encoder.mask_input_size[0],
+        )
+
+    def _masks(self, sam_encoding: tuple, prompts) -> torch.Tensor:
+        embedding, high_res = sam_encoding
+        low_res = self.sam.decode(embedding, high_res, prompts.sparse, prompts.dense)  # [B, 1, 4h, 4w]
+        label = self.sizes.label
+        return F.interpolate(low_res, size=(label, label), mode="bilinear", align_corners=False)[:, 0]
 
     def loss_terms(self, logits: torch.Tensor, mask: torch.Tensor, aux: Optional[dict] = None) -> dict[str, torch.Tensor]:
         """The weighted loss terms by name: bce, dice, decorrelation, contrastive (a zero weight,
