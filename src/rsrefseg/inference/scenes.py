@@ -1,6 +1,7 @@
 """Images to masks outside a labelled split: reading a scene (GeoTIFFs keep their
 georeferencing) and segmenting it for a phrase, whole or in tiles. `rsrefseg predict`, the public
-`rsrefseg.predict` and the MLflow model all go through `segment` or `segment_scene`.
+`rsrefseg.predict` and the MLflow model all go through `segment` or `segment_scene`
+(`segment_scene_phrases` for several phrases: the scene read and encoded once for all of them).
 
 A scene on disk is read window by window (`open_scene`), so a 10,000 x 8,000 GeoTIFF is never in
 memory whole: each tile reads its own window through rasterio, with GDAL's block cache capped
@@ -169,11 +170,24 @@ def segment_scene(model, sizes, tokenizer, scene: SceneFile, text: str, *, tile:
                   device=None, autocast=None) -> np.ndarray:
     """`segment` of a scene read window by window: bool mask [scene.height, scene.width]; only
     the tiles of one batch and the logits of the rows they still touch are in memory."""
-    from rsrefseg.inference.tiling import predict_tiles
+    return segment_scene_phrases(model, sizes, tokenizer, scene, [text], tile=tile, overlap=overlap,
+                                 device=device, autocast=autocast)[0]
 
-    predict = _tile_predictor(model, sizes, tokenizer, text, device, autocast)
-    return predict_tiles(scene.read, scene.height, scene.width, predict,
-                         tile=tile_side(scene.height, scene.width, tile), overlap=overlap)
+
+def segment_scene_phrases(model, sizes, tokenizer, scene: SceneFile, texts: list[str], *, tile: int = 0,
+                          overlap: float = 0.25, device=None, autocast=None) -> list[np.ndarray]:
+    """`segment_scene` for several phrases at once: one bool mask per phrase, each the one
+    `segment_scene` gives for that phrase, with the scene read once and each tile through the
+    image encoders once (the mask decoder runs per phrase). In memory: the tiles of one batch,
+    per phrase the logits of the rows they still touch (K phrases: K row bands), and the K masks."""
+    import torch
+
+    from rsrefseg.inference.tiling import model_phrases_predictor, predict_phrase_tiles
+
+    model.eval()
+    predict = model_phrases_predictor(model, sizes, tokenizer, texts, device or torch.device("cpu"), autocast=autocast)
+    return predict_phrase_tiles(scene.read, scene.height, scene.width, predict,
+                                tile=tile_side(scene.height, scene.width, tile), overlap=overlap)
 
 
 def _tile_predictor(model, sizes, tokenizer, text: str, device, autocast):

@@ -14,6 +14,9 @@ Memory: a GeoTIFF is read one tile window at a time (`inference.scenes.SceneFile
 stitched in row bands, and the mask (1 byte a pixel) is written window by window, so a scene is
 never in memory whole, let alone as float32. With --gsd the scene is read through a WarpedVRT at
 the training scale, again window by window; the mask is resized back to the scene's own grid.
+Several phrases share one pass over the scene: it is read, and each tile goes through the image
+encoders, once for all of them (only the mask decoder runs per phrase), at the cost of one row
+band of logits and one mask per phrase.
 
 File names (a folder --out): `<image>.<phrase>.<png|tif>`. <image> is the image's stem, or its
 whole name where two images of the call share a stem (a.png and a.tif: `a.png.road.png`,
@@ -35,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from rsrefseg.platform.atomic import atomic_file, write_text
-from rsrefseg.inference.scenes import GEO_SUFFIXES, SceneFile, open_scene, read_scene, segment_scene
+from rsrefseg.inference.scenes import GEO_SUFFIXES, SceneFile, open_scene, read_scene, segment_scene_phrases
 from rsrefseg.platform.console import say
 from rsrefseg.platform.errors import ConfigError
 
@@ -81,9 +84,12 @@ class ScenePredictor:
                 scene.rescale(factor)
             suffix = ".tif" if scene.georeferenced else ".png"
             prefix = self.prefixes.get(str(path), path.stem)
+            # Every phrase in one pass: the scene is read, and each tile encoded, once for all of them.
+            masks = segment_scene_phrases(self.model, self.sizes, self.tokenizer, scene, self.texts,
+                                          tile=self.options.tile, overlap=self.options.overlap, device=self.device,
+                                          autocast=self.autocast)
             for phrase in self.texts:
-                mask = segment_scene(self.model, self.sizes, self.tokenizer, scene, phrase, tile=self.options.tile,
-                                     overlap=self.options.overlap, device=self.device, autocast=self.autocast)
+                mask = masks.pop(0)  # let go of each mask once written
                 if factor != 1.0:  # back onto the scene's own grid
                     mask = np.asarray(Image.fromarray(mask).resize(scene.scene_shape[::-1], Image.NEAREST))
                 target = self.out if self.single else self.out / f"{prefix}.{self.names[phrase]}{suffix}"
