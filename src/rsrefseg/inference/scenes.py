@@ -162,8 +162,8 @@ def segment(model, sizes, tokenizer, rgb: np.ndarray, text: str, *, tile: int = 
     tile side in px (0: the whole image when its longer side is at most LARGE, else DEFAULT_TILE)."""
     from rsrefseg.inference.tiling import predict_scene
 
-    predict = _tile_predictor(model, sizes, tokenizer, text, device, autocast)
-    return predict_scene(rgb, predict, tile=tile_side(*rgb.shape[:2], tile), overlap=overlap)
+    predict = _phrases_predictor(model, sizes, tokenizer, [text], device, autocast)
+    return predict_scene(rgb, lambda tiles: predict(tiles)[0], tile=tile_side(*rgb.shape[:2], tile), overlap=overlap)
 
 
 def segment_scene(model, sizes, tokenizer, scene: SceneFile, text: str, *, tile: int = 0, overlap: float = 0.25,
@@ -180,23 +180,20 @@ def segment_scene_phrases(model, sizes, tokenizer, scene: SceneFile, texts: list
     `segment_scene` gives for that phrase, with the scene read once and each tile through the
     image encoders once (the mask decoder runs per phrase). In memory: the tiles of one batch,
     per phrase the logits of the rows they still touch (K phrases: K row bands), and the K masks."""
-    import torch
+    from rsrefseg.inference.tiling import predict_phrase_tiles
 
-    from rsrefseg.inference.tiling import model_phrases_predictor, predict_phrase_tiles
-
-    model.eval()
-    predict = model_phrases_predictor(model, sizes, tokenizer, texts, device or torch.device("cpu"), autocast=autocast)
+    predict = _phrases_predictor(model, sizes, tokenizer, texts, device, autocast)
     return predict_phrase_tiles(scene.read, scene.height, scene.width, predict,
                                 tile=tile_side(scene.height, scene.width, tile), overlap=overlap)
 
 
-def _tile_predictor(model, sizes, tokenizer, text: str, device, autocast):
+def _phrases_predictor(model, sizes, tokenizer, texts: list[str], device, autocast):
     import torch
 
-    from rsrefseg.inference.tiling import model_tile_predictor
+    from rsrefseg.inference.tiling import model_phrases_predictor
 
     model.eval()
-    return model_tile_predictor(model, sizes, tokenizer, text, device or torch.device("cpu"), autocast=autocast)
+    return model_phrases_predictor(model, sizes, tokenizer, texts, device or torch.device("cpu"), autocast=autocast)
 
 
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",

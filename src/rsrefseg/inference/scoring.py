@@ -34,10 +34,14 @@ def predict_logits(forward: Callable, batch: dict, device: torch.device | str, *
     engine). `autocast`: a dtype to run the forward in (bf16 on a GPU)."""
     device = torch.device(device)
     inputs = model_inputs(to_device(batch, device))
-    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with context:
+    with autocast_context(device, autocast):
         logits = forward(**inputs)
     return logits.float()
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """torch.autocast to `dtype` on `device`'s type (bf16 on a GPU); no autocast when None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def inference_device(prefer_gpu: bool = True) -> tuple[torch.device, Optional[torch.dtype]]:

@@ -23,7 +23,6 @@ call with that phrase alone gives, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -155,6 +154,7 @@ def model_phrases_predictor(model, sizes, tokenizer, texts: list[str], device: t
     (bilinear) back to the tile on the way out. Each phrase's tokens and text features are made
     once, not per batch; each phrase's logits are those of `model.forward` on that phrase alone."""
     from rsrefseg.datasets.pipeline import tokenize
+    from rsrefseg.inference.scoring import autocast_context
     from rsrefseg.models.device_inputs import crop_valid
 
     device = torch.device(device)
@@ -174,8 +174,7 @@ def model_phrases_predictor(model, sizes, tokenizer, texts: list[str], device: t
     def predict(batch_tiles: np.ndarray) -> list[np.ndarray]:
         n, h, w = batch_tiles.shape[:3]
         sam_image, siglip_image, valid = _model_images(batch_tiles, sizes)
-        context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-        with context:
+        with autocast_context(device, autocast):
             images = model.encode_images(sam_image.to(device, non_blocking=True),
                                          siglip_image.to(device, non_blocking=True))
             logits = [model.decode(images, text).float() for text in phrases_at(n)]
