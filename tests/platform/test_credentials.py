@@ -38,6 +38,7 @@ def test_train_with_a_password_in_the_tracking_uri_fails_in_one_line_without_it(
     ("model.sam_checkpoint", f"s3://AKIA:{SECRET}@bucket/sam.pth"),
     ("model.siglip_path", f"s3://AKIA:{SECRET}@bucket/siglip"),
     ("cluster.address", f"ray://bob:{SECRET}@head:10001"),
+    ("cluster.address", f"bob:{SECRET}@head:6379"),  # a Ray address without a scheme is a host too
 ])
 def test_every_uri_valued_key_refuses_a_login_naming_the_key_not_the_secret(key, value):
     with pytest.raises(ConfigError) as err:
@@ -51,6 +52,16 @@ def test_uris_without_a_login_still_load():
     cfg = load_config(DEMO, ["tracking.uri=http://127.0.0.1:5000", "train.storage_path=s3://bucket/team@x/runs"])
     assert cfg.tracking.uri == "http://127.0.0.1:5000"
     assert cfg.train.storage_path == "s3://bucket/team@x/runs"  # an @ in the key is not a login
+
+
+@pytest.mark.parametrize("address", [f"ray://bob:{SECRET}@head:10001", f"bob:{SECRET}@head:6379"])
+def test_prepare_refuses_a_ray_address_with_a_login_without_echoing_it(address, tmp_path, capsys):
+    rc = main(["prepare", "--format", "synthetic", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+               "--ray-address", address])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--ray-address" in err and "user:password@" in err and "Traceback" not in err
+    assert SECRET not in err and "bob" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("uri, shown", [

@@ -60,7 +60,8 @@ def joined(address: str) -> Iterator[None]:
     try:
         cluster = ClusterConfig(address=address)
     except ValueError as exc:  # pydantic's ValidationError: credentials in the address
-        raise DatasetError(f"--ray-address {address!r}: {_first_error(exc)}") from None
+        # Not echoed: what is wrong with it may be a password in it.
+        raise DatasetError(f"--ray-address: {_first_error(exc)}") from None
     # The tasks run this driver's code (`prepare._pixel_check`, `_encode`), shipped with the
     # connection as `rsrefseg submit` ships a job's: the nodes need Ray and the dependencies only.
     code = {"py_modules": [str(Path(__file__).resolve().parents[1])], "excludes": ["**/__pycache__"]}

@@ -58,12 +58,14 @@ STORAGE_LOGIN = ("object storage credentials come from the standard AWS settings
 RAY_LOGIN = "Ray reads its auth token from RAY_AUTH_TOKEN or ~/.ray/auth_token"
 
 
-def _no_credentials(login: str):
-    """A validator of a URI-valued key: no `user:password@` (or `user@`) in it."""
+def _no_credentials(login: str, *, schemeless_host: bool = False):
+    """A validator of a URI-valued key: no `user:password@` (or `user@`) in it. `schemeless_host`:
+    a value without a scheme is a host too (a Ray address, `HOST:6379`), not a local path."""
     def check(value: str) -> str:
         from urllib.parse import urlsplit
 
-        if "://" in value and "@" in urlsplit(value).netloc:
+        host = urlsplit(value).netloc if "://" in value else value.split("/", 1)[0] if schemeless_host else ""
+        if "@" in host:
             raise PydanticCustomError(
                 CREDENTIALS_IN_URI,
                 "has a user name or password in it (user:password@), which would be recorded with the run; "
@@ -421,7 +423,7 @@ class TrackingConfig:
 @dataclass(config=SECTION)
 class ClusterConfig:
     # Ray address: empty = start (or join) a local Ray; "auto" or ray://host:10001 for a cluster.
-    address: Annotated[str, _no_credentials(RAY_LOGIN)] = ""
+    address: Annotated[str, _no_credentials(RAY_LOGIN, schemeless_host=True)] = ""
     # Resources of the local Ray when one is started here (0 = Ray's own detection).
     num_cpus: Annotated[Int, Field(ge=0)] = 0
     num_gpus: Annotated[Int, Field(ge=0)] = 0
