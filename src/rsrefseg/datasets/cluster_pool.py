@@ -50,18 +50,18 @@ def joined(address: str) -> Iterator[None]:
     connection, whatever `address` says, and stays connected after the block."""
     import ray
 
-    if ray.is_initialized():
-        log.info("decoding on the Ray this process is already connected to (not joining %s)", address)
-        yield
-        return
     from rsrefseg.platform.config import RAY_LOGIN, ClusterConfig
     from rsrefseg.platform.ray_session import init_ray
 
-    try:
+    try:  # checked even where the connection is kept: a login in it is refused either way
         cluster = ClusterConfig(address=address)
     except ValueError as exc:  # pydantic's ValidationError: credentials in the address
         # Not echoed: what is wrong with it may be a password in it.
         raise DatasetError(f"--ray-address: {_first_error(exc)}") from None
+    if ray.is_initialized():
+        log.info("decoding on the Ray this process is already connected to (not joining %s)", address)
+        yield
+        return
     # The tasks run this driver's code (`prepare._pixel_check`, `_encode`), shipped with the
     # connection as `rsrefseg submit` ships a job's: the nodes need Ray and the dependencies only.
     code = {"py_modules": [str(Path(__file__).resolve().parents[1])], "excludes": ["**/__pycache__"]}
