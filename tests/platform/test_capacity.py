@@ -89,9 +89,9 @@ def test_a_starved_training_job_fails_with_the_watchdog_message_not_a_hang(ray_s
     starved = Config().replace([
         f"data.path={prepared_dataset}", "train.num_workers=1", f"train.cpus_per_worker={cpus}",
         "train.batch_size=2", "train.epochs=1", "tracking.enabled=false", "cluster.check_capacity=false",
-        "train.batch_timeout_s=10", "train.figure_samples=0",
+        "train.batch_timeout_s=3", "train.figure_samples=0",
         "data.cache_mib=0",  # streamed, as a real dataset is: a cached split needs no CPU to read
     ])
     with pytest.raises(TrainingFailed) as err:
         run_train(starved)
-    assert "no batch for 10 s" in str(err.value) and "CPU 0.0/" in str(err.value)
+    assert "no batch for 3 s" in str(err.value) and "CPU 0.0/" in str(err.value)
