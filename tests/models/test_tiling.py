@@ -81,7 +81,7 @@ def test_rows_are_finished_while_tiles_below_are_still_unread():
     """A scene read tile by tile is stitched in row bands: the rows above the next tile are
     final as soon as a batch is done, so they leave the accumulators (and the reader has not
     been asked for what lies below)."""
-    from rsrefseg.inference.tiling import stitch_rows
+    from rsrefseg.inference.tiling import stitch_phrase_rows
 
     height, width, tile = 3000, 1000, 512
     read_rows = []
@@ -91,7 +91,10 @@ def test_rows_are_finished_while_tiles_below_are_still_unread():
         return np.add.outer(np.arange(y, y + h), np.arange(x, x + w)).astype(np.uint8)[..., None].repeat(3, -1)
 
     bands = []
-    for top, rows in stitch_rows(read, height, width, red_is_the_target, tile=tile, overlap=0.25, batch=4):
+    def one_phrase(batch):
+        return [red_is_the_target(batch)]
+
+    for top, (rows,) in stitch_phrase_rows(read, height, width, one_phrase, tile=tile, overlap=0.25, batch=4):
         bands.append((top, len(rows), max(read_rows)))
         assert rows.shape == (len(rows), width) and rows.dtype == bool
     tops = [top for top, _, _ in bands]

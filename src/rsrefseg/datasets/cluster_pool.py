@@ -127,7 +127,8 @@ def _cause(exc: BaseException) -> str:
 
 
 def _look(root: str) -> str:
-    """Run on a node: what it sees at `root` (`_source_state`)."""
+    """Run on a node: what it sees at `root` (`_source_state`, looked up in the node's own copy
+    of this module when the task runs, not shipped from the driver)."""
     return _source_state(root)
 
 

@@ -79,20 +79,12 @@ def predict_phrase_tiles(read: TileReader, height: int, width: int, predict: Phr
     return masks
 
 
-def stitch_rows(read: TileReader, height: int, width: int, predict: TilePredictor, *, tile: int,
-                overlap: float = 0.25, batch: int = 8) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, bool rows [n, width]) of the stitched mask, top to bottom, each yielded as
-    soon as no later tile covers it."""
-    for top, rows in stitch_phrase_rows(read, height, width, lambda t: [predict(t)], tile=tile, overlap=overlap,
-                                        batch=batch):
-        yield top, rows[0]
-
-
 def stitch_phrase_rows(read: TileReader, height: int, width: int, predict: PhrasesPredictor, *, tile: int,
                        overlap: float = 0.25, batch: int = 8) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """(first row, one bool rows [n, width] array per phrase), top to bottom, as `stitch_rows`:
-    each batch of tiles is read and predicted once for every phrase, and each phrase's logits go
-    to its own row band (K phrases: K bands in memory, each as `stitch_rows`' one)."""
+    """(first row, one bool rows [n, width] array per phrase) of the stitched masks, top to
+    bottom, each yielded as soon as no later tile covers it: each batch of tiles is read and
+    predicted once for every phrase, and each phrase's logits go to its own row band (K phrases:
+    K bands in memory)."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be within [0, 1), got {overlap}")
     boxes = list(tiles(height, width, tile, overlap))

@@ -64,7 +64,10 @@ def _no_credentials(login: str, *, schemeless_host: bool = False):
     def check(value: str) -> str:
         from urllib.parse import urlsplit
 
-        host = urlsplit(value).netloc if "://" in value else value.split("/", 1)[0] if schemeless_host else ""
+        if "://" in value:
+            host = urlsplit(value).netloc
+        else:
+            host = value.split("/", 1)[0] if schemeless_host else ""
         if "@" in host:
             raise PydanticCustomError(
                 CREDENTIALS_IN_URI,
