@@ -174,3 +174,37 @@ def test_every_precision_and_stage_saves_only_the_allowed_objects(one_process_gr
     for f in files:
         assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) <= allowed, f.name
         assert isinstance(safe_load(str(f), map_location="cpu"), dict)
+
+
+def test_a_restart_from_object_storage_reads_a_copy_that_no_other_worker_rewrites(saved, monkeypatch):
+    # Ray's `as_directory` downloads a remote checkpoint into one folder per host, and a second
+    # worker of the host may download it again into that folder while the first one reads it.
+    # Here the second worker's download lands while restore loads: it is caught mid-rewrite,
+    # every file of the host's folder truncated.
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from rsrefseg.training import safe_resume
+
+    store = pyarrow.fs.SubTreeFileSystem(str(saved.folder.parent), pyarrow.fs.LocalFileSystem())
+    remote = Checkpoint(saved.folder.name, filesystem=store)
+    hosts_folder = Path(remote._get_temporary_checkpoint_dir())
+    real_load, loaded_from = safe_resume.load_engine_state, []
+
+    def load_while_another_worker_downloads(engine, load_dir, tag):
+        remote.to_directory()
+        for file in hosts_folder.rglob("*"):
+            if file.is_file():
+                file.open("wb").close()
+        loaded_from.append(Path(load_dir))
+        real_load(engine, load_dir, tag)
+
+    monkeypatch.setattr(safe_resume, "load_engine_state", load_while_another_worker_downloads)
+    try:
+        engine = _engine()
+        state = restore(SimpleNamespace(engine=engine), remote)
+    finally:
+        shutil.rmtree(hosts_folder, ignore_errors=True)
+    assert state.epoch == 1 and state.global_step == 1 and engine.global_steps == 1
+    assert hosts_folder not in loaded_from[0].parents
+    assert not loaded_from[0].exists()  # the private copy is gone with the restore

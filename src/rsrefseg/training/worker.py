@@ -8,6 +8,7 @@ Rank 0 alone talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -76,10 +77,28 @@ def restore(worker: Worker, checkpoint) -> LoopState:
 
     if checkpoint is None:
         return LoopState()
-    with checkpoint.as_directory() as ckpt_dir:
+    with private_copy(checkpoint) as ckpt_dir:
         # Not engine.load_checkpoint itself: it unpickles whatever the run store holds.
         load_engine_state(worker.engine, os.path.join(ckpt_dir, runs.DEEPSPEED_DIR), tag=runs.DEEPSPEED_TAG)
         return LoopState(**json.loads(Path(ckpt_dir, runs.STATE_FILE).read_text()))
+
+
+@contextlib.contextmanager
+def private_copy(checkpoint):
+    """The checkpoint's files in a local folder that only this process writes: the folder itself
+    when it is local, else a download of it into a temporary folder of this process.
+
+    Not `checkpoint.as_directory()`: every process of a host downloads a remote checkpoint into
+    the same folder, and a worker that tries the folder's lock after the first download finished
+    takes it and downloads again, rewriting the files while the first worker reads them (a
+    restart from `s3://` failed that way with EOFError in torch.load, two workers on one host)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="rsrefseg-restore-") as tmp:
+        yield checkpoint.to_directory(tmp)
 
 
 def train_epoch(worker: Worker, shard, epoch: int, state: LoopState, *, on_log) -> None:
