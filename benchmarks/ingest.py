@@ -8,7 +8,8 @@ sizes, unpacking the mask) runs on the train worker's device (`models.device_inp
 separately here. Reported per dataset size: throughput (samples/s, one timed epoch after a
 warm-up), the Ray/DataLoader ratio, the bytes each sample carries through the object store, and
 the peak memory of the whole process tree (driver, DataLoader workers or every Ray process; PSS,
-so shared pages such as Ray's object store count once) sampled during the epoch. Memory that
+so shared pages such as Ray's object store count once) sampled during a second epoch (sampling
+takes CPU from the pipeline, so it stays out of the timed one). Memory that
 stays flat from the small size to the large one is the point of streaming.
 
     python benchmarks/ingest.py                                   # sizes 1000 4000, preset tiny
@@ -25,6 +26,11 @@ sample costs in each storage format (PNG, the previous one; raw pixels under LZ4
 JPEG as shipped) and ends with one summary line per kind.
 
     python benchmarks/ingest.py --preset rsrefseg-b --sizes 512 --encodings raw jpeg jpeg-gpu
+    python benchmarks/ingest.py --preset rsrefseg-b --sizes 2048 --workers 2 --encodings raw jpeg jpeg-reserved
+
+The Ray rows stream as the train workers' streams do, without Ray Data's per-operator
+reservations (`pipeline.without_operator_reservations`); "jpeg-reserved" reads the JPEG shards
+with them, as every stream did before, side by side.
 
 On a shared machine read "per CPU-second" (samples over the CPU time the pipeline's processes
 spent) beside samples/s per core, and the load average the header prints.
@@ -53,7 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rsrefseg.datasets.pipeline import Preprocessor, iter_batches, preprocess, read_split
+from rsrefseg.datasets.pipeline import Preprocessor, iter_batches, preprocess, read_split, without_operator_reservations
 from rsrefseg.datasets.prepare import MANIFEST, ROWS_PER_SHARD, SCHEMA, SCHEMA_VERSION, load_manifest, prepare_dataset
 from rsrefseg.datasets.shard_codec import PIXEL_COMPRESSION, decode_images, image_array
 from rsrefseg.datasets.synthetic import generate
@@ -61,7 +67,10 @@ from rsrefseg.models.sizes import InputSizes
 
 # Shard kinds (--encodings) -> (the shards they read, the pipeline's `decode`): "jpeg-gpu" reads
 # the JPEG shards with data.decode: gpu (the files travel; model_batch decodes them).
-KINDS = {"raw": ("raw", "cpu"), "jpeg": ("jpeg", "cpu"), "jpeg-gpu": ("jpeg", "gpu")}
+# kind: (shards, data.decode, Ray Data's per-operator reservations kept). The train workers' streams
+# run without them (pipeline.without_operator_reservations); "jpeg-reserved" keeps them, as before.
+KINDS = {"raw": ("raw", "cpu", False), "jpeg": ("jpeg", "cpu", False), "jpeg-gpu": ("jpeg", "gpu", False),
+         "jpeg-reserved": ("jpeg", "cpu", True)}
 
 FALLBACK_SIZES = {
     "tiny": InputSizes(sam_image=64, siglip_image=64, label=64, max_text_len=16),
@@ -185,11 +194,10 @@ def object_store_mib() -> int:
 
 class PeakMemory:
     """Samples the PSS of this process and all its descendants (and Ray's object store usage)
-    every `every` seconds. `spent`: CPU seconds its sampling took (reading every process's page
-    map is not free), to leave out of what the pipeline costs."""
+    every `every` seconds."""
 
     def __init__(self, every: float = 0.5):
-        self.every, self.peak, self.store_peak, self.spent, self._stop = every, 0, -1, 0.0, threading.Event()
+        self.every, self.peak, self.store_peak, self._stop = every, 0, -1, threading.Event()
 
     @staticmethod
     def now() -> int:
@@ -224,18 +232,9 @@ class PeakMemory:
         return self
 
     def _run(self):
-        start = time.thread_time()
         while not self._stop.wait(self.every):
             self.peak = max(self.peak, self.now())
             self.store_peak = max(self.store_peak, object_store_mib())
-        self.spent += time.thread_time() - start
-
-    def sample(self) -> int:
-        """`now()`, its CPU time counted in `spent`."""
-        start = time.thread_time()
-        value = self.now()
-        self.spent += time.thread_time() - start
-        return value
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -282,19 +281,46 @@ def sample_bytes(batch: dict) -> int:
     return total
 
 
-def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu") -> dict:
-    samples = ParquetSamples(path, sizes, tokenizer, decode)
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers)
-    seen = 0
+def timed_epoch(batches) -> dict:
+    """Throughput of one epoch with nothing else of the benchmark's running: samples, bytes
+    delivered, seconds, and the CPU seconds of this process tree (driver and its workers) spent."""
+    seen = nbytes = 0
+    cpu, start = PeakMemory.cpu_s(), time.perf_counter()
+    for batch in batches:
+        seen += len(batch["id"])
+        nbytes += sample_bytes(batch)
+    elapsed = time.perf_counter() - start
+    return {"seen": seen, "nbytes": nbytes, "elapsed": elapsed, "cpu": PeakMemory.cpu_s() - cpu}
+
+
+def sampled_epoch(batches, total: int) -> dict:
+    """Memory over another epoch: the process tree's peak PSS, the object store's peak, and the
+    PSS at each tenth of the epoch. Its own epoch, as reading every process's page map takes CPU
+    from the pipeline (on 2 cores it cut the JPEG rate by a quarter when the epochs were shared)."""
+    seen, series, every = 0, [], max(1, total // 10)
     with PeakMemory() as memory:
-        start = time.perf_counter()
-        for batch in loader:
+        for batch in batches:
             seen += len(batch["id"])
-        elapsed = time.perf_counter() - start
-    return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen}
+            if seen >= every * (len(series) + 1):
+                series.append((seen, memory.now()))
+    return {"peak": memory.peak, "store_peak": memory.store_peak, "series": series}
 
 
-def run_ray(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu") -> dict:
+def run_dataloader(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu") -> dict:
+    def loader():
+        samples = ParquetSamples(path, sizes, tokenizer, decode)
+        return torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers)
+
+    timed = timed_epoch(loader())
+    return {"rate": timed["seen"] / timed["elapsed"], "peak": sampled_epoch(loader(), timed["seen"])["peak"], "seen": timed["seen"]}
+
+
+def run_ray(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode: str = "cpu", reserved: bool = False) -> dict:
+    def stream():
+        ds = preprocess(read_split(path, "train"), sizes, tokenizer, decode=decode)
+        # as the train workers' streams run (training.ingest), unless asked for Ray's default
+        return ds if reserved else without_operator_reservations(ds)
+
     # warm-up: worker processes started and modules imported, as in any epoch after the first
     # (a worker imports the decoders on its first shipped image: ~3 CPU-s for torchvision). Ray
     # Data ramps its task concurrency up, so a shard per Ray CPU is not enough to reach every
@@ -302,21 +328,11 @@ def run_ray(path: Path, sizes, tokenizer, batch_size: int, workers: int, decode:
     warm = min(len_of(path), 4 * ROWS_PER_SHARD * workers)
     for _ in iter_batches(preprocess(read_split(path, "train", limit=warm), sizes, tokenizer, decode=decode), batch_size):
         pass
-    ds = preprocess(read_split(path, "train"), sizes, tokenizer, decode=decode)
-    seen = nbytes = 0
-    series, every = [], max(1, len_of(path) // 10)  # process-tree memory at each tenth of the epoch
-    cpu = PeakMemory.cpu_s()
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        for batch in iter_batches(ds, batch_size):
-            seen += len(batch["id"])
-            nbytes += sample_bytes(batch)
-            if seen >= every * (len(series) + 1):
-                series.append((seen, memory.sample()))
-        elapsed = time.perf_counter() - start
-    cpu = PeakMemory.cpu_s() - cpu - memory.spent
-    return {"rate": seen / elapsed, "peak": memory.peak, "seen": seen, "store_peak": memory.store_peak,
-            "bytes_per_sample": nbytes / max(seen, 1), "series": series, "per_cpu_s": seen / cpu, "stats": ds.stats()}
+    ds = stream()
+    timed = timed_epoch(iter_batches(ds, batch_size))
+    memory = sampled_epoch(iter_batches(stream(), batch_size), timed["seen"])
+    return {"rate": timed["seen"] / timed["elapsed"], "seen": timed["seen"], "bytes_per_sample": timed["nbytes"] / max(timed["seen"], 1),
+            "per_cpu_s": timed["seen"] / timed["cpu"], "stats": ds.stats(), **memory}
 
 
 def one_core_rate(path: Path, sizes, tokenizer, batch_size: int, decode: str = "cpu") -> float:
@@ -412,7 +428,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (Ray gets as many CPUs)")
     parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=list(KINDS),
                         help="shard kinds: raw 512 x 512 pixels, JPEG 800 x 800 files as shipped (jpeg-gpu: "
-                             "the same, decoded by model_batch on the consumer's device, data.decode: gpu)")
+                             "the same, decoded by model_batch on the consumer's device, data.decode: gpu; "
+                             "jpeg-reserved: decoded on CPU with Ray Data's per-operator reservations kept)")
     parser.add_argument("--stats", action="store_true", help="print Ray Data's stats of each timed epoch")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to build the datasets (default: a temp dir, removed)")
     return parser.parse_args(argv)
@@ -449,7 +466,8 @@ def time_ray(datasets: dict[int, Path], results: dict, sizes, tokenizer, args: a
     ray.data.DataContext.get_current().enable_progress_bars = False
     idle_ray = PeakMemory.now()
     for key, path in datasets.items():
-        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size, args.workers, KINDS[key[0]][1])
+        _, decode, reserved = KINDS[key[0]]
+        results[key]["ray"] = run_ray(path, sizes, tokenizer, args.batch_size, args.workers, decode, reserved)
         print(f"Ray Data {key[0]} n={key[1]}: {results[key]['ray']['rate']:.0f} samples/s", file=sys.stderr)
     device, device_ms = "", {}
     for (kind, n), path in datasets.items():
@@ -502,10 +520,10 @@ def print_table(args: argparse.Namespace, sizes, tokenizer_name: str, m: Measure
               f"| {y['rate'] / t['rate']:.2f} "
               f"| {y['bytes_per_sample'] / 2**20:.2f} | {mib(t['peak'])} | {mib(y['peak'])} | {y['store_peak']:,} |")
     print(
-        "\nPeak memory: PSS of the whole process tree during the timed epoch (driver + DataLoader workers,"
+        "\nPeak memory: PSS of the whole process tree during a second, untimed epoch (driver + DataLoader workers,"
         " or driver + every Ray process, object store included); object store: Ray's plasma usage. Per CPU-second:"
-        " samples over the CPU time (user + system) of the driver and every Ray process during the epoch, the"
-        " benchmark's own memory sampling left out: what a core delivers when the pipeline has it to itself,"
+        " samples over the CPU time (user + system) of the driver and every Ray process during the timed epoch:"
+        " what a core delivers when the pipeline has it to itself,"
         " however busy the machine was (samples/s per core is that only on an otherwise idle machine)."
     )
 

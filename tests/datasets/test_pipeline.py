@@ -126,30 +126,68 @@ def test_shuffle_phrases_within_a_limited_split(small, tokenizer):
     assert all(p != expected[i].phrase for i, p in zip(got["id"], got["phrase"]))
 
 
+def _consume_in_threads(shards, batch_size: int, shuffle_seed=None) -> list[list[str]]:
+    """Each shard's ids, the shards consumed side by side (as the train workers do)."""
+    seen: list[list[str]] = [[] for _ in shards]
+    errors = []
+
+    def consume(rank: int) -> None:
+        try:
+            for batch in iter_batches(shards[rank], batch_size, shuffle_seed=shuffle_seed):
+                seen[rank].extend(batch["id"])
+        except Exception as exc:  # surfaced below; a thread would swallow it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return seen
+
+
 def test_streaming_split_feeds_two_consumers_every_sample_once_per_epoch(prepared_synthetic, tokenizer):
     sizes = InputSizes(sam_image=32, siglip_image=16, label=64, max_text_len=8)
     ds = preprocess(read_split(prepared_synthetic, "train", shuffle_seed=0), sizes, tokenizer)
     shards = ds.streaming_split(2, equal=True)
     for epoch in range(2):
-        seen: list[list[str]] = [[], []]
-        errors = []
-
-        def consume(rank: int) -> None:
-            try:
-                for batch in iter_batches(shards[rank], 4, shuffle_seed=epoch):
-                    seen[rank].extend(batch["id"])
-            except Exception as exc:  # surfaced below; a thread would swallow it
-                errors.append(exc)
-
-        threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors, errors
+        seen = _consume_in_threads(shards, 4, shuffle_seed=epoch)
         everything = seen[0] + seen[1]
         assert len(everything) == len(set(everything)) == 24, epoch  # 24 train samples, no repeats
         assert len(seen[0]) == len(seen[1]) == 12
+
+
+def test_the_train_workers_streams_run_without_reservations_under_their_cap(prepared_synthetic, tokenizer, monkeypatch):
+    # What Ray Train hands each worker (training.ingest): a split of a stream that keeps the
+    # object-store cap read_split put on it, runs without Ray Data's per-operator reservations,
+    # and still gives every sample once (train split evened out, validation whole).
+    from ray.data import Dataset
+
+    from rsrefseg.training.ingest import ExactEvalDataConfig
+
+    split_from, real_split = [], Dataset.streaming_split
+
+    def spy(self, *args, **kwargs):
+        split_from.append(self)
+        return real_split(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "streaming_split", spy)
+    sizes = InputSizes(sam_image=32, siglip_image=16, label=64, max_text_len=8)
+    cap = 300 << 20
+    datasets = {name: preprocess(read_split(prepared_synthetic, name, buffer_bytes=cap), sizes, tokenizer)
+                for name in ("train", "val")}
+    splits = ExactEvalDataConfig(split_equal=["train"], enable_shard_locality=False).configure(datasets, 2, None, None)
+    assert len(split_from) == 2
+    for ds in split_from:
+        assert ds.context.op_resource_reservation_enabled is False
+        assert ds.context.execution_options.resource_limits.object_store_memory == cap
+    for name in ("train", "val"):
+        seen = _consume_in_threads([splits[0][name], splits[1][name]], 4)
+        everything = seen[0] + seen[1]
+        assert len(everything) == len(set(everything)) == split_size(prepared_synthetic, name), name
+        if name == "train":
+            assert len(seen[0]) == len(seen[1])
 
 
 def test_iter_batches_shuffles_a_data_iterator(small, tokenizer):

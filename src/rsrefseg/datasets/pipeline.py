@@ -123,6 +123,23 @@ def read_split(
     return ds
 
 
+def without_operator_reservations(ds):
+    """`ds` executed without Ray Data's per-operator reservations, for a stream whose one task
+    operator is the read fused with `preprocess` and whose consumer is a loop (a train worker's
+    shard, a driver's `iter_batches`).
+
+    Ray Data 2.60 splits an execution's CPUs and object store into a reserved share per operator
+    and a shared pool, and renews the CPU limit from its autoscaling coordinator, which starts each
+    execution (each epoch) at none. Measured on 2 CPUs with JPEG shards at rsrefseg-b sizes: the
+    read tasks then leave the CPUs idle, 224-257 samples/s, against 349-360 without the
+    reservations (docs/performance.md, "Ingest"). The stream's object-store cap
+    (`read_split(buffer_bytes=...)`) still bounds its memory. Not for a stream that feeds an actor
+    pool (`inference.replicas`): there the reservation keeps the replicas' share of the budget,
+    and without it the reads could fill the cap with blocks the replicas have no budget to take."""
+    ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
 def split_size(path: Union[str, Path], split: str, *, limit: int = 0) -> int:
     """Samples that `read_split(path, split, limit=limit)` yields (for step counts and schedules)."""
     count = int(load_manifest(path).get("counts", {}).get(split, 0))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from ray.train import DataConfig
 
+from rsrefseg.datasets.pipeline import without_operator_reservations
+
 
 class ExactEvalDataConfig(DataConfig):
     """Splits every dataset across the workers; only those named in `split_equal` evenly."""
@@ -38,6 +40,7 @@ class ExactEvalDataConfig(DataConfig):
                 object_store_memory=limits.object_store_memory
             )
             ds.context.execution_options = options
+            without_operator_reservations(ds)  # a train worker's loop is its only consumer
             splits = ds.streaming_split(world_size, equal=name in self._split_equal, locality_hints=locality)
             for i, split in enumerate(splits):
                 output[i][name] = split
